@@ -1,0 +1,118 @@
+"""Error model: the hidden imperfections of a machine, redrawn at every reset.
+
+Ranges are half-widths of uniform distributions (``x ~ U(-r, r)``) except the BPM
+noise, which is the standard deviation of Gaussian noise added to every reading.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat
+
+from simulators.config import ConfigError, load_yaml_model, parse_model, read_yaml
+
+from .lattice import Lattice, Solenoid, Cavity
+
+
+class ErrorModel(BaseModel):
+    """Ranges of the random machine errors (all configurable from YAML)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "custom"
+    solenoid_misalignment_mm: NonNegativeFloat = Field(3.0, description="dx, dy ~ U(-r, r)")
+    cavity_misalignment_mm: NonNegativeFloat = Field(3.0, description="dx, dy ~ U(-r, r)")
+    solenoid_field_error: NonNegativeFloat = Field(0.0, le=0.5, description="relative, U(-r, r)")
+    corrector_scale_error: NonNegativeFloat = Field(0.0, le=0.5, description="relative, U(-r, r)")
+    bpm_offset_mm: NonNegativeFloat = Field(0.0, description="U(-r, r) per plane")
+    bpm_noise_mm: NonNegativeFloat = Field(0.05, description="Gaussian sigma per reading")
+    beam_offset_mm: NonNegativeFloat = Field(0.0, description="incoming x, y ~ U(-r, r)")
+    beam_angle_mrad: NonNegativeFloat = Field(0.0, description="incoming x', y' ~ U(-r, r)")
+
+    def draw(self, lattice: Lattice, rng: np.random.Generator, batch: int = 1) -> "MachineErrors":
+        """Draw `batch` independent machines."""
+        n_sol = sum(isinstance(e, Solenoid) for e in lattice.elements)
+        n_cav = sum(isinstance(e, Cavity) for e in lattice.elements)
+
+        def u(r: float, *shape: int) -> np.ndarray:
+            return rng.uniform(-r, r, size=(batch, *shape))
+
+        return MachineErrors(
+            solenoid_offset_mm=u(self.solenoid_misalignment_mm, n_sol, 2),
+            cavity_offset_mm=u(self.cavity_misalignment_mm, n_cav, 2),
+            solenoid_scale=1.0 + u(self.solenoid_field_error, n_sol),
+            corrector_scale=1.0 + u(self.corrector_scale_error, lattice.n_correctors),
+            bpm_offset_mm=u(self.bpm_offset_mm, lattice.n_bpm, 2),
+            beam_offset_mm=u(self.beam_offset_mm, 2),
+            beam_angle_mrad=u(self.beam_angle_mrad, 2),
+            bpm_noise_mm=self.bpm_noise_mm,
+        )
+
+
+@dataclass
+class MachineErrors:
+    """One drawn batch of machines; every array has the batch as first axis."""
+
+    solenoid_offset_mm: np.ndarray  # (B, n_solenoid, 2)
+    cavity_offset_mm: np.ndarray  # (B, n_cavity, 2)
+    solenoid_scale: np.ndarray  # (B, n_solenoid)
+    corrector_scale: np.ndarray  # (B, n_corrector)
+    bpm_offset_mm: np.ndarray  # (B, n_bpm, 2)
+    beam_offset_mm: np.ndarray  # (B, 2)
+    beam_angle_mrad: np.ndarray  # (B, 2)
+    bpm_noise_mm: float
+
+    @property
+    def batch(self) -> int:
+        return self.corrector_scale.shape[0]
+
+    @classmethod
+    def nominal(cls, lattice: Lattice, batch: int = 1) -> "MachineErrors":
+        """A perfect machine (what the design model assumes)."""
+        return ErrorModel(
+            solenoid_misalignment_mm=0, cavity_misalignment_mm=0, bpm_noise_mm=0
+        ).draw(lattice, np.random.default_rng(0), batch)
+
+    def item(self, i: int) -> "MachineErrors":
+        """Machine `i` of the batch, as a batch of one."""
+        return MachineErrors(
+            **{
+                k: (v[i : i + 1] if isinstance(v, np.ndarray) else v)
+                for k, v in self.__dict__.items()
+            }
+        )
+
+
+PRESETS_FILE = resources.files("simulators.beamline") / "errors" / "presets.yaml"
+
+
+class _PresetFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    presets: dict[str, ErrorModel]
+
+
+def preset_names() -> list[str]:
+    return sorted(load_yaml_model(_PresetFile, Path(str(PRESETS_FILE))).presets)
+
+
+def load_error_model(name_or_path: str | Path) -> ErrorModel:
+    """A shipped preset (`train`, `test`, `hard`) or a YAML file with one error model."""
+    presets = load_yaml_model(_PresetFile, Path(str(PRESETS_FILE))).presets
+    if str(name_or_path) in presets:
+        model = presets[str(name_or_path)]
+        return model.model_copy(update={"name": str(name_or_path)})
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ConfigError(
+            f"error model {str(name_or_path)!r}: not a preset ({', '.join(sorted(presets))}) "
+            "and not a file"
+        )
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of error-model fields")
+    data.setdefault("name", path.stem)
+    return parse_model(ErrorModel, data, str(path))

@@ -1,0 +1,174 @@
+"""Orbit correction as a task (paper: Chen et al., arXiv 2305.13869) and its Gymnasium env.
+
+The task is independent of the plant: training runs it on :class:`OrbitSimPlant`,
+deployment runs the same code on an EPICS plant wrapped by the safety layer.
+
+- state ``s_t = [dB_{t-1}, dB_t, B_t]`` (the "trend"), B the BPM readings in mm;
+- action ``a in [-1, 1]^n``, corrector change ``dM = action_scale * a``, settings
+  clipped to the corrector limits;
+- reward ``-RMS(B_t) + 0.4 D`` with ``D = (1/N^2) sum_i (+1 if |B_i| decreased else -4)``,
+  plus ``50 + 3 * steps_left`` and the end of the episode when ``RMS < target``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from simulators.plant import Plant, PlantFault
+
+from .errors import ErrorModel
+from .lattice import Lattice
+from .plant import OrbitSimPlant
+
+BEAM_LOSS_PENALTY = 100.0
+
+
+@dataclass(frozen=True)
+class OrbitTaskConfig:
+    """Task parameters; the defaults follow the paper."""
+
+    target_rms_mm: float = 0.5
+    max_steps: int = 50
+    action_scale: float = 1.0
+    initial_probe: float = 0.3
+    trend_weight: float = 0.4
+    success_bonus: float = 50.0
+    bonus_per_step_left: float = 3.0
+
+
+def rms(b: np.ndarray) -> np.ndarray:
+    """RMS over the last axis (mm)."""
+    return np.sqrt(np.mean(np.square(b), axis=-1))
+
+
+def trend_observation(prev_db: np.ndarray, prev_b: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Flattened 3 x N trend image [dB_{t-1}, dB_t, B_t]."""
+    return np.concatenate([prev_db, b - prev_b, b], axis=-1).astype(np.float32)
+
+
+def orbit_reward(
+    prev_b: np.ndarray, b: np.ndarray, steps_taken: np.ndarray | int, cfg: OrbitTaskConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reward and success flags for (batches of) readings; works on any leading shape."""
+    n = b.shape[-1]
+    improved = np.where(np.abs(b) < np.abs(prev_b), 1.0, -4.0)
+    d = improved.sum(axis=-1) / n**2
+    current = rms(b)
+    success = current < cfg.target_rms_mm
+    bonus = cfg.success_bonus + cfg.bonus_per_step_left * (cfg.max_steps - np.asarray(steps_taken))
+    reward = -current + cfg.trend_weight * d + np.where(success, bonus, 0.0)
+    return reward, success
+
+
+@dataclass
+class OrbitTask:
+    """Turns BPM readings into trend observations and rewards, actions into settings."""
+
+    n_readings: int
+    knob_lower: np.ndarray
+    knob_upper: np.ndarray
+    config: OrbitTaskConfig = field(default_factory=OrbitTaskConfig)
+
+    @classmethod
+    def for_lattice(cls, lattice: Lattice, config: OrbitTaskConfig | None = None) -> "OrbitTask":
+        n = lattice.n_correctors
+        return cls(
+            lattice.n_readings,
+            np.full(n, -lattice.corrector_limit),
+            np.full(n, lattice.corrector_limit),
+            config or OrbitTaskConfig(),
+        )
+
+    def __post_init__(self) -> None:
+        self.observation_space = spaces.Box(-np.inf, np.inf, (3 * self.n_readings,), np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, (len(self.knob_lower),), np.float32)
+        self.steps = 0
+        self.settings = np.zeros(len(self.knob_lower))
+        self._b = self._db = np.zeros(self.n_readings)
+
+    def _read(self, plant: Plant) -> np.ndarray:
+        r = plant.read()
+        if not r.all_valid:
+            raise PlantFault("BPM readings invalid (beam lost or channel fault)")
+        return r.values[: self.n_readings].astype(float)
+
+    def start(self, plant: Plant) -> np.ndarray:
+        """Paper's reset: read at the starting settings, then with every corrector +probe."""
+        self.steps = 0
+        base = plant.read_knobs()
+        b_before = self._read(plant)
+        self.settings = self.clip(base + self.config.initial_probe)
+        plant.write_knobs(self.settings)
+        self._b = self._read(plant)
+        self._db = np.zeros(self.n_readings)
+        self.initial_readings = b_before
+        return trend_observation(self._db, b_before, self._b)
+
+    def clip(self, settings: np.ndarray) -> np.ndarray:
+        return np.clip(settings, self.knob_lower, self.knob_upper)
+
+    def proposed_settings(self, action: np.ndarray) -> np.ndarray:
+        """Settings the policy asks for (before any safety layer)."""
+        a = np.clip(np.asarray(action, dtype=float), -1.0, 1.0)
+        return self.clip(self.settings + self.config.action_scale * a)
+
+    def step(self, plant: Plant, action: np.ndarray):
+        """Apply an action; returns (obs, reward, terminated, truncated, info)."""
+        target = self.proposed_settings(action)
+        plant.write_knobs(target)
+        self.settings = plant.read_knobs()
+        self.steps += 1
+        prev_b = self._b
+        try:
+            b = self._read(plant)
+        except PlantFault:
+            obs = trend_observation(self._db, prev_b, prev_b)
+            info = {"rms_mm": float("nan"), "success": False, "beam_lost": True}
+            return obs, -BEAM_LOSS_PENALTY, True, False, info
+        reward, success = orbit_reward(prev_b, b, self.steps, self.config)
+        obs = trend_observation(self._db, prev_b, b)
+        self._db, self._b = b - prev_b, b
+        truncated = self.steps >= self.config.max_steps and not success
+        info = {"rms_mm": float(rms(b)), "success": bool(success), "beam_lost": False}
+        return obs, float(reward), bool(success), bool(truncated), info
+
+    @property
+    def readings(self) -> np.ndarray:
+        return self._b.copy()
+
+
+class OrbitEnv(gym.Env):
+    """Gymnasium environment: :class:`OrbitTask` on a simulated cryomodule."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        lattice: Lattice,
+        error_model: ErrorModel,
+        config: OrbitTaskConfig | None = None,
+        plant: OrbitSimPlant | None = None,
+    ):
+        self.lattice = lattice
+        self.error_model = error_model
+        self.plant = plant or OrbitSimPlant(lattice, error_model)
+        self.task = OrbitTask.for_lattice(lattice, config)
+        self.observation_space = self.task.observation_space
+        self.action_space = self.task.action_space
+        self._seeds = np.random.default_rng()
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self._seeds = np.random.default_rng(seed)
+        machine_seed = seed if seed is not None else int(self._seeds.integers(2**63))
+        self.plant.reset(machine_seed)
+        obs = self.task.start(self.plant)
+        return obs, {"rms_mm": float(rms(self.task.readings)), "initial_rms_mm": float(rms(self.task.initial_readings))}
+
+    def step(self, action):
+        return self.task.step(self.plant, action)

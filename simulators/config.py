@@ -1,0 +1,84 @@
+"""Loading YAML configuration files into pydantic models with one-line errors.
+
+Every configuration file in the project (lattices, error models, machine files) goes
+through :func:`load_yaml_model`, so a bad file always produces a :class:`ConfigError`
+naming the file, the field and what was expected, never a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A user-supplied file or value is wrong; the message names file and field."""
+
+
+def _field_path(loc: tuple, data: object) -> str:
+    """Render a pydantic error location, naming list items by their `name` if any."""
+    parts: list[str] = []
+    node = data
+    for item in loc:
+        if isinstance(item, int):
+            label = f"[{item}]"
+            if isinstance(node, list) and 0 <= item < len(node):
+                node = node[item]
+                if isinstance(node, dict) and "name" in node:
+                    label = f"[{item}]({node['name']})"
+            parts.append(label)
+            continue
+        # Discriminated unions add the tag as a location step; it is noise to a user.
+        if isinstance(node, dict) and item not in node and parts:
+            continue
+        parts.append(("." if parts else "") + str(item))
+        node = node.get(item) if isinstance(node, dict) else None
+    return "".join(parts) or "(top level)"
+
+
+def validation_message(source: str, exc: ValidationError, data: object) -> str:
+    """One line describing the first validation error of `exc` in file `source`."""
+    err = exc.errors()[0]
+    field = _field_path(tuple(err["loc"]), data)
+    msg = err["msg"]
+    if err["type"] == "union_tag_invalid":
+        ctx = err.get("ctx", {})
+        msg = f"unknown type {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"
+    extra = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{source}: field '{field}': {msg}{extra}"
+
+
+def parse_model(model: type[ModelT], data: object, source: str) -> ModelT:
+    """Validate already-parsed data; raise ConfigError naming `source` and the field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(validation_message(source, exc, data)) from None
+
+
+def read_yaml(path: Path) -> object:
+    """Parse a YAML file, turning I/O and syntax errors into ConfigError."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read file ({exc.strerror})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+
+
+def load_yaml_model(model: type[ModelT], path: Path) -> ModelT:
+    """Read `path` as YAML and validate it as `model`."""
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return parse_model(model, data, str(path))

@@ -1,0 +1,164 @@
+"""The ``tbsac`` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from simulators.config import ConfigError
+
+app = typer.Typer(
+    help="Safe RL beam tuning: train, evaluate and deploy trend-based SAC agents.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+train_app = typer.Typer(help="Train an agent in simulation.", no_args_is_help=True)
+evaluate_app = typer.Typer(help="Evaluate an agent against the baselines.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+app.add_typer(evaluate_app, name="evaluate")
+
+console = Console()
+err_console = Console(stderr=True)
+
+LatticeOpt = typer.Option("cafe2-cm1", "--lattice", "-l", help="Shipped lattice name or path to a lattice YAML.")
+ErrorsOpt = typer.Option("test", "--errors", "-e", help="Error preset (train, test, hard) or path to an error-model YAML.")
+
+
+def _load(lattice: str, errors: str):
+    from simulators.beamline.errors import load_error_model
+    from simulators.beamline.lattice import load_lattice
+
+    return load_lattice(lattice), load_error_model(errors)
+
+
+@train_app.command("orbit")
+def train_orbit_cmd(
+    lattice: str = LatticeOpt,
+    errors: str = typer.Option("train", "--errors", "-e", help="Error preset or YAML used for training."),
+    eval_errors: str = typer.Option("test", "--eval-errors", help="Error preset for the periodic evaluation."),
+    steps: int = typer.Option(20_000, "--steps", min=1000, help="Environment steps."),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(Path("runs/orbit"), "--out", help="Output directory."),
+    arch: str = typer.Option("tbsac", "--arch", help="tbsac (trend convolutions) or mlp (ablation)."),
+    eval_every: int = typer.Option(1000, "--eval-every", min=100),
+    eval_episodes: int = typer.Option(50, "--eval-episodes", min=1),
+    stop_at_bar: bool = typer.Option(False, "--stop-at-bar", help="Stop at the first evaluation meeting the acceptance bar."),
+):
+    """Train TBSAC on orbit correction; writes policy.pt, checkpoints/, tensorboard/ and training.json."""
+    from controller.agents import ARCHITECTURES
+    from controller.training import train_orbit
+
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"--arch: unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+    lat, em = _load(lattice, errors)
+    _, eval_em = _load(lattice, eval_errors)
+    logging.basicConfig(level=logging.WARNING)
+    result = train_orbit(
+        lat, em, steps, seed, out, arch=arch, eval_error_model=eval_em, eval_every=eval_every,
+        eval_episodes=eval_episodes, stop_at_bar=stop_at_bar,
+    )
+    console.print(f"best checkpoint: step {result.best_step}: {json.dumps(result.best_summary)}")
+    if result.first_bar_step is not None:
+        console.print(f"acceptance bar first met at step {result.first_bar_step} after {result.first_bar_seconds} s")
+    else:
+        console.print("acceptance bar not met during training")
+    console.print(f"wall time {result.wall_seconds} s; policy: {result.policy_path}")
+
+
+def _results_table(summary: dict) -> Table:
+    table = Table(title=f"{summary['task']} on {summary['lattice']}, errors '{summary['errors']}', "
+                  f"{summary['episodes']} machines from seed {summary['seed']}")
+    for col in ("method", "success", "final RMS median (mm)", "final RMS p95 (mm)", "steps median", "steps p95", "initial RMS median (mm)", "beam lost"):
+        table.add_column(col, justify="right")
+    for name, r in summary["results"].items():
+        table.add_row(
+            name, f"{r['success_rate']:.0%}", str(r["final_rms_mm"]["median"]), str(r["final_rms_mm"]["p95"]),
+            str(r["steps"]["median"]), str(r["steps"]["p95"]), str(r["initial_rms_mm"]["median"]), str(r["beam_lost"]),
+        )
+    return table
+
+
+@evaluate_app.command("orbit")
+def evaluate_orbit_cmd(
+    lattice: str = LatticeOpt,
+    policy: str = typer.Option("pretrained", "--policy", "-p", help="Policy file, or 'pretrained' for the shipped one."),
+    episodes: int = typer.Option(100, "--episodes", "-n", min=1),
+    seed: int = typer.Option(1000, "--seed"),
+    errors: str = ErrorsOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object and nothing else."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG path (default orbit-<lattice>-<errors>.png)."),
+):
+    """Run the agent and every baseline on the same machines and compare them."""
+    from controller.evaluation import evaluate_orbit, plot_orbit_evaluation
+    from controller.policy import Policy
+    from simulators.beamline.task import OrbitTaskConfig
+
+    lat, em = _load(lattice, errors)
+    agent = Policy.load(policy, lattice=lat)
+    config = OrbitTaskConfig(**agent.metadata.get("task_config", {}))
+    summary, runs = evaluate_orbit(lat, em, agent, episodes, seed, config)
+    if as_json:
+        print(json.dumps(summary))
+        return
+    console.print(_results_table(summary))
+    path = plot or Path(f"orbit-{lat.name}-{em.name}.png")
+    plot_orbit_evaluation(lat, runs, path, f"{lat.name}, errors '{em.name}'")
+    console.print(f"plot written to {path}")
+
+
+@app.command()
+def demo(
+    seed: int = typer.Option(7, "--seed", help="Which mis-steered machine to draw."),
+    plot: Path = typer.Option(Path("tbsac-demo.png"), "--plot"),
+):
+    """Correct a mis-steered cafe2-cm1 (test errors) with the pretrained agent and with SVD."""
+    from controller.evaluation import evaluate_orbit, plot_orbit_evaluation
+    from controller.policy import Policy
+    from simulators.beamline.task import OrbitTaskConfig
+
+    lat, em = _load("cafe2-cm1", "test")
+    agent = Policy.load("pretrained", lattice=lat)
+    config = OrbitTaskConfig(**agent.metadata.get("task_config", {}))
+    summary, runs = evaluate_orbit(lat, em, agent, 1, seed, config)
+    table = Table(title=f"cafe2-cm1, machine seed {seed}, errors 'test'")
+    for col in ("method", "RMS before (mm)", "RMS after (mm)", "steps", "corrected"):
+        table.add_column(col, justify="right")
+    for name, eps in runs.items():
+        ep = eps[0]
+        table.add_row(name, f"{ep.initial_rms_mm:.2f}", f"{ep.final_rms_mm:.2f}", str(ep.steps), "yes" if ep.success else "no")
+    console.print(table)
+    plot_orbit_evaluation(lat, runs, plot, f"tbsac demo: cafe2-cm1, machine seed {seed}")
+    console.print(f"plot written to {plot}")
+
+
+@app.command()
+def info():
+    """Shipped lattices, error presets and pretrained policies."""
+    from controller.policy import POLICY_DIR
+    from simulators.beamline.errors import preset_names
+    from simulators.beamline.lattice import shipped_lattices
+
+    console.print(f"lattices: {', '.join(shipped_lattices())}")
+    console.print(f"error presets: {', '.join(preset_names())}")
+    console.print(f"pretrained policies: {', '.join(sorted(p.name for p in POLICY_DIR.iterdir() if p.name.endswith('.pt')))}")
+
+
+def main() -> None:
+    """Entry point: user errors exit with code 2 and one line, no traceback."""
+    try:
+        app()
+    except ConfigError as exc:
+        err_console.print(f"tbsac: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
