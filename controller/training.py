@@ -128,7 +128,7 @@ def train_orbit(
     arch: str = "tbsac",
     eval_error_model: ErrorModel | None = None,
     eval_every: int = 1000,
-    eval_episodes: int = 50,
+    eval_episodes: int = 100,
     config: OrbitTaskConfig | None = None,
     progress: bool = True,
     stop_at_bar: bool = False,

@@ -49,7 +49,7 @@ def train_orbit_cmd(
     out: Path = typer.Option(Path("runs/orbit"), "--out", help="Output directory."),
     arch: str = typer.Option("tbsac", "--arch", help="tbsac (trend convolutions) or mlp (ablation)."),
     eval_every: int = typer.Option(1000, "--eval-every", min=100),
-    eval_episodes: int = typer.Option(50, "--eval-episodes", min=1),
+    eval_episodes: int = typer.Option(100, "--eval-episodes", min=1),
     stop_at_bar: bool = typer.Option(False, "--stop-at-bar", help="Stop at the first evaluation meeting the acceptance bar."),
 ):
     """Train TBSAC on orbit correction; writes policy.pt, checkpoints/, tensorboard/ and training.json."""

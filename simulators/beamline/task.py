@@ -104,9 +104,10 @@ class OrbitTask:
         self.settings = self.clip(base + self.config.initial_probe)
         plant.write_knobs(self.settings)
         self._b = self._read(plant)
-        self._db = np.zeros(self.n_readings)
         self.initial_readings = b_before
-        return trend_observation(self._db, b_before, self._b)
+        obs = trend_observation(np.zeros(self.n_readings), b_before, self._b)
+        self._db = self._b - b_before  # the probe's change is the next state's dB_{t-1}
+        return obs
 
     def clip(self, settings: np.ndarray) -> np.ndarray:
         return np.clip(settings, self.knob_lower, self.knob_upper)
@@ -172,3 +173,76 @@ class OrbitEnv(gym.Env):
 
     def step(self, action):
         return self.task.step(self.plant, action)
+
+
+class BatchedOrbitEnv:
+    """Many simulated cryomodules stepped together with numpy (no Python loop per machine).
+
+    Same task semantics as :class:`OrbitEnv` (trend state, reward, success, step limit,
+    corrector limits); finished machines are replaced by new ones in one batched
+    Cheetah call. Intended for fast rollouts, evaluation and benchmarks.
+    """
+
+    def __init__(self, lattice: Lattice, error_model: ErrorModel, n_envs: int, config: OrbitTaskConfig | None = None, seed: int = 0):
+        from .model import BeamlineModel
+
+        self.lattice, self.error_model, self.n = lattice, error_model, n_envs
+        self.config = config or OrbitTaskConfig()
+        self.model = BeamlineModel(lattice)
+        self.limit = lattice.corrector_limit
+        self.rng = np.random.default_rng(seed)
+        self.settings = np.zeros((n_envs, lattice.n_correctors))
+        self.steps = np.zeros(n_envs, dtype=int)
+        self.errors = None
+        self.response = None
+
+    def _read(self, idx: np.ndarray) -> np.ndarray:
+        noise = self.rng.normal(0.0, self.error_model.bpm_noise_mm, (len(idx), self.lattice.n_readings))
+        clean = self.response.b0[idx] + np.einsum("bij,bj->bi", self.response.r[idx], self.settings[idx])
+        return clean + noise
+
+    def _start(self, idx: np.ndarray) -> None:
+        errors = self.error_model.draw(self.lattice, self.rng, len(idx))
+        response = self.model.response(errors)
+        if self.response is None:
+            self.response = response
+        else:
+            for name in ("b0", "r", "ap0", "ap_r"):
+                getattr(self.response, name)[idx] = getattr(response, name)
+        self.settings[idx] = 0.0
+        self.steps[idx] = 0
+        before = self._read(idx)
+        self.settings[idx] = self.config.initial_probe
+        self._b[idx] = self._read(idx)
+        self._obs[idx] = trend_observation(np.zeros_like(before), before, self._b[idx])
+        self._prev_db[idx] = self._b[idx] - before
+
+    def reset(self) -> np.ndarray:
+        n, m = self.n, self.lattice.n_readings
+        self._b, self._prev_db = np.zeros((n, m)), np.zeros((n, m))
+        self._obs = np.zeros((n, 3 * m), dtype=np.float32)
+        self.response = None
+        self._start(np.arange(n))
+        return self._obs.copy()
+
+    def step(self, actions: np.ndarray):
+        """Returns (obs, reward, terminated, truncated); finished machines restart."""
+        from .plant import transmission
+
+        a = np.clip(actions, -1.0, 1.0)
+        self.settings = np.clip(self.settings + self.config.action_scale * a, -self.limit, self.limit)
+        self.steps += 1
+        everyone = np.arange(self.n)
+        b = self._read(everyone)
+        reward, success = orbit_reward(self._b, b, self.steps, self.config)
+        lost = transmission(self.response, self.settings) <= 0.0
+        reward = np.where(lost, -BEAM_LOSS_PENALTY, reward)
+        terminated = success | lost
+        truncated = (self.steps >= self.config.max_steps) & ~terminated
+        self._obs = trend_observation(self._prev_db, self._b, b)
+        self._prev_db, self._b = b - self._b, b
+        obs = self._obs.copy()
+        done = np.flatnonzero(terminated | truncated)
+        if len(done):
+            self._start(done)
+        return obs, reward, terminated, truncated
