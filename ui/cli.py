@@ -25,7 +25,8 @@ evaluate_app = typer.Typer(help="Evaluate an agent against the baselines.", no_a
 app.add_typer(train_app, name="train")
 app.add_typer(evaluate_app, name="evaluate")
 
-console = Console()
+# Pipes get a wide console so tables are not truncated in logs and captured output.
+console = Console(width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True)
 
 LatticeOpt = typer.Option("cafe2-cm1", "--lattice", "-l", help="Shipped lattice name or path to a lattice YAML.")
