@@ -23,6 +23,7 @@ class KnobSpec:
     lower: float
     upper: float
     max_step: float
+    tolerance: float = 1e-6  # a read-back within this of the setting counts as equal
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Readings:
     timestamps: np.ndarray
     valid: np.ndarray
     interlocks: dict[str, float] = field(default_factory=dict)
+    problems: dict[str, str] = field(default_factory=dict)  # channel -> why it is not valid
 
     @property
     def all_valid(self) -> bool:
@@ -51,6 +53,10 @@ class Readings:
 
 class PlantFault(RuntimeError):
     """The plant cannot be trusted any more (lost connection, write not verified...)."""
+
+
+class ConnectionLost(PlantFault):
+    """A channel stopped answering: stop writing; restore later from the snapshot."""
 
 
 class Plant(ABC):

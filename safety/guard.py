@@ -1,0 +1,313 @@
+"""The safety layer: the only path from a policy to a machine.
+
+:class:`GuardedPlant` wraps any plant. Before a write it enforces hard limits, the
+per-step change limit, the total excursion from the starting settings and the write
+rate; after a read it rejects NaN/inf, out-of-range, saturated, stale or flagged
+readings and applies the interlock rules (e.g. beam-current drop). Session guards
+bound the number of steps and the duration and honour an operator abort. On a trip
+it stops, restores the snapshot of the starting settings and verifies the restore by
+read-back; if the connection is lost it stops writing and leaves the snapshot on disk
+for ``tbsac restore``. Every check that blocks or changes an action, and every trip,
+is recorded with its reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+
+from simulators.plant import ConnectionLost, Plant, PlantFault, Readings
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["auto", "approve", "dry-run"]
+MODES: tuple[str, ...] = ("auto", "approve", "dry-run")
+
+
+class SafetyConfig(BaseModel):
+    """Session limits (all in the plant's knob units, i.e. simulator units)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_steps: PositiveInt = Field(60, description="writes allowed in one session")
+    max_duration_s: PositiveFloat = 600.0
+    max_excursion: PositiveFloat = Field(10.0, description="largest distance of any knob from its starting value")
+    min_write_interval_s: float = Field(0.0, ge=0, description="writes closer than this are delayed")
+    saturation_margin: float = Field(1e-6, ge=0, description="|reading| >= range - margin is saturated")
+
+
+@dataclass(frozen=True)
+class InterlockRule:
+    """Trip when a named interlock reading breaks its rule."""
+
+    name: str
+    rule: Literal["min_fraction_of_start", "min", "max", "equals"]
+    threshold: float
+
+    def violated(self, value: float, start: float | None) -> str:
+        if not np.isfinite(value):
+            return f"{self.name} unreadable"
+        if self.rule == "min_fraction_of_start" and start is not None and value < self.threshold * start:
+            return f"{self.name} {value:.4g} fell below {self.threshold:.0%} of its start value {start:.4g} (beam loss)"
+        if self.rule == "min" and value < self.threshold:
+            return f"{self.name} {value:.4g} below {self.threshold:.4g}"
+        if self.rule == "max" and value > self.threshold:
+            return f"{self.name} {value:.4g} above {self.threshold:.4g}"
+        if self.rule == "equals" and value != self.threshold:
+            return f"{self.name} is {value:.4g}, must be {self.threshold:.4g}"
+        return ""
+
+
+@dataclass
+class SafetyEvent:
+    time: float
+    kind: str  # clamp, delay, proposal, approved, rejected, trip, restore, abort
+    reason: str
+    data: dict = field(default_factory=dict)
+
+
+class SafetyTrip(RuntimeError):
+    """The session was stopped by the safety layer."""
+
+    def __init__(self, reason: str, restored: bool, snapshot: Path | None):
+        super().__init__(reason)
+        self.reason, self.restored, self.snapshot = reason, restored, snapshot
+
+
+class OperatorRejected(SafetyTrip):
+    """The operator rejected a proposed step (approve mode)."""
+
+
+Approver = Callable[[np.ndarray, np.ndarray, list[str]], bool]
+
+
+def write_snapshot(path: Path, names: list[str], values: np.ndarray, context: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {"time": time.time(), "knobs": dict(zip(names, map(float, values))), **context}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(blob, indent=2))
+    tmp.replace(path)  # atomic: a crash never leaves half a snapshot
+    return path
+
+
+def read_snapshot(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def restore_snapshot(plant: Plant, snapshot: dict, record: Callable[[SafetyEvent], None] | None = None) -> None:
+    """Write the snapshot's knob values back and verify them by read-back.
+
+    The values must be within the plant's hard limits; raises PlantFault if the
+    read-back does not match.
+    """
+    names = [k.name for k in plant.knobs]
+    missing = [n for n in names if n not in snapshot["knobs"]]
+    if missing:
+        raise ValueError(f"snapshot has no value for {', '.join(missing)}")
+    values = np.array([snapshot["knobs"][n] for n in names])
+    lower = np.array([k.lower for k in plant.knobs])
+    upper = np.array([k.upper for k in plant.knobs])
+    if not np.all(np.isfinite(values)) or np.any(values < lower) or np.any(values > upper):
+        raise ValueError("snapshot values are outside the machine's limits; refusing to write them")
+    plant.write_knobs(values)
+    after = plant.read_knobs()
+    tol = np.array([k.tolerance for k in plant.knobs])
+    bad = [f"{n}: {a:.4g} != {v:.4g}" for n, a, v, t in zip(names, after, values, tol) if abs(a - v) > t]
+    if bad:
+        raise PlantFault("restore not verified: " + "; ".join(bad))
+    if record:
+        record(SafetyEvent(time.time(), "restore", "starting settings restored and verified", {"knobs": snapshot["knobs"]}))
+
+
+class GuardedPlant(Plant):
+    """Wraps a plant; every write and read passes the checks above."""
+
+    def __init__(
+        self,
+        plant: Plant,
+        config: SafetyConfig | None = None,
+        interlocks: list[InterlockRule] | None = None,
+        mode: Mode = "auto",
+        snapshot_path: Path | None = None,
+        approver: Approver | None = None,
+        on_event: Callable[[SafetyEvent], None] | None = None,
+        snapshot_context: dict | None = None,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        if mode == "approve" and approver is None:
+            raise ValueError("approve mode needs an approver")
+        self.plant, self.config, self.mode = plant, config or SafetyConfig(), mode
+        self.interlocks = interlocks or []
+        self.knobs, self.readings = plant.knobs, plant.readings
+        self.snapshot_path, self.approver, self.on_event = snapshot_path, approver, on_event
+        self.snapshot_context = snapshot_context or {}
+        self.events: list[SafetyEvent] = []
+        self.abort_requested = threading.Event()
+        self.tripped: SafetyTrip | None = None
+        self.writes = 0
+        self.lower = np.array([k.lower for k in plant.knobs])
+        self.upper = np.array([k.upper for k in plant.knobs])
+        self.max_step = np.array([k.max_step for k in plant.knobs])
+        self.snapshot: np.ndarray | None = None
+        self.settings: np.ndarray | None = None
+        self._interlock_start: dict[str, float] = {}
+        self._started = 0.0
+        self._last_write = 0.0
+
+    # -- bookkeeping ---------------------------------------------------------------
+    def _record(self, kind: str, reason: str, **data) -> None:
+        event = SafetyEvent(time.time(), kind, reason, data)
+        self.events.append(event)
+        log.info("safety %s: %s", kind, reason)
+        if self.on_event:
+            self.on_event(event)
+
+    def begin(self) -> np.ndarray:
+        """Snapshot the starting settings (on disk first) and the interlock baselines."""
+        self._started = time.monotonic()
+        try:
+            self.snapshot = self.plant.read_knobs()
+            first = self.plant.read()
+        except ConnectionLost as exc:
+            self._trip(f"connection lost before start: {exc}", restore=False)
+        self.settings = self.snapshot.copy()
+        if self.snapshot_path:
+            write_snapshot(self.snapshot_path, [k.name for k in self.knobs], self.snapshot, self.snapshot_context)
+        self._check_readings(first, baseline=True)
+        return self.snapshot
+
+    def abort(self, reason: str = "operator abort") -> None:
+        """Ask the session to stop at the next write or read (thread-safe)."""
+        self._abort_reason = reason
+        self.abort_requested.set()
+
+    def _trip(self, reason: str, restore: bool = True, kind: type[SafetyTrip] = SafetyTrip):
+        restored = False
+        self._record("trip", reason)
+        if restore and self.snapshot is not None and self.mode != "dry-run":
+            try:
+                restore_snapshot(self.plant, {"knobs": dict(zip([k.name for k in self.knobs], self.snapshot))}, self.on_event_and_store)
+                restored = True
+            except ConnectionLost as exc:
+                self._record("restore_failed", f"connection lost during restore: {exc}; snapshot kept at {self.snapshot_path}")
+            except (PlantFault, ValueError) as exc:
+                self._record("restore_failed", f"{exc}; snapshot kept at {self.snapshot_path}")
+        self.tripped = kind(reason, restored, self.snapshot_path)
+        raise self.tripped
+
+    def on_event_and_store(self, event: SafetyEvent) -> None:
+        self.events.append(event)
+        if self.on_event:
+            self.on_event(event)
+
+    def _session_guards(self) -> None:
+        if self.tripped is not None:
+            raise self.tripped
+        if self.abort_requested.is_set():
+            self._trip(getattr(self, "_abort_reason", "operator abort"))
+        if time.monotonic() - self._started > self.config.max_duration_s:
+            self._trip(f"session longer than {self.config.max_duration_s} s")
+
+    # -- plant interface -------------------------------------------------------------
+    def read_knobs(self) -> np.ndarray:
+        self._session_guards()
+        if self.mode == "dry-run":
+            return self.settings.copy()
+        try:
+            return self.plant.read_knobs()
+        except ConnectionLost as exc:
+            self._trip(f"connection lost: {exc}", restore=False)
+
+    def filter(self, proposed: np.ndarray) -> np.ndarray:
+        """Apply hard, step and excursion limits; record every change with its reason."""
+        names = [k.name for k in self.knobs]
+        current = self.settings
+        if not np.all(np.isfinite(proposed)):
+            self._trip("proposed settings contain NaN or inf")
+        safe = proposed.astype(float).copy()
+        for label, lo, hi in (
+            ("per-step change limit", current - self.max_step, current + self.max_step),
+            ("total excursion limit", self.snapshot - self.config.max_excursion, self.snapshot + self.config.max_excursion),
+            ("hard limit", self.lower, self.upper),
+        ):
+            clipped = np.clip(safe, lo, hi)
+            changed = np.flatnonzero(np.abs(clipped - safe) > 1e-12)
+            if len(changed):
+                self._record("clamp", f"{label}: " + ", ".join(f"{names[i]} {safe[i]:.4g} -> {clipped[i]:.4g}" for i in changed),
+                             knobs=[names[i] for i in changed], before=safe[changed].tolist(), after=clipped[changed].tolist())
+            safe = clipped
+        return safe
+
+    def write_knobs(self, values: np.ndarray) -> None:
+        self._session_guards()
+        if self.writes >= self.config.max_steps:
+            self._trip(f"more than {self.config.max_steps} steps")
+        proposed = np.asarray(values, dtype=float)
+        safe = self.filter(proposed)
+        names = [k.name for k in self.knobs]
+        if self.mode == "dry-run":
+            self._record("proposal", "dry-run: not written", proposed=proposed.tolist(), safe=safe.tolist())
+            self.settings = safe
+            self.writes += 1
+            return
+        if self.mode == "approve":
+            self._record("proposal", "waiting for operator approval", proposed=proposed.tolist(), safe=safe.tolist())
+            if not self.approver(self.settings.copy(), safe.copy(), names):
+                self._record("rejected", "operator rejected the step")
+                self._trip("operator rejected the proposed step", kind=OperatorRejected)
+            self._record("approved", "operator approved the step")
+            self._session_guards()  # an abort may have arrived while waiting
+        wait = self.config.min_write_interval_s - (time.monotonic() - self._last_write)
+        if wait > 0:
+            self._record("delay", f"write rate limit: waited {wait:.3f} s")
+            time.sleep(wait)
+        try:
+            self.plant.write_knobs(safe)
+        except ConnectionLost as exc:
+            self._trip(f"connection lost while writing: {exc}", restore=False)
+        except PlantFault as exc:
+            self._trip(f"write not verified: {exc}")
+        self._last_write = time.monotonic()
+        self.settings = safe
+        self.writes += 1
+
+    def read(self) -> Readings:
+        self._session_guards()
+        try:
+            readings = self.plant.read()
+        except ConnectionLost as exc:
+            self._trip(f"connection lost: {exc}", restore=False)
+        self._check_readings(readings)
+        return readings
+
+    def _check_readings(self, r: Readings, baseline: bool = False) -> None:
+        names = [s.name for s in self.readings]
+        problems = dict(r.problems)
+        for i, spec in enumerate(self.readings):
+            v = r.values[i]
+            if not r.valid[i] and spec.name not in problems:
+                problems[spec.name] = "flagged invalid"
+            elif not np.isfinite(v):
+                problems[spec.name] = "not a number"
+            elif v < spec.lower or v > spec.upper:
+                problems[spec.name] = f"{v:.4g} outside [{spec.lower}, {spec.upper}]"
+            elif abs(v) >= max(abs(spec.lower), abs(spec.upper)) - self.config.saturation_margin:
+                problems[spec.name] = f"saturated at {v:.4g}"
+        if problems:
+            self._trip("bad reading: " + "; ".join(f"{k} {v}" for k, v in problems.items() if k in names or k in r.interlocks))
+        for rule in self.interlocks:
+            value = r.interlocks.get(rule.name, float("nan"))
+            if baseline:
+                self._interlock_start[rule.name] = value
+            reason = rule.violated(value, self._interlock_start.get(rule.name))
+            if reason:
+                self._trip(f"interlock: {reason}")
