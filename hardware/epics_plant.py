@@ -8,8 +8,10 @@ put with completion followed by a read-back of setpoint and readback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -30,9 +32,29 @@ class WriteNotVerified(PlantFault):
 
 
 def _epics():
-    import epics  # imported lazily: libca reads EPICS_CA_* when the context starts
+    import epics  # imported lazily: libca reads EPICS_CA_* when its context starts
 
     return epics
+
+
+@contextlib.contextmanager
+def _no_repeater_complaint():
+    """Silence libca's complaint about the missing caRepeater.
+
+    pyepics ships libca but no caRepeater for Linux; when the first channel is created
+    libca forks a child to start one, and the child prints four lines to stderr. The
+    repeater only serves beacon-anomaly detection (irrelevant on loopback and
+    harmless elsewhere), so the child inherits /dev/null as its stderr.
+    """
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(devnull)
+        os.close(saved)
 
 
 class EpicsPlant(Plant):
@@ -58,9 +80,11 @@ class EpicsPlant(Plant):
         """Connect every PV (explicit timeout); name all that did not connect."""
         epics = _epics()
         names = self.machine.all_pvs()
-        for name in names:
-            if name not in self._pvs:
-                self._pvs[name] = epics.PV(name, auto_monitor=False, connection_timeout=self.machine.connection_timeout_s)
+        with _no_repeater_complaint():
+            for name in names:
+                if name not in self._pvs:
+                    self._pvs[name] = epics.PV(name, auto_monitor=False, connection_timeout=self.machine.connection_timeout_s)
+            epics.ca.poll(0.01)
         deadline = time.monotonic() + self.machine.connection_timeout_s
         while time.monotonic() < deadline and not all(pv.connected for pv in self._pvs.values()):
             epics.ca.poll(0.01)
@@ -109,19 +133,31 @@ class EpicsPlant(Plant):
         return rb / self.scale
 
     def write_knobs(self, values: np.ndarray) -> None:
-        """Put all setpoints with completion, then verify setpoints and readbacks."""
+        """Put all setpoints with completion, then verify setpoints and readbacks.
+
+        Equivalent to ``caput_many(..., wait='all')``, but a channel that disconnects
+        while its put is in flight ends the wait at once instead of after the settle
+        timeout, so a dead IOC is detected quickly.
+        """
         epics = _epics()
         target = np.asarray(values, dtype=float) * self.scale
         timeout = max(c.settle_timeout_s for c in self.correctors)
-        names = [c.setpoint for c in self.correctors]
-        for name in names:
-            if not self._pvs[name].connected:
-                raise ConnectionLost(f"{name}: disconnected, nothing written")
-        status = epics.caput_many(names, list(target), wait="all", connection_timeout=self.machine.connection_timeout_s, put_timeout=timeout)
+        pvs = [self._pvs[c.setpoint] for c in self.correctors]
+        for pv in pvs:
+            if not pv.connected:
+                raise ConnectionLost(f"{pv.pvname}: disconnected, nothing written")
+        for pv, value in zip(pvs, target):
+            pv.put(float(value), wait=False, use_complete=True)
         self.last_write_s = time.time()
-        failed = [n for n, s in zip(names, status) if s != 1]
-        if failed:
-            raise ConnectionLost(f"put did not complete within {timeout} s: {', '.join(failed)}")
+        deadline = time.monotonic() + timeout
+        while not all(pv.put_complete for pv in pvs):
+            lost = [pv.pvname for pv in pvs if not pv.connected]
+            if lost:
+                raise ConnectionLost(f"disconnected during put: {', '.join(lost)}")
+            if time.monotonic() > deadline:
+                pending = [pv.pvname for pv in pvs if not pv.put_complete]
+                raise ConnectionLost(f"put did not complete within {timeout} s: {', '.join(pending)}")
+            epics.ca.poll(0.001)
         self.verify(target)
 
     def verify(self, target: np.ndarray) -> None:
@@ -137,7 +173,7 @@ class EpicsPlant(Plant):
             raise WriteNotVerified("read-back mismatch: " + "; ".join(bad))
 
     # -- readings -----------------------------------------------------------------
-    def _sample(self, name: str, now: float) -> tuple[float, float, bool, str]:
+    def _sample(self, name: str, now: float, check_age: bool = True) -> tuple[float, float, bool, str]:
         data = self._get(name)
         value = float(np.asarray(data["value"], dtype=float).ravel()[0])
         stamp = float(data.get("timestamp") or 0.0)
@@ -146,7 +182,7 @@ class EpicsPlant(Plant):
             reason = "INVALID severity"
         elif not math.isfinite(value):
             reason = "not a number"
-        elif now - stamp > self.machine.stale_after_s:
+        elif check_age and now - stamp > self.machine.stale_after_s:
             reason = f"stale ({now - stamp:.1f} s old)"
         return value, stamp, not reason, reason
 
@@ -167,7 +203,8 @@ class EpicsPlant(Plant):
                 valid.append(ok)
         interlocks = {}
         for il in self.machine.interlocks:
-            value, _, ok, reason = self._sample(il.pv, time.time())
+            # Interlock PVs change only on events, so an old timestamp is normal for them.
+            value, _, ok, reason = self._sample(il.pv, time.time(), check_age=False)
             interlocks[il.name] = value if ok else float("nan")
             if not ok:
                 problems[il.name] = reason

@@ -190,19 +190,29 @@ class GuardedPlant(Plant):
         self._abort_reason = reason
         self.abort_requested.set()
 
+    def _restore(self) -> bool:
+        """Write the snapshot back and verify it; record and swallow failures."""
+        if self.snapshot is None or self.mode == "dry-run":
+            return False
+        try:
+            restore_snapshot(self.plant, {"knobs": dict(zip([k.name for k in self.knobs], self.snapshot))}, self.on_event_and_store)
+            return True
+        except ConnectionLost as exc:
+            self._record("restore_failed", f"connection lost during restore: {exc}; snapshot kept at {self.snapshot_path}")
+        except (PlantFault, ValueError) as exc:
+            self._record("restore_failed", f"{exc}; snapshot kept at {self.snapshot_path}")
+        return False
+
     def _trip(self, reason: str, restore: bool = True, kind: type[SafetyTrip] = SafetyTrip):
-        restored = False
         self._record("trip", reason)
-        if restore and self.snapshot is not None and self.mode != "dry-run":
-            try:
-                restore_snapshot(self.plant, {"knobs": dict(zip([k.name for k in self.knobs], self.snapshot))}, self.on_event_and_store)
-                restored = True
-            except ConnectionLost as exc:
-                self._record("restore_failed", f"connection lost during restore: {exc}; snapshot kept at {self.snapshot_path}")
-            except (PlantFault, ValueError) as exc:
-                self._record("restore_failed", f"{exc}; snapshot kept at {self.snapshot_path}")
+        restored = self._restore() if restore else False
         self.tripped = kind(reason, restored, self.snapshot_path)
         raise self.tripped
+
+    def stop_and_restore(self, reason: str) -> bool:
+        """End the session without a fault (e.g. target not reached) and restore."""
+        self._record("stop", reason)
+        return self._restore()
 
     def on_event_and_store(self, event: SafetyEvent) -> None:
         self.events.append(event)

@@ -33,8 +33,9 @@ def _field_path(loc: tuple, data: object) -> str:
                     label = f"[{item}]({node['name']})"
             parts.append(label)
             continue
-        # Discriminated unions add the tag as a location step; it is noise to a user.
-        if isinstance(node, dict) and item not in node and parts:
+        # Discriminated unions add the tag (the element's `type`) as a location step;
+        # it is noise to a user.
+        if isinstance(node, dict) and item not in node and node.get("type") == item:
             continue
         parts.append(("." if parts else "") + str(item))
         node = node.get(item) if isinstance(node, dict) else None

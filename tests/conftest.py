@@ -25,3 +25,118 @@ def run_cli():
         )
 
     return run
+
+
+# ---------------------------------------------------------------------------
+# EPICS: one loopback Channel Access port for the whole test session, chosen before
+# anything starts a CA context (libca reads EPICS_CA_* once per process).
+# ---------------------------------------------------------------------------
+import itertools
+import re
+import signal
+import socket
+import time
+
+import yaml
+
+
+def _free_port() -> int:
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            tcp.bind(("127.0.0.1", 0))
+            port = tcp.getsockname()[1]
+            try:
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")
+
+
+EPICS_PORT = _free_port()
+EPICS_ENV = {
+    "EPICS_CA_ADDR_LIST": "127.0.0.1",
+    "EPICS_CA_AUTO_ADDR_LIST": "NO",
+    "EPICS_CA_SERVER_PORT": str(EPICS_PORT),
+}
+os.environ.update(EPICS_ENV)
+_prefixes = itertools.count(1)
+
+
+class Ioc:
+    """A `tbsac ioc` process on the session's loopback port, with its put log."""
+
+    def __init__(self, tmp: Path, lattice: str = "cafe2-cm1", seed: int = 0, errors: str = "test", ramp: float = 0.0):
+        self.lattice, self.seed, self.errors, self.ramp = lattice, seed, errors, ramp
+        self.prefix = f"T{next(_prefixes)}{os.getpid()}:{lattice.split('-')[-1].upper()}"
+        self.put_log = tmp / f"puts-{self.prefix.replace(':', '_')}.jsonl"
+        self.tmp = tmp
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> "Ioc":
+        self.proc = subprocess.Popen(
+            [*tbsac_cmd(), "ioc", "--lattice", self.lattice, "--seed", str(self.seed), "--errors", self.errors,
+             "--port", str(EPICS_PORT), "--ramp", str(self.ramp), "--put-log", str(self.put_log), "--prefix", self.prefix],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if line.startswith("READY"):
+                return self
+            if not line and self.proc.poll() is not None:
+                break
+        raise RuntimeError(f"IOC did not start (exit {self.proc.poll()})")
+
+    def machine_file(self, name: str = "machine.yaml", **corrector_overrides) -> Path:
+        """The shipped machine file for this lattice, pointed at this IOC's prefix."""
+        from hardware.machine import MACHINE_DIR
+
+        text = (MACHINE_DIR / f"virtual-{self.lattice}.yaml").read_text()
+        default = "V" + self.lattice.upper().replace("-", ":")
+        data = yaml.safe_load(text.replace(default + ":", self.prefix + ":"))
+        for c in data["correctors"]:
+            c.update(corrector_overrides)
+        path = self.tmp / name
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    def puts(self, machine_only: bool = True) -> list[dict]:
+        from hardware.ioc import read_put_log
+
+        if not self.put_log.exists():
+            return []
+        return [p for p in read_put_log(self.put_log) if not (machine_only and ":SIM:" in p["pv"])]
+
+    def pv(self, suffix: str) -> str:
+        return f"{self.prefix}:{suffix}"
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def start_ioc(tmp_path):
+    """Factory starting virtual IOCs; all are stopped after the test."""
+    started: list[Ioc] = []
+
+    def start(**kwargs) -> Ioc:
+        ioc = Ioc(tmp_path, **kwargs)
+        started.append(ioc)
+        return ioc
+
+    yield start
+    for ioc in started:
+        ioc.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -138,6 +139,125 @@ def demo(
     console.print(table)
     plot_orbit_evaluation(lat, runs, plot, f"tbsac demo: cafe2-cm1, machine seed {seed}")
     console.print(f"plot written to {plot}")
+
+
+@app.command()
+def ioc(
+    lattice: str = LatticeOpt,
+    seed: int = typer.Option(0, "--seed", help="Which hidden machine errors to draw."),
+    errors: str = ErrorsOpt,
+    port: int = typer.Option(5064, "--port", help="Channel Access server port (loopback only)."),
+    ramp: float = typer.Option(0.2, "--ramp", min=0.0, help="Magnet ramp time in s; puts complete when it ends."),
+    put_log: Optional[Path] = typer.Option(None, "--put-log", help="JSON-lines file recording every put received."),
+    prefix: Optional[str] = typer.Option(None, "--prefix", help="PV prefix (default VCAFE2:CMk)."),
+):
+    """Serve a simulated cryomodule with hidden errors as a real EPICS IOC (softioc)."""
+    from hardware.ioc import serve
+
+    _load(lattice, errors)  # fail with a clear message before starting EPICS
+    serve(lattice, seed, errors, port, ramp, put_log, prefix)
+
+
+def _connect(machine_arg: str):
+    """Load a machine file, its lattice, and connect to it."""
+    from hardware.epics_plant import EpicsPlant
+    from hardware.machine import check_matches_lattice, load_machine
+    from simulators.beamline.lattice import load_lattice
+
+    machine, path = load_machine(machine_arg)
+    lattice = load_lattice(machine.lattice)
+    check_matches_lattice(machine, path, lattice)
+    return machine, path, lattice, EpicsPlant(machine, path).connect()
+
+
+def _terminal_approver(machine):
+    def approve(current, proposed, names) -> bool:
+        table = Table(title="proposed step")
+        for col in ("corrector", "now (A)", "proposed (A)", "change (A)"):
+            table.add_column(col, justify="right")
+        for c, now, new in zip(machine.correctors, current, proposed):
+            table.add_row(c.name, f"{now * c.scale:+.3f}", f"{new * c.scale:+.3f}", f"{(new - now) * c.scale:+.3f}")
+        err_console.print(table)
+        return typer.confirm("apply this step?", default=False, err=True)
+
+    return approve
+
+
+@app.command()
+def run(
+    machine: str = typer.Option(..., "--machine", "-m", help="Machine file (or shipped name, e.g. virtual-cafe2-cm1)."),
+    policy: str = typer.Option("pretrained", "--policy", "-p"),
+    mode: str = typer.Option("auto", "--mode", help="auto, approve (confirm every step) or dry-run (never writes)."),
+    as_json: bool = typer.Option(False, "--json"),
+    max_steps: int = typer.Option(60, "--max-steps", min=1, help="Safety limit on writes."),
+    max_excursion: float = typer.Option(10.0, "--max-excursion", help="Largest change of any corrector from its start, simulator units."),
+    snapshot: Optional[Path] = typer.Option(None, "--snapshot", help="Where to keep the starting settings (default in the data directory)."),
+):
+    """Correct the orbit of a machine over EPICS with a policy, through the safety layer."""
+    import signal
+    import time as _time
+
+    from controller.paths import snapshot_dir
+    from controller.policy import Policy
+    from controller.session import run_orbit_session
+    from safety.guard import MODES, InterlockRule, SafetyConfig
+
+    if mode not in MODES:
+        raise ConfigError(f"--mode: unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    machine_file, path, lattice, plant = _connect(machine)
+    agent = Policy.load(policy, lattice=lattice)
+    snap = snapshot or snapshot_dir() / f"{machine_file.name}-{_time.strftime('%Y%m%dT%H%M%S')}.json"
+    guards = []
+    signal.signal(signal.SIGINT, lambda *_: guards and guards[0].abort("operator abort (Ctrl-C)"))
+    result = run_orbit_session(
+        plant, agent, mode=mode,
+        safety=SafetyConfig(max_steps=max_steps, max_excursion=max_excursion),
+        interlocks=[InterlockRule(i.name, i.rule, i.threshold) for i in machine_file.interlocks],
+        snapshot_path=snap, snapshot_context={"machine_file": str(Path(path).resolve()), "machine": machine_file.name},
+        approver=_terminal_approver(machine_file) if mode == "approve" else None,
+        guard_ready=guards.append,
+    )
+    if as_json:
+        print(json.dumps({k: v for k, v in result.summary().items() if k != "status"}))
+    else:
+        console.print(f"{machine_file.name}: {result.status}; RMS {result.initial_rms_mm} -> {result.final_rms_mm} mm "
+                      f"in {result.steps} steps ({result.wall_s} s); snapshot {result.snapshot}")
+    if result.status not in ("completed", "dry-run"):
+        why = result.trips[-1] if result.trips else result.status.replace("_", " ")
+        err_console.print(f"tbsac: session {result.status}: {why}; restored: {'yes' if result.restored else 'NO'}; "
+                          f"snapshot: {result.snapshot}", markup=False, highlight=False, soft_wrap=True)
+        if any("connection lost" in t for t in result.trips):
+            # libca's context teardown at exit blocks on the TCP circuit of a frozen
+            # IOC; everything is recorded and the snapshot is on disk, so leave now.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(3)
+        raise typer.Exit(3)
+
+
+@app.command()
+def restore(
+    snapshot: Path = typer.Argument(..., help="Snapshot file written by `tbsac run`."),
+    machine: Optional[str] = typer.Option(None, "--machine", "-m", help="Machine file (default: the one recorded in the snapshot)."),
+):
+    """Put a machine back to the settings recorded in a snapshot, and verify them."""
+    from safety.guard import read_snapshot, restore_snapshot
+    from simulators.plant import PlantFault
+
+    try:
+        blob = read_snapshot(snapshot)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{snapshot}: not a readable snapshot ({exc})") from None
+    machine_arg = machine or blob.get("machine_file")
+    if not machine_arg:
+        raise ConfigError(f"{snapshot}: field 'machine_file' missing; pass --machine")
+    _, _, _, plant = _connect(machine_arg)
+    try:
+        restore_snapshot(plant, blob)
+    except (PlantFault, ValueError) as exc:
+        err_console.print(f"tbsac: restore failed: {exc}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(3)
+    console.print(f"restored {len(blob['knobs'])} settings from {snapshot} and verified them by read-back")
 
 
 @app.command()
