@@ -1,0 +1,159 @@
+"""Deployment benchmarks over real Channel Access (virtual softioc IOCs on loopback).
+
+    python benchmarks/deploy.py [--seeds 20] [--out benchmarks/results]
+
+1. Zero-shot: for each seed and cryomodule, start ``tbsac ioc --errors test`` and run
+   ``tbsac run --policy pretrained --json``; count sessions below 0.5 mm, safety trips,
+   and check the IOC's own put log against the machine file's limits and step limit.
+2. Overhead: median software time per control step (puts with completion, read-backs,
+   BPM and interlock reads, safety checks, policy inference) with the magnet ramp at 0.
+
+Writes ``deploy.json`` and ``deploy.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+import numpy as np
+
+from hardware.ioc import loopback_environment, read_put_log
+from hardware.machine import load_machine
+
+LATTICES = ("cafe2-cm1", "cafe2-cm2", "cafe2-cm3")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ioc(lattice: str, seed: int, port: int, ramp: float, put_log: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ui.cli", "ioc", "--lattice", lattice, "--seed", str(seed), "--errors", "test",
+         "--port", str(port), "--ramp", str(ramp), "--put-log", str(put_log)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
+    )
+    for line in proc.stdout:
+        if line.startswith("READY"):
+            return proc
+    raise RuntimeError("IOC did not start")
+
+
+def check_puts(puts: list[dict], machine) -> list[str]:
+    """Violations of the machine file's limits and per-step change in the IOC's log."""
+    by_pv = {c.setpoint: c for c in machine.correctors}
+    last = {pv: 0.0 for pv in by_pv}
+    problems = []
+    for p in puts:
+        c = by_pv.get(p["pv"])
+        if c is None:
+            continue
+        if not c.lower - 1e-9 <= p["value"] <= c.upper + 1e-9:
+            problems.append(f"{p['pv']} = {p['value']} outside [{c.lower}, {c.upper}]")
+        if abs(p["value"] - last[p["pv"]]) > c.max_step + 1e-9:
+            problems.append(f"{p['pv']} changed by {p['value'] - last[p['pv']]:.3f} > {c.max_step}")
+        last[p["pv"]] = p["value"]
+    return problems
+
+
+def zero_shot(lattice: str, seeds: range, ramp: float) -> dict:
+    machine, _ = load_machine(f"virtual-{lattice}")
+    runs = []
+    with TemporaryDirectory() as tmp:
+        for seed in seeds:
+            port = free_port()
+            log = Path(tmp) / f"puts-{seed}.jsonl"
+            ioc = start_ioc(lattice, seed, port, ramp, log)
+            try:
+                env = {**os.environ, **loopback_environment(port), "TBSAC_DATA_DIR": tmp}
+                proc = subprocess.run(
+                    [sys.executable, "-m", "ui.cli", "run", "--machine", f"virtual-{lattice}", "--policy", "pretrained", "--json"],
+                    capture_output=True, text=True, env=env, timeout=300,
+                )
+                result = json.loads(proc.stdout) if proc.stdout.strip() else {"success": False, "trips": [proc.stderr.strip()]}
+            finally:
+                ioc.terminate()
+                ioc.wait(10)
+            result["seed"] = seed
+            result["exit_code"] = proc.returncode
+            result["ioc_limit_violations"] = check_puts(read_put_log(log), machine)
+            runs.append(result)
+            print(json.dumps({k: result.get(k) for k in ("seed", "initial_rms_mm", "final_rms_mm", "steps", "success", "trips")}), flush=True)
+    return {
+        "lattice": lattice,
+        "sessions": len(runs),
+        "below_0.5_mm": sum(bool(r.get("success")) and r["final_rms_mm"] < 0.5 for r in runs),
+        "trips": sum(len(r.get("trips", [])) for r in runs),
+        "ioc_limit_violations": sum(len(r["ioc_limit_violations"]) for r in runs),
+        "median_steps": statistics.median(r.get("steps", 0) for r in runs),
+        "median_wall_s": statistics.median(r.get("wall_s", 0) for r in runs),
+        "runs": runs,
+    }
+
+
+def overhead(sessions: int = 20) -> dict:
+    """Per-step software time with ramp 0 (in-process client, real IOC)."""
+    port = free_port()
+    os.environ.update(loopback_environment(port))
+    from controller.policy import Policy
+    from controller.session import run_orbit_session
+    from hardware.epics_plant import EpicsPlant
+    from safety.guard import InterlockRule
+    from simulators.beamline.lattice import load_lattice
+
+    machine, path = load_machine("virtual-cafe2-cm1")
+    policy = Policy.load("pretrained", lattice=load_lattice("cafe2-cm1"))
+    latencies = []
+    with TemporaryDirectory() as tmp:
+        for seed in range(sessions):
+            ioc = start_ioc("cafe2-cm1", 500 + seed, port, 0.0, Path(tmp) / "puts.jsonl")
+            try:
+                plant = EpicsPlant(machine, path).connect()
+                result = run_orbit_session(plant, policy, interlocks=[InterlockRule(i.name, i.rule, i.threshold) for i in machine.interlocks],
+                                           snapshot_path=Path(tmp) / f"s{seed}.json")
+                latencies += [r.latency_s for r in result.step_records]
+                plant.close()
+            finally:
+                ioc.terminate()
+                ioc.wait(10)
+    ms = np.array(latencies) * 1e3
+    return {"steps": len(ms), "median_ms": round(float(np.median(ms)), 2), "p95_ms": round(float(np.percentile(ms, 95)), 2),
+            "correctors": len(machine.correctors), "bpm_channels": 2 * len(machine.bpms)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--ramp", type=float, default=0.2)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    report = {"zero_shot": [zero_shot(lat, range(args.seeds), args.ramp) for lat in LATTICES], "overhead": overhead()}
+    print(json.dumps(report["overhead"]))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "deploy.json").write_text(json.dumps(report, indent=2))
+    lines = ["# Deployment benchmarks (virtual IOC over loopback Channel Access)", "",
+             f"Zero-shot, `tbsac ioc --errors test` seeds 0..{args.seeds - 1}, magnet ramp {args.ramp} s:", "",
+             "| lattice | sessions | final RMS < 0.5 mm | safety trips | IOC-side limit violations | median steps | median wall (s) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for z in report["zero_shot"]:
+        lines.append(f"| {z['lattice']} | {z['sessions']} | {z['below_0.5_mm']} | {z['trips']} | {z['ioc_limit_violations']} "
+                     f"| {z['median_steps']} | {z['median_wall_s']} |")
+    o = report["overhead"]
+    lines += ["", f"Software overhead per control step, ramp 0, {o['correctors']} correctors, {o['bpm_channels']} BPM channels: "
+              f"median {o['median_ms']} ms, p95 {o['p95_ms']} ms over {o['steps']} steps."]
+    (args.out / "deploy.md").write_text("\n".join(lines) + "\n")
+    print(f"written {args.out / 'deploy.json'} and {args.out / 'deploy.md'}")
+
+
+if __name__ == "__main__":
+    main()
