@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from safety.guard import (
-    Approver, GuardedPlant, InterlockRule, Mode, OperatorRejected, SafetyConfig, SafetyEvent, SafetyTrip,
+    Approver, GuardedPlant, InterlockRule, Mode, OperatorAbort, OperatorRejected, SafetyConfig, SafetyEvent, SafetyTrip,
 )
 from simulators.beamline.task import OrbitTask, OrbitTaskConfig, rms
 from simulators.plant import Plant
@@ -31,10 +31,13 @@ class StepRecord:
     """What happened in one control step."""
 
     step: int
-    observation: list[float]
-    proposed: list[float]
-    written: list[float]
-    readings: list[float]
+    observation: list[float]  # what the policy saw before acting
+    action: list[float]  # its answer, in [-1, 1]
+    proposed: list[float]  # settings it asked for (simulator units)
+    safe: list[float]  # settings after the safety layer, as written
+    readbacks: list[float]  # settings read back from the machine
+    readings: list[float]  # BPM readings after the step, mm
+    interlocks: dict[str, float]
     reward: float
     rms_mm: float
     latency_s: float
@@ -51,7 +54,7 @@ class SessionResult:
     trips: list[str]
     restored: bool
     snapshot: str | None
-    status: str = "completed"  # completed, not_converged, tripped, rejected, dry-run
+    status: str = "completed"  # completed, not_converged, tripped, aborted, rejected, dry-run
     step_records: list[StepRecord] = field(default_factory=list)
     events: list[SafetyEvent] = field(default_factory=list)
 
@@ -74,6 +77,7 @@ def run_orbit_session(
     on_step: Callable[[StepRecord], None] | None = None,
     on_event: Callable[[SafetyEvent], None] | None = None,
     guard_ready: Callable[[GuardedPlant], None] | None = None,
+    before_step: Callable[[], None] | None = None,
 ) -> SessionResult:
     """Correct the orbit of `plant` with `policy`; never raises on a trip (see result)."""
     start = time.perf_counter()
@@ -102,14 +106,18 @@ def run_orbit_session(
         final = float(rms(task.readings))
         n_steps = 1 if mode == "dry-run" else config.max_steps
         for _ in range(n_steps):
+            if before_step:
+                before_step()  # e.g. wait while an operator has paused the session
             t0 = time.perf_counter()
-            action = policy.act(obs)
+            seen = obs
+            action = policy.act(seen)
             proposed = task.proposed_settings(action)
             obs, reward, terminated, truncated, info = task.step(guard, action)
             record = StepRecord(
-                step=task.steps, observation=obs.tolist(), proposed=proposed.tolist(),
-                written=guard.settings.tolist(), readings=task.readings.tolist(), reward=float(reward),
-                rms_mm=info["rms_mm"], latency_s=time.perf_counter() - t0, time=time.time(),
+                step=task.steps, observation=seen.tolist(), action=np.asarray(action, dtype=float).tolist(),
+                proposed=proposed.tolist(), safe=guard.settings.tolist(), readbacks=task.settings.tolist(),
+                readings=task.readings.tolist(), interlocks=dict(guard.last_readings.interlocks) if guard.last_readings else {},
+                reward=float(reward), rms_mm=info["rms_mm"], latency_s=time.perf_counter() - t0, time=time.time(),
             )
             records.append(record)
             if on_step:
@@ -125,6 +133,8 @@ def run_orbit_session(
             guard.stop_and_restore(f"target RMS not reached in {task.steps} steps")
     except OperatorRejected:
         status = "rejected"
+    except OperatorAbort:
+        status = "aborted"
     except SafetyTrip:
         status = "tripped"
     trips = [e.reason for e in guard.events if e.kind == "trip"]

@@ -86,6 +86,10 @@ class OperatorRejected(SafetyTrip):
     """The operator rejected a proposed step (approve mode)."""
 
 
+class OperatorAbort(SafetyTrip):
+    """The operator aborted the session."""
+
+
 Approver = Callable[[np.ndarray, np.ndarray, list[str]], bool]
 
 
@@ -158,6 +162,7 @@ class GuardedPlant(Plant):
         self.upper = np.array([k.upper for k in plant.knobs])
         self.max_step = np.array([k.max_step for k in plant.knobs])
         self.snapshot: np.ndarray | None = None
+        self.last_readings: Readings | None = None
         self.settings: np.ndarray | None = None
         self._interlock_start: dict[str, float] = {}
         self._started = 0.0
@@ -223,7 +228,7 @@ class GuardedPlant(Plant):
         if self.tripped is not None:
             raise self.tripped
         if self.abort_requested.is_set():
-            self._trip(getattr(self, "_abort_reason", "operator abort"))
+            self._trip(getattr(self, "_abort_reason", "operator abort"), kind=OperatorAbort)
         if time.monotonic() - self._started > self.config.max_duration_s:
             self._trip(f"session longer than {self.config.max_duration_s} s")
 
@@ -271,11 +276,12 @@ class GuardedPlant(Plant):
             return
         if self.mode == "approve":
             self._record("proposal", "waiting for operator approval", proposed=proposed.tolist(), safe=safe.tolist())
-            if not self.approver(self.settings.copy(), safe.copy(), names):
+            approved = self.approver(self.settings.copy(), safe.copy(), names)
+            self._session_guards()  # an abort may have arrived while waiting
+            if not approved:
                 self._record("rejected", "operator rejected the step")
                 self._trip("operator rejected the proposed step", kind=OperatorRejected)
             self._record("approved", "operator approved the step")
-            self._session_guards()  # an abort may have arrived while waiting
         wait = self.config.min_write_interval_s - (time.monotonic() - self._last_write)
         if wait > 0:
             self._record("delay", f"write rate limit: waited {wait:.3f} s")
@@ -297,6 +303,7 @@ class GuardedPlant(Plant):
         except ConnectionLost as exc:
             self._trip(f"connection lost: {exc}", restore=False)
         self._check_readings(readings)
+        self.last_readings = readings
         return readings
 
     def _check_readings(self, r: Readings, baseline: bool = False) -> None:

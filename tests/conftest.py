@@ -140,3 +140,53 @@ def start_ioc(tmp_path):
     yield start
     for ioc in started:
         ioc.stop()
+
+
+# ---------------------------------------------------------------------------
+# Session store: SQLite always; PostgreSQL when TBSAC_TEST_POSTGRES_URL points at a
+# server (`.ci/run` starts one and sets TBSAC_REQUIRE_POSTGRES=1 so it cannot be
+# skipped silently there).
+# ---------------------------------------------------------------------------
+import uuid
+
+
+def _postgres_database():
+    admin_url = os.environ.get("TBSAC_TEST_POSTGRES_URL")
+    if not admin_url:
+        if os.environ.get("TBSAC_REQUIRE_POSTGRES"):
+            pytest.fail("TBSAC_REQUIRE_POSTGRES is set but TBSAC_TEST_POSTGRES_URL is not")
+        pytest.skip("no PostgreSQL server (set TBSAC_TEST_POSTGRES_URL; .ci/run does)")
+    import psycopg
+
+    name = f"tbsac_test_{uuid.uuid4().hex[:12]}"
+    plain = admin_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(plain, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = admin_url.rsplit("/", 1)[0]
+    return f"{base}/{name}", lambda: _drop_postgres(plain, name)
+
+
+def _drop_postgres(plain_admin_url: str, name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(plain_admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.sqlite'}"
+        return
+    url, drop = _postgres_database()
+    yield url
+    drop()
+
+
+@pytest.fixture
+def store(store_url):
+    from controller.store import Store
+
+    s = Store(store_url)
+    yield s
+    s.engine.dispose()

@@ -191,7 +191,7 @@ def test_operator_abort_restores(start_ioc, tmp_path):
         guards[0].abort("operator pressed abort")
 
     result = session(ioc, plant, machine, tmp_path, on_step=abort_after_first, guard_ready=guards.append)
-    assert result.status == "tripped" and result.trips == ["operator pressed abort"]
+    assert result.status == "aborted" and result.trips == ["operator pressed abort"]
     assert result.restored
     np.testing.assert_allclose(setpoints(ioc, machine), 0.0, atol=1e-9)
 

@@ -63,16 +63,44 @@ def train_orbit_cmd(
     lat, em = _load(lattice, errors)
     _, eval_em = _load(lattice, eval_errors)
     logging.basicConfig(level=logging.WARNING)
-    result = train_orbit(
-        lat, em, steps, seed, out, arch=arch, eval_error_model=eval_em, eval_every=eval_every,
-        eval_episodes=eval_episodes, stop_at_bar=stop_at_bar,
+    store = _store()
+    run_row = store.start_training_run(
+        task="orbit", lattice=lat.name, errors=em.name, arch=arch, steps=steps, seed=seed, out_dir=str(out.resolve()),
+        config={"eval_errors": eval_em.name, "eval_every": eval_every, "eval_episodes": eval_episodes},
     )
+    try:
+        result = train_orbit(
+            lat, em, steps, seed, out, arch=arch, eval_error_model=eval_em, eval_every=eval_every,
+            eval_episodes=eval_episodes, stop_at_bar=stop_at_bar,
+        )
+    except BaseException:
+        store.finish_training_run(run_row.id, "failed", {}, [])
+        raise
+    from controller.policy import Policy, file_sha256
+
+    store.finish_training_run(run_row.id, "completed", {
+        "best_step": result.best_step, "best": result.best_summary, "first_bar_step": result.first_bar_step,
+        "first_bar_seconds": result.first_bar_seconds, "wall_seconds": result.wall_seconds}, result.curves)
+    trained = Policy.load(result.policy_path)
+    store.add_policy(result.policy_path, file_sha256(result.policy_path), trained.metadata, training_run_id=run_row.id)
     console.print(f"best checkpoint: step {result.best_step}: {json.dumps(result.best_summary)}")
     if result.first_bar_step is not None:
         console.print(f"acceptance bar first met at step {result.first_bar_step} after {result.first_bar_seconds} s")
     else:
         console.print("acceptance bar not met during training")
     console.print(f"wall time {result.wall_seconds} s; policy: {result.policy_path}")
+
+
+def _store():
+    """The session store (TBSAC_DATABASE_URL or SQLite in the data directory)."""
+    from sqlalchemy.exc import ArgumentError, OperationalError
+
+    from controller.store import Store
+
+    try:
+        return Store()
+    except (ArgumentError, OperationalError) as exc:
+        raise ConfigError(f"session store: cannot open database ({str(exc).splitlines()[0]})") from None
 
 
 def _results_table(summary: dict) -> Table:
@@ -249,6 +277,7 @@ def run(
     max_steps: int = typer.Option(60, "--max-steps", min=1, help="Safety limit on writes."),
     max_excursion: float = typer.Option(10.0, "--max-excursion", help="Largest change of any corrector from its start, simulator units."),
     snapshot: Optional[Path] = typer.Option(None, "--snapshot", help="Where to keep the starting settings (default in the data directory)."),
+    operator: str = typer.Option(os.environ.get("USER", "operator"), "--operator", help="Who runs the session (recorded)."),
 ):
     """Correct the orbit of a machine over EPICS with a policy, through the safety layer."""
     import signal
@@ -261,9 +290,12 @@ def run(
 
     if mode not in MODES:
         raise ConfigError(f"--mode: unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    from controller.recording import SessionRecorder, machine_record_from_file
+
     machine_file, path, lattice, plant = _connect(machine)
     agent = Policy.load(policy, lattice=lattice)
     snap = snapshot or snapshot_dir() / f"{machine_file.name}-{_time.strftime('%Y%m%dT%H%M%S')}.json"
+    recorder = SessionRecorder(_store(), machine_record_from_file(machine_file, path), agent, operator, mode, str(snap))
     guards = []
     signal.signal(signal.SIGINT, lambda *_: guards and guards[0].abort("operator abort (Ctrl-C)"))
     result = run_orbit_session(
@@ -272,12 +304,13 @@ def run(
         interlocks=[InterlockRule(i.name, i.rule, i.threshold) for i in machine_file.interlocks],
         snapshot_path=snap, snapshot_context={"machine_file": str(Path(path).resolve()), "machine": machine_file.name},
         approver=_terminal_approver(machine_file) if mode == "approve" else None,
-        guard_ready=guards.append,
+        guard_ready=guards.append, on_step=recorder.on_step, on_event=recorder.on_event,
     )
+    recorder.finish(result)
     if as_json:
         print(json.dumps({k: v for k, v in result.summary().items() if k != "status"}))
     else:
-        console.print(f"{machine_file.name}: {result.status}; RMS {result.initial_rms_mm} -> {result.final_rms_mm} mm "
+        console.print(f"session {recorder.session_id} on {machine_file.name}: {result.status}; RMS {result.initial_rms_mm} -> {result.final_rms_mm} mm "
                       f"in {result.steps} steps ({result.wall_s} s); snapshot {result.snapshot}")
     if result.status not in ("completed", "dry-run"):
         why = result.trips[-1] if result.trips else result.status.replace("_", " ")
@@ -324,9 +357,73 @@ def info():
     from simulators.beamline.errors import preset_names
     from simulators.beamline.lattice import shipped_lattices
 
+    from controller.paths import data_dir
+    from controller.store import default_url
+    from hardware.machine import MACHINE_DIR
+
+    console.print(f"data directory: {data_dir()}")
+    console.print(f"session store: {default_url()}")
+    console.print(f"machine files: {', '.join(sorted(p.name[:-5] for p in MACHINE_DIR.iterdir() if p.name.endswith('.yaml')))}")
     console.print(f"lattices: {', '.join(shipped_lattices())}")
     console.print(f"error presets: {', '.join(preset_names())}")
     console.print(f"pretrained policies: {', '.join(sorted(p.name for p in POLICY_DIR.iterdir() if p.name.endswith('.pt')))}")
+
+
+@app.command("replay")
+def replay_cmd(
+    session: int = typer.Argument(..., help="Session id (see the console or the server's /api/sessions)."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Audit a recorded session: re-run its policy on every recorded observation."""
+    from controller.replay import replay
+
+    report = replay(_store(), session)
+    if as_json:
+        print(json.dumps(report))
+    else:
+        table = Table(title=f"session {report['session']} ({report['status']}), policy {report['policy']}")
+        for col in ("step", "RMS (mm)", "reward", "clamped by safety", "action reproduced"):
+            table.add_column(col, justify="right")
+        for r in report["table"]:
+            table.add_row(str(r["step"]), f"{r['rms_mm']:.3f}" if r["rms_mm"] is not None else "-", f"{r['reward']:.2f}",
+                          "yes" if r["clamped"] else "no", "yes" if r["reproduced"] else "NO")
+        console.print(table)
+        console.print(f"{report['reproduced']} of {report['steps']} actions reproduced")
+    if report["reproduced"] != report["steps"]:
+        raise typer.Exit(1)
+
+
+@app.command("export")
+def export_cmd(
+    session: int = typer.Argument(...),
+    fmt: str = typer.Option("csv", "--format", help="csv or parquet"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output file (default session-N.csv/.parquet)."),
+):
+    """Export a session's steps (one row per step, named columns)."""
+    from controller.replay import export
+
+    path = export(_store(), session, fmt, out or Path(f"session-{session}.{fmt}"))
+    console.print(f"written {path}")
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8765, "--port"),
+    token: Optional[str] = typer.Option(None, "--token", envvar="TBSAC_OPERATOR_TOKEN", help="Operator token for write requests."),
+    sim_step_interval: float = typer.Option(0.0, "--sim-step-interval", help="Pause between steps on simulated machines, s."),
+):
+    """The control server: owns machine connections; consoles come and go."""
+    import secrets
+
+    import uvicorn
+
+    from ui.server import create_app
+
+    if not token:
+        token = secrets.token_urlsafe(16)
+        err_console.print(f"operator token: {token}", markup=False, highlight=False)
+    uvicorn.run(create_app(_store(), token, sim_step_interval=sim_step_interval), host=host, port=port, log_level="warning")
 
 
 def main() -> None:

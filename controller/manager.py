@@ -1,0 +1,227 @@
+"""Sessions running in the background of the control server, one per machine."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hardware.machine import MACHINE_DIR, check_matches_lattice, load_machine
+from safety.guard import MODES, GuardedPlant, InterlockRule, read_snapshot, restore_snapshot
+from simulators.beamline.errors import load_error_model
+from simulators.beamline.lattice import load_lattice, shipped_lattices
+from simulators.config import ConfigError
+from simulators.plant import Plant, PlantFault
+
+from .paths import snapshot_dir
+from .policy import Policy
+from .recording import SessionRecorder, machine_record_from_file, machine_record_simulated
+from .session import run_orbit_session
+from .store import SessionRow, Store
+
+log = logging.getLogger(__name__)
+
+SIM_PREFIX = "sim-"
+
+
+class Conflict(RuntimeError):
+    """The request conflicts with the current state (HTTP 409)."""
+
+
+class NotFound(LookupError):
+    """No such session or machine (HTTP 404)."""
+
+
+@dataclass
+class ActiveSession:
+    session_id: int
+    machine: str
+    mode: str
+    recorder: SessionRecorder
+    plant: Plant
+    thread: threading.Thread | None = None
+    guard: GuardedPlant | None = None
+    running: threading.Event = field(default_factory=threading.Event)  # cleared while paused
+    decided: threading.Event = field(default_factory=threading.Event)
+    decision: bool = False
+    pending: dict | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+def list_machines() -> list[dict]:
+    """Shipped machine files (EPICS) and one simulated machine per shipped lattice."""
+    out = []
+    for p in sorted(MACHINE_DIR.iterdir(), key=lambda p: p.name):
+        if p.name.endswith(".yaml"):
+            machine, _ = load_machine(Path(str(p)))
+            out.append({"name": machine.name, "kind": "epics", "lattice": machine.lattice, "description": machine.description})
+    for name in shipped_lattices():
+        out.append({"name": SIM_PREFIX + name, "kind": "simulated", "lattice": name,
+                    "description": f"{name} in simulation (hidden errors drawn from a seed)"})
+    return out
+
+
+class SessionManager:
+    """Starts sessions in background threads and relays operator commands to them."""
+
+    def __init__(self, store: Store, sim_step_interval: float = 0.0):
+        self.store = store
+        self.sim_step_interval = sim_step_interval
+        self.active: dict[int, ActiveSession] = {}
+        self.finished_plants: dict[int, Plant] = {}  # simulated machines stay restorable
+        self.lock = threading.Lock()
+
+    # -- starting ------------------------------------------------------------------
+    def _plant_for(self, machine: str, seed: int, errors: str):
+        if machine.startswith(SIM_PREFIX):
+            from simulators.beamline.plant import OrbitSimPlant
+
+            lattice = load_lattice(machine[len(SIM_PREFIX):])
+            plant = OrbitSimPlant(lattice, load_error_model(errors))
+            plant.reset(seed)
+            return plant, lattice, machine_record_simulated(lattice.name, errors, seed), []
+        from hardware.epics_plant import EpicsPlant
+
+        machine_file, path = load_machine(machine)
+        lattice = load_lattice(machine_file.lattice)
+        check_matches_lattice(machine_file, path, lattice)
+        plant = EpicsPlant(machine_file, path).connect()
+        rules = [InterlockRule(i.name, i.rule, i.threshold) for i in machine_file.interlocks]
+        return plant, lattice, machine_record_from_file(machine_file, path), rules
+
+    def start(self, machine: str, policy: str, mode: str, operator: str, seed: int = 0, errors: str = "test") -> int:
+        if mode not in MODES:
+            raise ConfigError(f"mode: unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+        with self.lock:
+            if any(a.machine == machine and not a.done.is_set() for a in self.active.values()):
+                raise Conflict(f"machine {machine} already has an active session")
+            plant, lattice, machine_record, rules = self._plant_for(machine, seed, errors)
+            agent = Policy.load(policy, lattice=lattice)
+            snapshot = snapshot_dir() / f"{machine}-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**6}.json"
+            recorder = SessionRecorder(self.store, machine_record, agent, operator, mode, str(snapshot))
+            active = ActiveSession(recorder.session_id, machine, mode, recorder, plant)
+            active.running.set()
+            context = {"machine": machine, "machine_file": machine_record.get("path"), "session": recorder.session_id}
+            active.thread = threading.Thread(
+                target=self._run, args=(active, agent, rules, snapshot, context), name=f"session-{recorder.session_id}", daemon=True)
+            self.active[active.session_id] = active
+        active.thread.start()
+        return active.session_id
+
+    def _run(self, active: ActiveSession, agent: Policy, rules, snapshot: Path, context: dict) -> None:
+        def before_step() -> None:
+            while not active.running.wait(0.05):
+                if active.guard and active.guard.abort_requested.is_set():
+                    return  # the guard trips at its next call
+            if self.sim_step_interval and active.machine.startswith(SIM_PREFIX):
+                time.sleep(self.sim_step_interval)
+
+        def approver(current, proposed, names) -> bool:
+            active.decided.clear()
+            active.pending = {"names": names, "current": current.tolist(), "proposed": proposed.tolist()}
+            while not active.decided.wait(0.05):
+                if active.guard.abort_requested.is_set():
+                    active.pending = None
+                    return False  # never write once an abort was asked for
+            active.pending = None
+            return active.decision
+
+        try:
+            result = run_orbit_session(
+                active.plant, agent, mode=active.mode, interlocks=rules, snapshot_path=snapshot, snapshot_context=context,
+                approver=approver if active.mode == "approve" else None,
+                on_step=active.recorder.on_step, on_event=active.recorder.on_event,
+                guard_ready=lambda g: setattr(active, "guard", g), before_step=before_step,
+            )
+            active.recorder.finish(result)
+        except Exception as exc:  # an internal fault must still end the session record
+            log.exception("session %s failed", active.session_id)
+            active.recorder.operator_event("error", f"internal error: {exc}")
+            self.store.end_session(active.session_id, "faulted", {"error": str(exc)})
+        finally:
+            if active.machine.startswith(SIM_PREFIX):
+                self.finished_plants[active.session_id] = active.plant
+            active.done.set()
+
+    # -- operator commands ---------------------------------------------------------------
+    def _active(self, session_id: int) -> ActiveSession:
+        active = self.active.get(session_id)
+        if active is None or active.done.is_set():
+            if self.store.get(SessionRow, session_id) is None:
+                raise NotFound(f"session {session_id} does not exist")
+            raise Conflict(f"session {session_id} is not running")
+        return active
+
+    def pause(self, session_id: int, operator: str) -> None:
+        active = self._active(session_id)
+        active.running.clear()
+        self.store.set_status(session_id, "paused")
+        active.recorder.operator_event("pause", f"paused by {operator}")
+
+    def resume(self, session_id: int, operator: str) -> None:
+        active = self._active(session_id)
+        self.store.set_status(session_id, "running")
+        active.recorder.operator_event("resume", f"resumed by {operator}")
+        active.running.set()
+
+    def abort(self, session_id: int, operator: str) -> None:
+        active = self._active(session_id)
+        active.recorder.operator_event("abort", f"abort requested by {operator}")
+        while active.guard is None and not active.done.is_set():
+            time.sleep(0.01)
+        if active.guard:
+            active.guard.abort(f"operator abort by {operator}")
+        active.running.set()  # a paused session must wake up to stop
+
+    def decide(self, session_id: int, approve: bool, operator: str) -> None:
+        active = self._active(session_id)
+        if active.mode != "approve" or active.pending is None:
+            raise Conflict(f"session {session_id} has no step waiting for approval")
+        active.recorder.operator_event("approve" if approve else "reject", f"{'approved' if approve else 'rejected'} by {operator}")
+        active.decision = approve
+        active.decided.set()
+
+    def restore(self, session_id: int, operator: str) -> None:
+        """Restore the starting settings of a session that is no longer running."""
+        if session_id in self.active and not self.active[session_id].done.is_set():
+            raise Conflict(f"session {session_id} is running: abort it first (an abort restores)")
+        row = self.store.get(SessionRow, session_id)
+        if row is None:
+            raise NotFound(f"session {session_id} does not exist")
+        if not row.snapshot or not Path(row.snapshot).is_file():
+            raise Conflict(f"session {session_id} has no snapshot on disk")
+        snap = read_snapshot(Path(row.snapshot))
+        plant = self.finished_plants.get(session_id)
+        if plant is None:
+            if str(snap.get("machine", "")).startswith(SIM_PREFIX):
+                raise Conflict(f"session {session_id} ran on a simulated machine that no longer exists")
+            plant, *_ = self._plant_for(snap.get("machine_file") or snap["machine"], 0, "test")
+        try:
+            restore_snapshot(plant, snap)
+        except (PlantFault, ValueError) as exc:
+            self.store.add_event(session_id, _now(), "restore_failed", f"restore by {operator} failed: {exc}")
+            raise Conflict(f"restore failed: {exc}") from None
+        self.store.add_event(session_id, _now(), "restore", f"starting settings restored by {operator} and verified")
+
+    def state(self, session_id: int) -> dict:
+        active = self.active.get(session_id)
+        if active is None or active.done.is_set():
+            return {"live": False, "paused": False, "pending": None}
+        return {"live": True, "paused": not active.running.is_set(), "pending": active.pending}
+
+    def shutdown(self) -> None:
+        for active in list(self.active.values()):
+            if not active.done.is_set() and active.guard:
+                active.guard.abort("control server shutting down")
+                active.running.set()
+        for active in list(self.active.values()):
+            if active.thread:
+                active.thread.join(timeout=30)
+
+
+def _now():
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc)

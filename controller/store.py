@@ -1,0 +1,267 @@
+"""The session store: every training run, policy, machine, session, step and event.
+
+SQLAlchemy 2 with SQLite by default (``tbsac.sqlite`` in the data directory) or any
+URL in ``TBSAC_DATABASE_URL`` (PostgreSQL is tested). The schema is managed by Alembic
+(``controller/migrations``); :func:`open_store` upgrades a database to the current
+schema. Steps and events are committed as they happen, so a crash loses at most the
+step in flight.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, func, select, update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from .paths import data_dir
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class MachineRow(Base):
+    __tablename__ = "machines"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), index=True)
+    kind: Mapped[str] = mapped_column(String(20))  # epics or simulated
+    path: Mapped[str | None] = mapped_column(Text)
+    content: Mapped[str] = mapped_column(Text)  # the machine file (or simulator spec) as used
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class TrainingRunRow(Base):
+    __tablename__ = "training_runs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    task: Mapped[str] = mapped_column(String(50))
+    lattice: Mapped[str] = mapped_column(String(200))
+    errors: Mapped[str] = mapped_column(String(200))
+    arch: Mapped[str] = mapped_column(String(20))
+    steps: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(Integer)
+    out_dir: Mapped[str] = mapped_column(Text)
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    evaluation: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    curves: Mapped[list[Any]] = mapped_column(default=list)
+    status: Mapped[str] = mapped_column(String(20), default="running")
+    started: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class PolicyRow(Base):
+    __tablename__ = "policies"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    path: Mapped[str] = mapped_column(Text)
+    lattice: Mapped[str] = mapped_column(String(200))
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    training_run_id: Mapped[int | None] = mapped_column(ForeignKey("training_runs.id"))
+    created: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class SessionRow(Base):
+    __tablename__ = "sessions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    machine_id: Mapped[int] = mapped_column(ForeignKey("machines.id"), index=True)
+    policy_id: Mapped[int] = mapped_column(ForeignKey("policies.id"))
+    operator: Mapped[str] = mapped_column(String(200))
+    mode: Mapped[str] = mapped_column(String(20))
+    status: Mapped[str] = mapped_column(String(20), index=True)  # running, completed, ...
+    started: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    ended: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    snapshot: Mapped[str | None] = mapped_column(Text)
+    task_config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    result: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class StepRow(Base):
+    __tablename__ = "steps"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    session_id: Mapped[int] = mapped_column(ForeignKey("sessions.id"), index=True)
+    step: Mapped[int] = mapped_column(Integer)
+    observation: Mapped[list[Any]] = mapped_column()  # what the policy saw
+    action: Mapped[list[Any]] = mapped_column()  # what it answered, in [-1, 1]
+    proposed: Mapped[list[Any]] = mapped_column()  # settings it asked for
+    safe: Mapped[list[Any]] = mapped_column()  # settings after the safety layer (written)
+    readbacks: Mapped[list[Any]] = mapped_column()
+    readings: Mapped[list[Any]] = mapped_column()  # BPM readings after the step, mm
+    interlocks: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    reward: Mapped[float] = mapped_column(Float)
+    rms_mm: Mapped[float | None] = mapped_column(Float)
+    latency_s: Mapped[float] = mapped_column(Float)
+    time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+class EventRow(Base):
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    session_id: Mapped[int | None] = mapped_column(ForeignKey("sessions.id"), index=True)
+    time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    kind: Mapped[str] = mapped_column(String(40))
+    reason: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+def default_url() -> str:
+    return os.environ.get("TBSAC_DATABASE_URL") or f"sqlite:///{data_dir() / 'tbsac.sqlite'}"
+
+
+def _sqlite_pragmas(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record):  # noqa: ANN001
+        cursor = dbapi_connection.cursor()
+        # WAL lets readers (the console) read while the control loop commits steps.
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+
+def migrate(url: str) -> None:
+    """Upgrade the database at `url` to the current schema with Alembic."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    command.upgrade(cfg, "head")
+
+
+class Store:
+    """Access to the session store; one instance per process is enough (thread-safe)."""
+
+    def __init__(self, url: str | None = None, upgrade: bool = True):
+        self.url = url or default_url()
+        if upgrade:
+            migrate(self.url)
+        self.engine = create_engine(self.url, pool_pre_ping=True)
+        if self.engine.dialect.name == "sqlite":
+            _sqlite_pragmas(self.engine)
+        self.Session = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def display_url(self) -> str:
+        return self.engine.url.render_as_string(hide_password=True)
+
+    # -- catalogue -----------------------------------------------------------------
+    def add_machine(self, name: str, kind: str, content: str, path: str | None = None) -> MachineRow:
+        digest = hashlib.sha256(f"{kind}\n{name}\n{content}".encode()).hexdigest()
+        with self.Session.begin() as s:
+            row = s.scalar(select(MachineRow).where(MachineRow.sha256 == digest))
+            if row is None:
+                row = MachineRow(name=name, kind=kind, content=content, path=path, sha256=digest)
+                s.add(row)
+                s.flush()
+            return row
+
+    def add_policy(self, path: Path, sha256: str, metadata: dict, training_run_id: int | None = None) -> PolicyRow:
+        with self.Session.begin() as s:
+            row = s.scalar(select(PolicyRow).where(PolicyRow.sha256 == sha256))
+            if row is None:
+                row = PolicyRow(sha256=sha256, path=str(Path(path).resolve()), lattice=metadata.get("lattice", {}).get("name", ""),
+                                meta=metadata, training_run_id=training_run_id)
+                s.add(row)
+                s.flush()
+            elif training_run_id and row.training_run_id is None:
+                row.training_run_id = training_run_id
+            return row
+
+    def start_training_run(self, **fields) -> TrainingRunRow:
+        with self.Session.begin() as s:
+            row = TrainingRunRow(**fields)
+            s.add(row)
+            s.flush()
+            return row
+
+    def finish_training_run(self, run_id: int, status: str, evaluation: dict, curves: list) -> None:
+        with self.Session.begin() as s:
+            s.execute(update(TrainingRunRow).where(TrainingRunRow.id == run_id).values(
+                status=status, evaluation=evaluation, curves=curves, finished=utcnow()))
+
+    # -- sessions ------------------------------------------------------------------
+    def start_session(self, machine_id: int, policy_id: int, operator: str, mode: str, snapshot: str | None, task_config: dict) -> SessionRow:
+        with self.Session.begin() as s:
+            row = SessionRow(machine_id=machine_id, policy_id=policy_id, operator=operator, mode=mode,
+                             status="running", snapshot=snapshot, task_config=task_config)
+            s.add(row)
+            s.flush()
+            return row
+
+    def add_step(self, session_id: int, **fields) -> None:
+        with self.Session.begin() as s:
+            s.add(StepRow(session_id=session_id, **fields))
+
+    def add_event(self, session_id: int | None, time: dt.datetime, kind: str, reason: str, data: dict | None = None) -> None:
+        with self.Session.begin() as s:
+            s.add(EventRow(session_id=session_id, time=time, kind=kind, reason=reason, data=data or {}))
+
+    def end_session(self, session_id: int, status: str, result: dict) -> None:
+        with self.Session.begin() as s:
+            s.execute(update(SessionRow).where(SessionRow.id == session_id).values(status=status, result=result, ended=utcnow()))
+
+    def set_status(self, session_id: int, status: str) -> None:
+        with self.Session.begin() as s:
+            s.execute(update(SessionRow).where(SessionRow.id == session_id).values(status=status))
+
+    def mark_interrupted(self) -> list[int]:
+        """Sessions left 'running' by a process that died: mark them 'interrupted'."""
+        with self.Session.begin() as s:
+            ids = list(s.scalars(select(SessionRow.id).where(SessionRow.status.in_(("running", "paused")))))
+            if ids:
+                s.execute(update(SessionRow).where(SessionRow.id.in_(ids)).values(status="interrupted", ended=utcnow()))
+            return ids
+
+    # -- queries -------------------------------------------------------------------
+    def get(self, model, row_id: int):
+        with self.Session() as s:
+            return s.get(model, row_id)
+
+    def list(self, model, *where, order=None, limit: int | None = None, offset: int = 0) -> list:
+        with self.Session() as s:
+            q = select(model).where(*where).order_by(order if order is not None else model.id).offset(offset)
+            if limit:
+                q = q.limit(limit)
+            return list(s.scalars(q))
+
+    def steps(self, session_id: int, after: int = 0) -> list[StepRow]:
+        return self.list(StepRow, StepRow.session_id == session_id, StepRow.step > after, order=StepRow.step)
+
+    def events(self, session_id: int, after_id: int = 0) -> list[EventRow]:
+        return self.list(EventRow, EventRow.session_id == session_id, EventRow.id > after_id)
+
+    def machine_names(self) -> dict[int, str]:
+        with self.Session() as s:
+            return dict(s.execute(select(MachineRow.id, MachineRow.name)).all())
+
+    def count_steps(self, session_id: int) -> int:
+        with self.Session() as s:
+            return s.scalar(select(func.count()).select_from(StepRow).where(StepRow.session_id == session_id))
+
+
+def row_dict(row) -> dict:
+    """A row's columns as a JSON-friendly dict."""
+    out = {}
+    for column in row.__table__.columns:
+        value = getattr(row, column.key if hasattr(row, column.key) else column.name, None)
+        if column.name == "metadata":
+            value = row.meta
+        if isinstance(value, dt.datetime):
+            if value.tzinfo is None:  # SQLite returns naive datetimes; they are UTC
+                value = value.replace(tzinfo=dt.timezone.utc)
+            value = value.isoformat()
+        out[column.name] = value
+    return out

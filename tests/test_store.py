@@ -1,0 +1,134 @@
+"""The session store against SQLite and PostgreSQL."""
+
+import csv
+
+import numpy as np
+import pytest
+from sqlalchemy import create_engine, inspect, text
+
+from controller.policy import Policy
+from controller.recording import SessionRecorder, machine_record_simulated
+from controller.replay import export, replay, step_rows
+from controller.session import run_orbit_session
+from controller.store import EventRow, SessionRow, Store
+from simulators.beamline.errors import load_error_model
+from simulators.beamline.lattice import load_lattice
+from simulators.beamline.plant import OrbitSimPlant
+from simulators.config import ConfigError
+
+
+def record_sim_session(store, seed=3, mode="auto", on_step=None, **kwargs):
+    lattice = load_lattice("cafe2-cm1")
+    plant = OrbitSimPlant(lattice, load_error_model("test"))
+    plant.reset(seed)
+    policy = Policy.load("pretrained", lattice=lattice)
+    recorder = SessionRecorder(store, machine_record_simulated("cafe2-cm1", "test", seed), policy, "alice", mode, None)
+
+    def step_hook(record):
+        recorder.on_step(record)
+        if on_step:
+            on_step(recorder, record)
+
+    result = run_orbit_session(plant, policy, mode=mode, on_step=step_hook, on_event=recorder.on_event, **kwargs)
+    recorder.finish(result)
+    return recorder.session_id, result
+
+
+def test_migrations_create_the_schema_at_head(store):
+    tables = set(inspect(store.engine).get_table_names())
+    assert {"machines", "policies", "training_runs", "sessions", "steps", "events", "alembic_version"} <= tables
+    with store.engine.connect() as conn:
+        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0001"
+    Store(store.url)  # upgrading an up-to-date database is a no-op
+
+
+def test_session_steps_and_events_are_recorded(store):
+    sid, result = record_sim_session(store)
+    row = store.get(SessionRow, sid)
+    assert row.status == "completed" and row.result["success"] and row.operator == "alice"
+    steps = store.steps(sid)
+    assert [s.step for s in steps] == list(range(1, result.steps + 1))
+    s = steps[0]
+    assert len(s.observation) == 30 and len(s.action) == 10 and len(s.safe) == 10 and len(s.readings) == 10
+    assert s.rms_mm == pytest.approx(result.step_records[0].rms_mm)
+    assert s.time.year >= 2026
+
+
+def test_each_step_is_committed_as_it_happens(store, store_url):
+    seen = []
+    other = create_engine(store_url)  # a second connection, like a console reading
+
+    def check(recorder, record):
+        with other.connect() as conn:
+            seen.append(conn.execute(text("select count(*) from steps where session_id = :s"), {"s": recorder.session_id}).scalar())
+
+    sid, result = record_sim_session(store, on_step=check)
+    other.dispose()
+    assert seen == list(range(1, result.steps + 1))
+
+
+def test_trips_are_recorded_as_events(store):
+    from safety.guard import SafetyConfig
+
+    sid, result = record_sim_session(store, safety=SafetyConfig(max_steps=2))
+    assert result.status == "tripped"
+    kinds = [e.kind for e in store.events(sid)]
+    assert "trip" in kinds and "restore" in kinds
+    assert store.get(SessionRow, sid).status == "tripped"
+
+
+def test_interrupted_sessions_are_marked(store):
+    machine = store.add_machine("m", "simulated", "x")
+    policy = Policy.load("pretrained", lattice=load_lattice("cafe2-cm1"))
+    from controller.recording import register_policy
+
+    row = store.start_session(machine.id, register_policy(store, policy), "bob", "auto", None, {})
+    assert store.mark_interrupted() == [row.id]
+    assert store.get(SessionRow, row.id).status == "interrupted"
+    assert store.mark_interrupted() == []
+
+
+def test_replay_reproduces_every_action(store):
+    sid, result = record_sim_session(store, seed=8)
+    report = replay(store, sid)
+    assert report["steps"] == result.steps and report["reproduced_fraction"] == 1.0
+    assert report["rms_mm"][-1] < 0.5
+
+
+def test_replay_detects_a_tampered_action(store):
+    sid, _ = record_sim_session(store, seed=9)
+    with store.engine.begin() as conn:
+        conn.execute(text("update steps set action = :a where session_id = :s and step = 1"),
+                     {"a": "[0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9]", "s": sid})
+    report = replay(store, sid)
+    assert report["reproduced"] == report["steps"] - 1 and report["mismatches"][0]["step"] == 1
+
+
+def test_export_csv_and_parquet(store, tmp_path):
+    import pyarrow.parquet as pq
+
+    sid, result = record_sim_session(store, seed=10)
+    rows = step_rows(store, sid)
+    assert len(rows) == result.steps and "safe:DCH1" in rows[0] and "reading_mm:BPM5:y" in rows[0]
+    with open(export(store, sid, "csv", tmp_path / "s.csv")) as f:
+        assert len(list(csv.DictReader(f))) == result.steps
+    table = pq.read_table(export(store, sid, "parquet", tmp_path / "s.parquet"))
+    assert table.num_rows == result.steps and "interlock:beam_current" in table.column_names
+    with pytest.raises(ConfigError, match="format"):
+        export(store, sid, "xlsx", tmp_path / "s.xlsx")
+
+
+def test_unknown_session(store):
+    with pytest.raises(ConfigError, match="no such session"):
+        replay(store, 12345)
+
+
+def test_training_run_and_policy_lineage(store):
+    run = store.start_training_run(task="orbit", lattice="cafe2-cm1", errors="train", arch="tbsac", steps=10, seed=1, out_dir="/tmp/x")
+    store.finish_training_run(run.id, "completed", {"best_step": 10}, [{"step": 10}])
+    policy = Policy.load("pretrained", lattice=load_lattice("cafe2-cm1"))
+    from controller.policy import file_sha256
+
+    row = store.add_policy(policy.path, file_sha256(policy.path), policy.metadata, training_run_id=run.id)
+    again = store.add_policy(policy.path, file_sha256(policy.path), policy.metadata)
+    assert row.id == again.id and row.training_run_id == run.id

@@ -1,0 +1,212 @@
+"""The control server (FastAPI): owns machine connections while consoles come and go.
+
+Reads need nothing; writes need ``Authorization: Bearer <operator token>``. The schema
+is served at ``/openapi.json`` and documented at ``/docs``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import secrets
+from contextlib import asynccontextmanager
+from typing import Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+
+from controller.manager import Conflict, NotFound, SessionManager, list_machines
+from controller.policy import POLICY_DIR
+from controller.replay import load_session, replay, step_rows
+from controller.store import PolicyRow, SessionRow, Store, TrainingRunRow, row_dict
+from simulators.config import ConfigError
+
+SessionStatus = Literal["running", "paused", "completed", "not_converged", "tripped", "aborted", "rejected", "dry-run", "interrupted", "faulted"]
+
+
+class StartRequest(BaseModel):
+    """Start a session on a machine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    machine: str = Field(min_length=1, max_length=200, description="machine name from /api/machines")
+    policy: str = Field("pretrained", min_length=1, max_length=1000, description="'pretrained' or a policy file path")
+    mode: Literal["auto", "approve", "dry-run"] = "auto"
+    operator: str = Field(min_length=1, max_length=200)
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="simulated machines: which hidden errors")
+    errors: Literal["train", "test", "hard"] = "test"
+
+
+class Started(BaseModel):
+    session: int
+
+
+class CommandRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    operator: str = Field("operator", min_length=1, max_length=200)
+
+
+def create_app(store: Store, token: str, sim_step_interval: float = 0.0) -> FastAPI:
+    manager = SessionManager(store, sim_step_interval)
+    interrupted = store.mark_interrupted()  # sessions of a server that died
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        manager.shutdown()
+
+    app = FastAPI(title="tbsac control server", version="1", lifespan=lifespan)
+    app.state.manager, app.state.store, app.state.interrupted = manager, store, interrupted
+    bearer = HTTPBearer(auto_error=False)
+
+    def operator_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if credentials is None:
+            raise HTTPException(401, "write requests need 'Authorization: Bearer <operator token>'")
+        if not secrets.compare_digest(credentials.credentials, token):
+            raise HTTPException(403, "operator token is not valid")
+
+    @app.exception_handler(ConfigError)
+    async def _config_error(_request: Request, exc: ConfigError):
+        return JSONResponse(status_code=400, content={"detail": str(exc)})
+
+    @app.exception_handler(Conflict)
+    async def _conflict(_request: Request, exc: Conflict):
+        return JSONResponse(status_code=409, content={"detail": str(exc)})
+
+    @app.exception_handler(NotFound)
+    async def _not_found(_request: Request, exc: NotFound):
+        return JSONResponse(status_code=404, content={"detail": str(exc)})
+
+    def session_or_404(session_id: int) -> SessionRow:
+        row = store.get(SessionRow, session_id)
+        if row is None:
+            raise HTTPException(404, f"session {session_id} does not exist")
+        return row
+
+    # -- reads ---------------------------------------------------------------------
+    @app.get("/api/health")
+    def health() -> dict:
+        return {"ok": True, "store": store.display_url, "interrupted_at_start": interrupted}
+
+    @app.get("/api/machines")
+    def machines() -> list[dict]:
+        busy = {a.machine: sid for sid, a in manager.active.items() if not a.done.is_set()}
+        return [dict(m, active_session=busy.get(m["name"])) for m in list_machines()]
+
+    @app.get("/api/policies")
+    def policies() -> dict:
+        shipped = sorted(p.name[:-3] for p in POLICY_DIR.iterdir() if p.name.endswith(".pt"))
+        recorded = [row_dict(r) for r in store.list(PolicyRow)]
+        names = store.machine_names()
+        deployed: dict[int, list[str]] = {}
+        for s in store.list(SessionRow, SessionRow.status == "completed"):
+            machines_of_policy = deployed.setdefault(s.policy_id, [])
+            if names.get(s.machine_id) not in machines_of_policy:
+                machines_of_policy.append(names.get(s.machine_id))
+        for r in recorded:
+            r["deployed_on"] = deployed.get(r["id"], [])
+        return {"pretrained": shipped, "recorded": recorded}
+
+    @app.get("/api/training-runs")
+    def training_runs() -> list[dict]:
+        return [row_dict(r) for r in store.list(TrainingRunRow)]
+
+    @app.get("/api/sessions")
+    def sessions(
+        status: SessionStatus | None = None,
+        machine: str | None = Query(None, max_length=200),
+        limit: int = Query(100, ge=1, le=1000),
+        offset: int = Query(0, ge=0),
+    ) -> list[dict]:
+        where = []
+        if status:
+            where.append(SessionRow.status == status)
+        rows = store.list(SessionRow, *where, order=SessionRow.id.desc(), limit=limit, offset=offset)
+        machines_by_id = store.machine_names()
+        out = [dict(row_dict(r), machine=machines_by_id.get(r.machine_id)) for r in rows]
+        return [o for o in out if machine is None or o["machine"] == machine]
+
+    @app.get("/api/sessions/{session_id}")
+    def session(session_id: int) -> dict:
+        row = session_or_404(session_id)
+        return dict(row_dict(row), machine=store.machine_names().get(row.machine_id),
+                    steps=store.count_steps(session_id), **manager.state(session_id))
+
+    @app.get("/api/sessions/{session_id}/steps")
+    def steps(session_id: int, after: int = Query(0, ge=0)) -> list[dict]:
+        session_or_404(session_id)
+        return [row_dict(s) for s in store.steps(session_id, after)]
+
+    @app.get("/api/sessions/{session_id}/events")
+    def events(session_id: int, after: int = Query(0, ge=0)) -> list[dict]:
+        session_or_404(session_id)
+        return [row_dict(e) for e in store.events(session_id, after)]
+
+    @app.get("/api/sessions/{session_id}/replay")
+    def replay_session(session_id: int) -> dict:
+        session_or_404(session_id)
+        return replay(store, session_id)
+
+    @app.get("/api/sessions/{session_id}/export", response_class=PlainTextResponse)
+    def export_csv(session_id: int) -> PlainTextResponse:
+        load_session(store, session_id)
+        rows = step_rows(store, session_id)
+        buf = io.StringIO()
+        if rows:
+            writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        return PlainTextResponse(buf.getvalue(), media_type="text/csv",
+                                 headers={"Content-Disposition": f"attachment; filename=session-{session_id}.csv"})
+
+    @app.get("/api/sessions/{session_id}/stream")
+    async def stream(session_id: int) -> StreamingResponse:
+        """Server-sent events: every new step and event, until the session ends."""
+        session_or_404(session_id)
+
+        async def generate():
+            last_step = last_event = 0
+            while True:
+                new_steps = await asyncio.to_thread(store.steps, session_id, last_step)
+                new_events = await asyncio.to_thread(store.events, session_id, last_event)
+                for s in new_steps:
+                    last_step = s.step
+                    yield f"event: step\ndata: {json.dumps(row_dict(s))}\n\n"
+                for e in new_events:
+                    last_event = e.id
+                    yield f"event: event\ndata: {json.dumps(row_dict(e))}\n\n"
+                row = await asyncio.to_thread(store.get, SessionRow, session_id)
+                if row.status not in ("running", "paused") and not new_steps and not new_events:
+                    yield f"event: end\ndata: {json.dumps({'status': row.status})}\n\n"
+                    return
+                await asyncio.sleep(0.2)
+
+        return StreamingResponse(generate(), media_type="text/event-stream")
+
+    # -- writes (operator token) -------------------------------------------------------
+    @app.post("/api/sessions", status_code=201, dependencies=[Depends(operator_token)])
+    def start(request: StartRequest) -> Started:
+        sid = manager.start(request.machine, request.policy, request.mode, request.operator, request.seed, request.errors)
+        return Started(session=sid)
+
+    @app.post("/api/sessions/{session_id}/{command}", dependencies=[Depends(operator_token)])
+    def command(session_id: int, command: Literal["pause", "resume", "abort", "approve", "reject", "restore"],
+                body: CommandRequest | None = None) -> dict:
+        who = body.operator if body else "operator"
+        if command == "pause":
+            manager.pause(session_id, who)
+        elif command == "resume":
+            manager.resume(session_id, who)
+        elif command == "abort":
+            manager.abort(session_id, who)
+        elif command in ("approve", "reject"):
+            manager.decide(session_id, command == "approve", who)
+        else:
+            manager.restore(session_id, who)
+        return {"session": session_id, "command": command, "ok": True}
+
+    return app
