@@ -47,6 +47,8 @@ class ActiveSession:
     decided: threading.Event = field(default_factory=threading.Event)
     decision: bool = False
     pending: dict | None = None
+    proposals: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -119,13 +121,15 @@ class SessionManager:
                 time.sleep(self.sim_step_interval)
 
         def approver(current, proposed, names) -> bool:
-            active.decided.clear()
-            active.pending = {"names": names, "current": current.tolist(), "proposed": proposed.tolist()}
+            with active.lock:
+                active.proposals += 1
+                active.decided.clear()
+                active.pending = {"id": active.proposals, "names": names, "current": current.tolist(), "proposed": proposed.tolist()}
             while not active.decided.wait(0.05):
                 if active.guard.abort_requested.is_set():
-                    active.pending = None
+                    with active.lock:
+                        active.pending = None
                     return False  # never write once an abort was asked for
-            active.pending = None
             return active.decision
 
         try:
@@ -175,13 +179,21 @@ class SessionManager:
             active.guard.abort(f"operator abort by {operator}")
         active.running.set()  # a paused session must wake up to stop
 
-    def decide(self, session_id: int, approve: bool, operator: str) -> None:
+    def decide(self, session_id: int, approve: bool, operator: str, proposal: int | None = None) -> None:
+        """Approve or reject the pending step; `proposal` pins which one the operator saw."""
         active = self._active(session_id)
-        if active.mode != "approve" or active.pending is None:
-            raise Conflict(f"session {session_id} has no step waiting for approval")
-        active.recorder.operator_event("approve" if approve else "reject", f"{'approved' if approve else 'rejected'} by {operator}")
-        active.decision = approve
-        active.decided.set()
+        with active.lock:
+            pending = active.pending
+            if active.mode != "approve" or pending is None:
+                raise Conflict(f"session {session_id} has no step waiting for approval")
+            if proposal is not None and proposal != pending["id"]:
+                raise Conflict(f"proposal {proposal} is no longer pending (now {pending['id']}): look again")
+            active.pending = None  # consumed: a second click cannot approve the next step
+            active.decision = approve
+            active.recorder.operator_event("approve" if approve else "reject",
+                                           f"step {pending['id']} {'approved' if approve else 'rejected'} by {operator}",
+                                           proposal=pending["id"], proposed=pending["proposed"])
+            active.decided.set()
 
     def restore(self, session_id: int, operator: str) -> None:
         """Restore the starting settings of a session that is no longer running."""

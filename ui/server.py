@@ -48,6 +48,7 @@ class Started(BaseModel):
 class CommandRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     operator: str = Field("operator", min_length=1, max_length=200)
+    proposal: int | None = Field(None, ge=1, description="approve/reject: the proposal id the operator saw")
 
 
 def create_app(store: Store, token: str, sim_step_interval: float = 0.0) -> FastAPI:
@@ -197,6 +198,7 @@ def create_app(store: Store, token: str, sim_step_interval: float = 0.0) -> Fast
     def command(session_id: int, command: Literal["pause", "resume", "abort", "approve", "reject", "restore"],
                 body: CommandRequest | None = None) -> dict:
         who = body.operator if body else "operator"
+        proposal = body.proposal if body else None
         if command == "pause":
             manager.pause(session_id, who)
         elif command == "resume":
@@ -204,7 +206,7 @@ def create_app(store: Store, token: str, sim_step_interval: float = 0.0) -> Fast
         elif command == "abort":
             manager.abort(session_id, who)
         elif command in ("approve", "reject"):
-            manager.decide(session_id, command == "approve", who)
+            manager.decide(session_id, command == "approve", who, proposal)
         else:
             manager.restore(session_id, who)
         return {"session": session_id, "command": command, "ok": True}

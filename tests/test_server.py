@@ -1,0 +1,208 @@
+"""The control server: HTTP API, operator token, live stream, crash recovery."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from conftest import _free_port, tbsac_cmd
+from controller.store import SessionRow, Store
+from ui.server import create_app
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+def client(tmp_path, monkeypatch):
+    monkeypatch.setenv("TBSAC_DATA_DIR", str(tmp_path / "data"))
+    store = Store(f"sqlite:///{tmp_path / 'server.sqlite'}")
+    with TestClient(create_app(store, TOKEN)) as c:
+        c.store = store
+        yield c
+
+
+def wait_status(client, sid, wanted, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = client.get(f"/api/sessions/{sid}").json()
+        if state["status"] in wanted and not state["live"]:
+            return state
+        time.sleep(0.05)
+    raise AssertionError(f"session {sid} still {state['status']}")
+
+
+def start(client, **body):
+    r = client.post("/api/sessions", json={"operator": "alice", **body}, headers=AUTH)
+    assert r.status_code == 201, r.text
+    return r.json()["session"]
+
+
+def test_reads_need_no_token_writes_do(client):
+    assert client.get("/api/machines").status_code == 200
+    names = [m["name"] for m in client.get("/api/machines").json()]
+    assert "virtual-cafe2-cm1" in names and "sim-cafe2-cm2" in names
+    body = {"machine": "sim-cafe2-cm1", "operator": "alice"}
+    assert client.post("/api/sessions", json=body).status_code == 401
+    assert client.post("/api/sessions", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 403
+    assert client.get("/openapi.json").json()["info"]["title"] == "tbsac control server"
+
+
+def test_simulated_session_completes_and_is_recorded(client):
+    sid = start(client, machine="sim-cafe2-cm1", seed=4)
+    state = wait_status(client, sid, {"completed"})
+    assert state["result"]["success"] and state["steps"] == state["result"]["steps"]
+    steps = client.get(f"/api/sessions/{sid}/steps").json()
+    assert [s["step"] for s in steps] == list(range(1, state["steps"] + 1))
+    assert client.get(f"/api/sessions/{sid}/replay").json()["reproduced_fraction"] == 1.0
+    csv_text = client.get(f"/api/sessions/{sid}/export").text
+    assert csv_text.splitlines()[0].startswith("session,step,time") and len(csv_text.splitlines()) == state["steps"] + 1
+    listed = client.get("/api/sessions", params={"machine": "sim-cafe2-cm1", "status": "completed"}).json()
+    assert [s["id"] for s in listed] == [sid]
+    policies = client.get("/api/policies").json()
+    assert "cafe2-cm1" in policies["pretrained"]
+    assert policies["recorded"][0]["deployed_on"] == ["sim-cafe2-cm1"]
+
+
+def test_one_active_session_per_machine_and_approve_flow(client):
+    sid = start(client, machine="sim-cafe2-cm1", mode="approve", seed=5)
+    deadline = time.monotonic() + 10
+    while client.get(f"/api/sessions/{sid}").json()["pending"] is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    pending = client.get(f"/api/sessions/{sid}").json()["pending"]
+    assert pending and len(pending["proposed"]) == 10
+    second = client.post("/api/sessions", json={"machine": "sim-cafe2-cm1", "operator": "bob"}, headers=AUTH)
+    assert second.status_code == 409 and "already has an active session" in second.json()["detail"]
+    assert client.get(f"/api/sessions/{sid}/steps").json() == []  # nothing written yet
+    # A stale proposal id is refused: the operator must approve what they saw.
+    stale = client.post(f"/api/sessions/{sid}/approve", json={"operator": "alice", "proposal": pending["id"] + 1}, headers=AUTH)
+    assert stale.status_code == 409 and "no longer pending" in stale.text
+    approved = 0
+    while client.get(f"/api/sessions/{sid}").json()["live"]:
+        pending = client.get(f"/api/sessions/{sid}").json()["pending"]
+        if pending is None:
+            time.sleep(0.01)
+            continue
+        r = client.post(f"/api/sessions/{sid}/approve", json={"operator": "alice", "proposal": pending["id"]}, headers=AUTH)
+        assert r.status_code in (200, 409)
+        approved += r.status_code == 200
+        # A second click on the same proposal never approves the next one.
+        again = client.post(f"/api/sessions/{sid}/approve", json={"operator": "alice", "proposal": pending["id"]}, headers=AUTH)
+        assert again.status_code == 409
+    state = wait_status(client, sid, {"completed"})
+    kinds = [e["kind"] for e in client.get(f"/api/sessions/{sid}/events").json()]
+    assert kinds.count("approve") == kinds.count("approved") == approved == state["steps"] + 1  # + the reset probe
+
+
+def test_pause_resume_abort_and_restore(client):
+    sid = start(client, machine="sim-cafe2-cm2", mode="approve", seed=6)
+    time.sleep(0.3)
+    assert client.post(f"/api/sessions/{sid}/pause", headers=AUTH).status_code == 200
+    assert client.get(f"/api/sessions/{sid}").json()["status"] == "paused"
+    assert client.post(f"/api/sessions/{sid}/resume", headers=AUTH).status_code == 200
+    assert client.post(f"/api/sessions/{sid}/abort", json={"operator": "carol"}, headers=AUTH).status_code == 200
+    state = wait_status(client, sid, {"aborted"})
+    assert state["result"]["restored"] and "operator abort by carol" in state["result"]["trips"][0]
+    r = client.post(f"/api/sessions/{sid}/restore", headers=AUTH)
+    assert r.status_code == 200
+    assert client.post(f"/api/sessions/{sid}/pause", headers=AUTH).status_code == 409
+
+
+def test_stream_sends_steps_events_and_end(client):
+    sid = start(client, machine="sim-cafe2-cm3", seed=7)
+    text = client.get(f"/api/sessions/{sid}/stream").text
+    kinds = [line.split(": ", 1)[1] for line in text.splitlines() if line.startswith("event:")]
+    assert kinds.count("step") >= 1 and kinds[-1] == "end"
+    end = json.loads(text.strip().splitlines()[-1].split("data: ", 1)[1])
+    assert end["status"] == "completed"
+
+
+@pytest.mark.parametrize(
+    "body, status, needle",
+    [
+        ({"machine": "sim-cafe2-cm1"}, 422, "operator"),
+        ({"machine": "sim-cafe2-cm1", "operator": "a", "mode": "yolo"}, 422, "mode"),
+        ({"machine": "sim-cafe2-cm1", "operator": "a", "seed": -1}, 422, "seed"),
+        ({"machine": "sim-cafe2-cm1", "operator": "a", "colour": "red"}, 422, "colour"),
+        ({"machine": "nowhere", "operator": "a"}, 400, "nowhere"),
+        ({"machine": "sim-cafe2-cm2", "operator": "a", "policy": "/nonexistent.pt"}, 400, "policy file not found"),
+    ],
+)
+def test_malformed_requests_get_4xx_naming_the_problem(client, body, status, needle):
+    r = client.post("/api/sessions", json=body, headers=AUTH)
+    assert r.status_code == status
+    assert needle in r.text
+
+
+def test_unknown_session_and_command(client):
+    assert client.get("/api/sessions/999").status_code == 404
+    assert client.post("/api/sessions/999/abort", headers=AUTH).status_code == 404
+    assert client.post("/api/sessions/1/explode", headers=AUTH).status_code == 422
+    assert client.get("/api/sessions", params={"status": "bogus"}).status_code == 422
+
+
+def test_http_session_on_virtual_ioc_and_cli_replay(client, start_ioc, run_cli, tmp_path):
+    ioc = start_ioc(seed=12, ramp=0.05)
+    sid = start(client, machine=str(ioc.machine_file()))
+    state = wait_status(client, sid, {"completed"})
+    assert state["result"]["success"] and state["result"]["trips"] == []
+    assert len(ioc.puts()) == 10 * (state["steps"] + 1)
+    proc = run_cli("replay", str(sid), "--json", env={"TBSAC_DATABASE_URL": client.store.url})
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["steps"] == state["steps"] and report["reproduced_fraction"] == 1.0
+
+
+def test_server_killed_mid_session_marks_it_interrupted(start_ioc, tmp_path, run_cli):
+    ioc = start_ioc(seed=13, ramp=0.5)
+    port = _free_port()
+    env = {**os.environ, "TBSAC_DATA_DIR": str(tmp_path / "data"), "TBSAC_DATABASE_URL": f"sqlite:///{tmp_path / 'srv.sqlite'}"}
+    cmd = [*tbsac_cmd(), "serve", "--port", str(port), "--token", TOKEN]
+
+    def serve():
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=1).status_code == 200:
+                    return proc
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise AssertionError("server did not start")
+
+    server = serve()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        r = httpx.post(f"{base}/api/sessions", json={"machine": str(ioc.machine_file()), "operator": "alice"}, headers=AUTH, timeout=30)
+        assert r.status_code == 201, r.text
+        sid = r.json()["session"]
+        deadline = time.monotonic() + 60
+        while len(httpx.get(f"{base}/api/sessions/{sid}/steps").json()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        committed = httpx.get(f"{base}/api/sessions/{sid}/steps").json()
+        assert len(committed) >= 2
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+        n_before = len(Store(env["TBSAC_DATABASE_URL"], upgrade=False).steps(sid))
+        assert n_before >= len(committed)
+
+        server = serve()
+        state = httpx.get(f"{base}/api/sessions/{sid}").json()
+        assert state["status"] == "interrupted"
+        assert state["steps"] == n_before
+        assert sid in httpx.get(f"{base}/api/health").json()["interrupted_at_start"]
+        restore = httpx.post(f"{base}/api/sessions/{sid}/restore", json={"operator": "alice"}, headers=AUTH, timeout=60)
+        assert restore.status_code == 200, restore.text
+        machine_setpoints = [p for p in ioc.puts()][-10:]
+        assert all(p["value"] == 0.0 for p in machine_setpoints)
+        kinds = [e["kind"] for e in httpx.get(f"{base}/api/sessions/{sid}/events").json()]
+        assert kinds[-1] == "restore"
+    finally:
+        server.terminate()
+        server.wait(10)
