@@ -12,9 +12,9 @@ import io
 import json
 import secrets
 from contextlib import asynccontextmanager
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,6 +26,12 @@ from controller.store import PolicyRow, SessionRow, Store, TrainingRunRow, row_d
 from simulators.config import ConfigError
 
 SessionStatus = Literal["running", "paused", "completed", "not_converged", "tripped", "aborted", "rejected", "dry-run", "interrupted", "faulted"]
+
+
+# Ids beyond 32 bits cannot exist; bounding them keeps the database from overflowing.
+MAX_ID = 2**31 - 1
+SessionId = Annotated[int, Path(ge=1, le=MAX_ID, description="session id")]
+After = Annotated[int, Query(ge=0, le=MAX_ID, description="only items after this step / event id")]
 
 
 class StartRequest(BaseModel):
@@ -48,7 +54,7 @@ class Started(BaseModel):
 class CommandRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     operator: str = Field("operator", min_length=1, max_length=200)
-    proposal: int | None = Field(None, ge=1, description="approve/reject: the proposal id the operator saw")
+    proposal: int | None = Field(None, ge=1, le=2**31 - 1, description="approve/reject: the proposal id the operator saw")
 
 
 def create_app(store: Store, token: str, sim_step_interval: float = 0.0) -> FastAPI:
@@ -82,7 +88,7 @@ def create_app(store: Store, token: str, sim_step_interval: float = 0.0) -> Fast
     async def _not_found(_request: Request, exc: NotFound):
         return JSONResponse(status_code=404, content={"detail": str(exc)})
 
-    def session_or_404(session_id: int) -> SessionRow:
+    def session_or_404(session_id: SessionId) -> SessionRow:
         row = store.get(SessionRow, session_id)
         if row is None:
             raise HTTPException(404, f"session {session_id} does not exist")
@@ -121,7 +127,7 @@ def create_app(store: Store, token: str, sim_step_interval: float = 0.0) -> Fast
         status: SessionStatus | None = None,
         machine: str | None = Query(None, max_length=200),
         limit: int = Query(100, ge=1, le=1000),
-        offset: int = Query(0, ge=0),
+        offset: int = Query(0, ge=0, le=MAX_ID),
     ) -> list[dict]:
         where = []
         if status:
@@ -132,28 +138,28 @@ def create_app(store: Store, token: str, sim_step_interval: float = 0.0) -> Fast
         return [o for o in out if machine is None or o["machine"] == machine]
 
     @app.get("/api/sessions/{session_id}")
-    def session(session_id: int) -> dict:
+    def session(session_id: SessionId) -> dict:
         row = session_or_404(session_id)
         return dict(row_dict(row), machine=store.machine_names().get(row.machine_id),
                     steps=store.count_steps(session_id), **manager.state(session_id))
 
     @app.get("/api/sessions/{session_id}/steps")
-    def steps(session_id: int, after: int = Query(0, ge=0)) -> list[dict]:
+    def steps(session_id: SessionId, after: After = 0) -> list[dict]:
         session_or_404(session_id)
         return [row_dict(s) for s in store.steps(session_id, after)]
 
     @app.get("/api/sessions/{session_id}/events")
-    def events(session_id: int, after: int = Query(0, ge=0)) -> list[dict]:
+    def events(session_id: SessionId, after: After = 0) -> list[dict]:
         session_or_404(session_id)
         return [row_dict(e) for e in store.events(session_id, after)]
 
     @app.get("/api/sessions/{session_id}/replay")
-    def replay_session(session_id: int) -> dict:
+    def replay_session(session_id: SessionId) -> dict:
         session_or_404(session_id)
         return replay(store, session_id)
 
     @app.get("/api/sessions/{session_id}/export", response_class=PlainTextResponse)
-    def export_csv(session_id: int) -> PlainTextResponse:
+    def export_csv(session_id: SessionId) -> PlainTextResponse:
         load_session(store, session_id)
         rows = step_rows(store, session_id)
         buf = io.StringIO()
@@ -165,7 +171,7 @@ def create_app(store: Store, token: str, sim_step_interval: float = 0.0) -> Fast
                                  headers={"Content-Disposition": f"attachment; filename=session-{session_id}.csv"})
 
     @app.get("/api/sessions/{session_id}/stream")
-    async def stream(session_id: int) -> StreamingResponse:
+    async def stream(session_id: SessionId) -> StreamingResponse:
         """Server-sent events: every new step and event, until the session ends."""
         session_or_404(session_id)
 
@@ -195,7 +201,7 @@ def create_app(store: Store, token: str, sim_step_interval: float = 0.0) -> Fast
         return Started(session=sid)
 
     @app.post("/api/sessions/{session_id}/{command}", dependencies=[Depends(operator_token)])
-    def command(session_id: int, command: Literal["pause", "resume", "abort", "approve", "reject", "restore"],
+    def command(session_id: SessionId, command: Literal["pause", "resume", "abort", "approve", "reject", "restore"],
                 body: CommandRequest | None = None) -> dict:
         who = body.operator if body else "operator"
         proposal = body.proposal if body else None

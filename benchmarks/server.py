@@ -1,0 +1,151 @@
+"""Session-store and control-server benchmarks.
+
+    python benchmarks/server.py [--out benchmarks/results]
+
+1. Store overhead per step: median time to commit one step row (SQLite file, WAL).
+2. Control-loop slowdown under load: a `tbsac serve` process runs sessions against a
+   virtual IOC (magnet ramp 0) while 50 concurrent clients read the API; the median
+   time between consecutive steps is compared with and without the readers.
+
+Writes ``server.json`` and ``server.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+import httpx
+import numpy as np
+
+TOKEN = "bench"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def store_overhead(tmp: Path, steps: int = 500) -> dict:
+    from controller.policy import Policy
+    from controller.recording import SessionRecorder, machine_record_simulated
+    from controller.session import StepRecord
+    from controller.store import Store
+    from simulators.beamline.lattice import load_lattice
+
+    store = Store(f"sqlite:///{tmp / 'bench.sqlite'}")
+    policy = Policy.load("pretrained", lattice=load_lattice("cafe2-cm1"))
+    recorder = SessionRecorder(store, machine_record_simulated("cafe2-cm1", "test", 0), policy, "bench", "auto", None)
+    rng = np.random.default_rng(0)
+    times = []
+    for k in range(steps):
+        record = StepRecord(k + 1, rng.normal(size=30).tolist(), rng.uniform(-1, 1, 10).tolist(), rng.normal(size=10).tolist(),
+                            rng.normal(size=10).tolist(), rng.normal(size=10).tolist(), rng.normal(size=10).tolist(),
+                            {"beam_current": 10.0, "mps_ok": 1.0}, -1.0, 0.7, 0.01, time.time())
+        t = time.perf_counter()
+        recorder.on_step(record)
+        times.append(time.perf_counter() - t)
+    ms = np.array(times) * 1e3
+    return {"steps": steps, "median_ms": round(float(np.median(ms)), 3), "p95_ms": round(float(np.percentile(ms, 95)), 3)}
+
+
+def loop_under_load(tmp: Path, sessions: int = 12, readers: int = 50) -> dict:
+    from hardware.ioc import loopback_environment
+
+    ca_port, http_port = free_port(), free_port()
+    env = {**os.environ, **loopback_environment(ca_port), "TBSAC_DATA_DIR": str(tmp / "data"),
+           "TBSAC_DATABASE_URL": f"sqlite:///{tmp / 'srv.sqlite'}"}
+    ioc = subprocess.Popen([sys.executable, "-m", "ui.cli", "ioc", "--lattice", "cafe2-cm1", "--seed", "1", "--port", str(ca_port),
+                            "--ramp", "0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in ioc.stdout:
+        if line.startswith("READY"):
+            break
+    server = subprocess.Popen([sys.executable, "-m", "ui.cli", "serve", "--port", str(http_port), "--token", TOKEN],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{http_port}"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        for _ in range(300):
+            try:
+                httpx.get(f"{base}/api/health", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+
+        def run_sessions() -> list[float]:
+            gaps = []
+            for _ in range(sessions):
+                r = httpx.post(f"{base}/api/sessions", json={"machine": "virtual-cafe2-cm1", "operator": "bench"}, headers=auth, timeout=30)
+                sid = r.json()["session"]
+                while httpx.get(f"{base}/api/sessions/{sid}", timeout=30).json()["live"]:
+                    time.sleep(0.05)
+                steps = httpx.get(f"{base}/api/sessions/{sid}/steps", timeout=30).json()
+                stamps = [datetime.fromisoformat(s["time"]).timestamp() for s in steps]
+                gaps += list(np.diff(stamps))
+                # Back to the mis-steered start, so every session has the same work to do.
+                httpx.post(f"{base}/api/sessions/{sid}/restore", headers=auth, timeout=30)
+            return gaps
+
+        quiet = run_sessions()
+        stop = threading.Event()
+        reads = [0]
+
+        def reader() -> None:
+            with httpx.Client(base_url=base, timeout=30) as c:
+                while not stop.is_set():
+                    c.get("/api/sessions")
+                    latest = c.get("/api/sessions", params={"limit": 1}).json()
+                    if latest:
+                        c.get(f"/api/sessions/{latest[0]['id']}/steps")
+                    reads[0] += 3
+
+        threads = [threading.Thread(target=reader, daemon=True) for _ in range(readers)]
+        for t in threads:
+            t.start()
+        t0 = time.perf_counter()
+        loaded = run_sessions()
+        elapsed = time.perf_counter() - t0
+        stop.set()
+        for t in threads:
+            t.join(10)
+    finally:
+        server.terminate()
+        ioc.terminate()
+        server.wait(10)
+        ioc.wait(10)
+    q, l = statistics.median(quiet) * 1e3, statistics.median(loaded) * 1e3
+    return {"readers": readers, "reads_per_s": round(reads[0] / elapsed, 1), "quiet_step_ms": round(q, 2),
+            "loaded_step_ms": round(l, 2), "slowdown": round(l / q - 1, 3), "steps_quiet": len(quiet), "steps_loaded": len(loaded)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    with TemporaryDirectory() as tmp:
+        report = {"store_overhead_sqlite": store_overhead(Path(tmp)), "loop_under_load": loop_under_load(Path(tmp))}
+    print(json.dumps(report))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "server.json").write_text(json.dumps(report, indent=2))
+    s, l = report["store_overhead_sqlite"], report["loop_under_load"]
+    (args.out / "server.md").write_text(
+        "# Store and server benchmarks\n\n"
+        f"Store overhead per step (SQLite, WAL): median {s['median_ms']} ms, p95 {s['p95_ms']} ms over {s['steps']} steps.\n\n"
+        f"Control loop with {l['readers']} concurrent API readers ({l['reads_per_s']} reads/s): median time between steps "
+        f"{l['quiet_step_ms']} ms alone, {l['loaded_step_ms']} ms under load (slowdown {l['slowdown']:.1%}).\n")
+    print(f"written {args.out / 'server.json'} and {args.out / 'server.md'}")
+
+
+if __name__ == "__main__":
+    main()
