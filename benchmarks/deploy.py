@@ -111,21 +111,28 @@ def overhead(sessions: int = 20) -> dict:
     from safety.guard import InterlockRule
     from simulators.beamline.lattice import load_lattice
 
+    from safety.guard import read_snapshot, restore_snapshot
+
     machine, path = load_machine("virtual-cafe2-cm1")
     policy = Policy.load("pretrained", lattice=load_lattice("cafe2-cm1"))
     latencies = []
     with TemporaryDirectory() as tmp:
-        for seed in range(sessions):
-            ioc = start_ioc("cafe2-cm1", 500 + seed, port, 0.0, Path(tmp) / "puts.jsonl")
-            try:
-                plant = EpicsPlant(machine, path).connect()
-                result = run_orbit_session(plant, policy, interlocks=[InterlockRule(i.name, i.rule, i.threshold) for i in machine.interlocks],
-                                           snapshot_path=Path(tmp) / f"s{seed}.json")
+        # One IOC for all sessions (a restarted IOC on the same names would make this
+        # process wait for libca to find it again); the snapshot restore between
+        # sessions gives every session the same mis-steered start.
+        ioc = start_ioc("cafe2-cm1", 500, port, 0.0, Path(tmp) / "puts.jsonl")
+        try:
+            plant = EpicsPlant(machine, path).connect()
+            rules = [InterlockRule(i.name, i.rule, i.threshold) for i in machine.interlocks]
+            for k in range(sessions):
+                snap = Path(tmp) / f"s{k}.json"
+                result = run_orbit_session(plant, policy, interlocks=rules, snapshot_path=snap)
                 latencies += [r.latency_s for r in result.step_records]
-                plant.close()
-            finally:
-                ioc.terminate()
-                ioc.wait(10)
+                restore_snapshot(plant, read_snapshot(snap))
+            plant.close()
+        finally:
+            ioc.terminate()
+            ioc.wait(10)
     ms = np.array(latencies) * 1e3
     return {"steps": len(ms), "median_ms": round(float(np.median(ms)), 2), "p95_ms": round(float(np.percentile(ms, 95)), 2),
             "correctors": len(machine.correctors), "bpm_channels": 2 * len(machine.bpms)}

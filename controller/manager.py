@@ -52,16 +52,33 @@ class ActiveSession:
     done: threading.Event = field(default_factory=threading.Event)
 
 
+def _layout(lattice_name: str, knob_limits: list[tuple[float, float]] | None = None) -> dict:
+    """What a console needs to draw a machine: BPM positions, corrector limits (units)."""
+    from .evaluation import bpm_positions
+
+    lattice = load_lattice(lattice_name)
+    limits = knob_limits or [(-lattice.corrector_limit, lattice.corrector_limit)] * lattice.n_correctors
+    return {
+        "bpms": [{"name": n, "s_m": round(float(s), 5)} for n, s in zip(lattice.bpm_names, bpm_positions(lattice))],
+        "correctors": [{"name": n, "lower": lo, "upper": hi, "unit": "simulator units"}
+                       for n, (lo, hi) in zip(lattice.corrector_names, limits)],
+        "readings": lattice.reading_names,
+    }
+
+
 def list_machines() -> list[dict]:
     """Shipped machine files (EPICS) and one simulated machine per shipped lattice."""
     out = []
     for p in sorted(MACHINE_DIR.iterdir(), key=lambda p: p.name):
         if p.name.endswith(".yaml"):
             machine, _ = load_machine(Path(str(p)))
-            out.append({"name": machine.name, "kind": "epics", "lattice": machine.lattice, "description": machine.description})
+            limits = [tuple(sorted((c.lower / c.scale, c.upper / c.scale))) for c in machine.correctors]
+            out.append({"name": machine.name, "kind": "epics", "lattice": machine.lattice, "description": machine.description,
+                        "interlocks": [i.name for i in machine.interlocks], **_layout(machine.lattice, limits)})
     for name in shipped_lattices():
         out.append({"name": SIM_PREFIX + name, "kind": "simulated", "lattice": name,
-                    "description": f"{name} in simulation (hidden errors drawn from a seed)"})
+                    "description": f"{name} in simulation (hidden errors drawn from a seed)",
+                    "interlocks": ["beam_current"], **_layout(name)})
     return out
 
 
@@ -83,7 +100,8 @@ class SessionManager:
             lattice = load_lattice(machine[len(SIM_PREFIX):])
             plant = OrbitSimPlant(lattice, load_error_model(errors))
             plant.reset(seed)
-            return plant, lattice, machine_record_simulated(lattice.name, errors, seed), []
+            rules = [InterlockRule("beam_current", "min_fraction_of_start", 0.8)]
+            return plant, lattice, machine_record_simulated(lattice.name, errors, seed), rules
         from hardware.epics_plant import EpicsPlant
 
         machine_file, path = load_machine(machine)

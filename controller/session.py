@@ -103,6 +103,9 @@ def run_orbit_session(
                                  str(snapshot_path) if snapshot_path else None, "completed", [], guard.events)
         obs = task.start(guard)
         initial = float(rms(task.initial_readings))
+        guard.on_event_and_store(SafetyEvent(time.time(), "start", f"starting orbit RMS {initial:.3f} mm", {
+            "readings": task.initial_readings.tolist(), "settings": guard.snapshot.tolist(),
+            "readings_after_probe": task.readings.tolist()}))
         final = float(rms(task.readings))
         n_steps = 1 if mode == "dry-run" else config.max_steps
         for _ in range(n_steps):

@@ -34,6 +34,9 @@ class WriteNotVerified(PlantFault):
 def _epics():
     import epics  # imported lazily: libca reads EPICS_CA_* when its context starts
 
+    # Sessions run in worker threads (the control server): libca needs each thread
+    # attached to the process's CA context before low-level calls.
+    epics.ca.use_initial_context()
     return epics
 
 
@@ -113,24 +116,41 @@ class EpicsPlant(Plant):
                     )
 
     def _get(self, name: str) -> dict:
-        pv = self._pvs[name]
-        if not pv.connected:
-            raise ConnectionLost(f"{name}: disconnected")
-        data = pv.get_with_metadata(timeout=self.machine.read_timeout_s, form="time", use_monitor=False)
-        if data is None or data.get("value") is None:
-            raise ConnectionLost(f"{name}: no answer within {self.machine.read_timeout_s} s")
-        return data
+        return self._get_many([name])[0]
+
+    def _get_many(self, names: list[str]) -> list[dict]:
+        """Fresh values with timestamp and severity, all requests in flight at once.
+
+        One network round trip for the whole batch instead of one per channel: this
+        is what keeps a control step of ~40 reads well under 20 ms.
+        """
+        ca = _epics().ca
+        pvs = [self._pvs[n] for n in names]
+        for pv in pvs:
+            if not pv.connected:
+                raise ConnectionLost(f"{pv.pvname}: disconnected")
+        types = [ca.promote_type(pv.chid, use_time=True) for pv in pvs]
+        for pv, ftype in zip(pvs, types):
+            ca.get_with_metadata(pv.chid, ftype=ftype, wait=False)
+        out = []
+        for pv, ftype in zip(pvs, types):
+            data = ca.get_complete_with_metadata(pv.chid, ftype=ftype, timeout=self.machine.read_timeout_s)
+            if data is None or data.get("value") is None:
+                raise ConnectionLost(f"{pv.pvname}: no answer within {self.machine.read_timeout_s} s")
+            out.append(data)
+        return out
 
     # -- knobs --------------------------------------------------------------------
     def read_engineering(self) -> tuple[np.ndarray, np.ndarray]:
         """(setpoints, readbacks) in engineering units."""
-        sp = np.array([float(self._get(c.setpoint)["value"]) for c in self.correctors])
-        rb = np.array([float(self._get(c.readback)["value"]) for c in self.correctors])
-        return sp, rb
+        n = len(self.correctors)
+        data = self._get_many([c.setpoint for c in self.correctors] + [c.readback for c in self.correctors])
+        values = np.array([float(d["value"]) for d in data])
+        return values[:n], values[n:]
 
     def read_knobs(self) -> np.ndarray:
-        _, rb = self.read_engineering()
-        return rb / self.scale
+        data = self._get_many([c.readback for c in self.correctors])
+        return np.array([float(d["value"]) for d in data]) / self.scale
 
     def write_knobs(self, values: np.ndarray) -> None:
         """Put all setpoints with completion, then verify setpoints and readbacks.
@@ -173,12 +193,12 @@ class EpicsPlant(Plant):
             raise WriteNotVerified("read-back mismatch: " + "; ".join(bad))
 
     # -- readings -----------------------------------------------------------------
-    def _sample(self, name: str, now: float, check_age: bool = True) -> tuple[float, float, bool, str]:
-        data = self._get(name)
+    def _judge(self, data: dict, now: float, check_age: bool) -> tuple[float, float, bool, str]:
+        """(value, timestamp, valid, why not) of one channel read."""
         value = float(np.asarray(data["value"], dtype=float).ravel()[0])
         stamp = float(data.get("timestamp") or 0.0)
         reason = ""
-        if data.get("severity", 0) >= INVALID_SEVERITY:
+        if (data.get("severity") or 0) >= INVALID_SEVERITY:
             reason = "INVALID severity"
         elif not math.isfinite(value):
             reason = "not a number"
@@ -187,24 +207,35 @@ class EpicsPlant(Plant):
         return value, stamp, not reason, reason
 
     def read(self) -> Readings:
-        n = self.machine.samples_per_reading
+        bpm_pvs = [pv for b in self.machine.bpms for pv in (b.x, b.y)]
+        status_pvs = [b.status for b in self.machine.bpms if b.status]
+        interlock_pvs = [i.pv for i in self.machine.interlocks]
+        samples = []
+        for _ in range(self.machine.samples_per_reading):
+            data = self._get_many(bpm_pvs + status_pvs + interlock_pvs)
+            samples.append((data, time.time()))
+        n_bpm = len(bpm_pvs)
+        status_bad = {}
+        for data, _ in samples:
+            for b, d in zip([b for b in self.machine.bpms if b.status], data[n_bpm : n_bpm + len(status_pvs)]):
+                status_bad[b.name] = status_bad.get(b.name, False) or float(d["value"]) != 0
         values, stamps, valid, problems = [], [], [], {}
-        for b in self.machine.bpms:
-            status_bad = False
-            if b.status:
-                status_bad = float(self._get(b.status)["value"]) != 0
-            for plane, pv in (("x", b.x), ("y", b.y)):
-                samples = [self._sample(pv, time.time()) for _ in range(n)]
-                ok = all(s[2] for s in samples) and not status_bad
-                if not ok:
-                    problems[f"{b.name}:{plane}"] = next((s[3] for s in samples if s[3]), "status PV not OK")
-                values.append(float(np.mean([s[0] for s in samples])))
-                stamps.append(max(s[1] for s in samples))
-                valid.append(ok)
+        names = [f"{b.name}:{p}" for b in self.machine.bpms for p in ("x", "y")]
+        for i, name in enumerate(names):
+            judged = [self._judge(data[i], now, True) for data, now in samples]
+            reason = next((j[3] for j in judged if j[3]), "")
+            if not reason and status_bad.get(name.split(":")[0]):
+                reason = "status PV not OK"
+            if reason:
+                problems[name] = reason
+            values.append(float(np.mean([j[0] for j in judged])))
+            stamps.append(max(j[1] for j in judged))
+            valid.append(not reason)
         interlocks = {}
-        for il in self.machine.interlocks:
+        data, now = samples[-1]
+        for il, d in zip(self.machine.interlocks, data[n_bpm + len(status_pvs):]):
             # Interlock PVs change only on events, so an old timestamp is normal for them.
-            value, _, ok, reason = self._sample(il.pv, time.time(), check_age=False)
+            value, _, ok, reason = self._judge(d, now, check_age=False)
             interlocks[il.name] = value if ok else float("nan")
             if not ok:
                 problems[il.name] = reason

@@ -35,7 +35,7 @@ def wait_status(client, sid, wanted, timeout=30):
         if state["status"] in wanted and not state["live"]:
             return state
         time.sleep(0.05)
-    raise AssertionError(f"session {sid} still {state['status']}")
+    raise AssertionError(f"session {sid} still {state['status']}: {state.get('result')}")
 
 
 def start(client, **body):
