@@ -72,6 +72,21 @@ class PolicyRow(Base):
     created: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class EvaluationRow(Base):
+    """An evaluation of a policy against the baselines (``tbsac evaluate``)."""
+
+    __tablename__ = "evaluations"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    policy_id: Mapped[int | None] = mapped_column(ForeignKey("policies.id"), index=True)
+    task: Mapped[str] = mapped_column(String(50))
+    lattice: Mapped[str] = mapped_column(String(200))
+    errors: Mapped[str] = mapped_column(String(200))
+    episodes: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(Integer)
+    results: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class SessionRow(Base):
     __tablename__ = "sessions"
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -191,6 +206,14 @@ class Store:
         with self.Session.begin() as s:
             s.execute(update(TrainingRunRow).where(TrainingRunRow.id == run_id).values(
                 status=status, evaluation=evaluation, curves=curves, finished=utcnow()))
+
+    def add_evaluation(self, policy_id: int | None, summary: dict) -> EvaluationRow:
+        with self.Session.begin() as s:
+            row = EvaluationRow(policy_id=policy_id, task=summary["task"], lattice=summary["lattice"], errors=summary["errors"],
+                                episodes=summary["episodes"], seed=summary["seed"], results=summary["results"])
+            s.add(row)
+            s.flush()
+            return row
 
     # -- sessions ------------------------------------------------------------------
     def start_session(self, machine_id: int, policy_id: int, operator: str, mode: str, snapshot: str | None, task_config: dict) -> SessionRow:

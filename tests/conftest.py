@@ -8,6 +8,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Nothing a test does may touch the user's own store or snapshots.
+if not os.environ.get("TBSAC_DATA_DIR"):
+    import tempfile
+
+    os.environ["TBSAC_DATA_DIR"] = tempfile.mkdtemp(prefix="tbsac-tests-")
+os.environ.pop("TBSAC_DATABASE_URL", None)
+
 
 def tbsac_cmd() -> list[str]:
     exe = shutil.which("tbsac")

@@ -36,10 +36,31 @@ def record_sim_session(store, seed=3, mode="auto", on_step=None, **kwargs):
 
 def test_migrations_create_the_schema_at_head(store):
     tables = set(inspect(store.engine).get_table_names())
-    assert {"machines", "policies", "training_runs", "sessions", "steps", "events", "alembic_version"} <= tables
+    assert {"machines", "policies", "training_runs", "evaluations", "sessions", "steps", "events", "alembic_version"} <= tables
     with store.engine.connect() as conn:
-        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0001"
+        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0002"
     Store(store.url)  # upgrading an up-to-date database is a no-op
+
+
+def test_upgrade_from_the_first_schema_keeps_data(store_url):
+    from alembic import command
+    from alembic.config import Config
+    from pathlib import Path
+
+    import controller.store as store_module
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(store_module.__file__).parent / "migrations"))
+    cfg.set_main_option("sqlalchemy.url", store_url)
+    command.upgrade(cfg, "0001")
+    engine = create_engine(store_url)
+    with engine.begin() as conn:
+        conn.execute(text("insert into machines (name, kind, content, sha256, created) values ('m', 'epics', 'x', 'abc', CURRENT_TIMESTAMP)"))
+    engine.dispose()
+    upgraded = Store(store_url)
+    assert "evaluations" in inspect(upgraded.engine).get_table_names()
+    assert upgraded.machine_names() == {1: "m"}
+    upgraded.engine.dispose()
 
 
 def test_session_steps_and_events_are_recorded(store):

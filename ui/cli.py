@@ -135,6 +135,10 @@ def evaluate_orbit_cmd(
     agent = Policy.load(policy, lattice=lat)
     config = OrbitTaskConfig(**agent.metadata.get("task_config", {}))
     summary, runs = evaluate_orbit(lat, em, agent, episodes, seed, config)
+    from controller.recording import register_policy
+
+    store = _store()
+    store.add_evaluation(register_policy(store, agent), summary)
     if as_json:
         print(json.dumps(summary))
         return
@@ -424,6 +428,24 @@ def serve(
         token = secrets.token_urlsafe(16)
         err_console.print(f"operator token: {token}", markup=False, highlight=False)
     uvicorn.run(create_app(_store(), token, sim_step_interval=sim_step_interval), host=host, port=port, log_level="warning")
+
+
+@app.command()
+def console(
+    server: str = typer.Option("http://127.0.0.1:8765", "--server", envvar="TBSAC_SERVER_URL", help="Control server address."),
+    port: int = typer.Option(8501, "--port", help="Port of the console (binds 127.0.0.1)."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+):
+    """The operator console (Streamlit), talking to the control server over HTTP."""
+    import subprocess
+
+    from ui.console import __file__ as console_init
+
+    app_path = Path(console_init).parent / "app.py"
+    env = {**os.environ, "TBSAC_SERVER_URL": server}
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.port", str(port), "--server.address", host,
+           "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    raise typer.Exit(subprocess.call(cmd, env=env))
 
 
 def main() -> None:

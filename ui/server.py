@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from controller.manager import Conflict, NotFound, SessionManager, list_machines
 from controller.policy import POLICY_DIR
 from controller.replay import load_session, replay, step_rows
-from controller.store import PolicyRow, SessionRow, Store, TrainingRunRow, row_dict
+from controller.store import EvaluationRow, PolicyRow, SessionRow, Store, TrainingRunRow, row_dict
 from simulators.config import ConfigError
 
 SessionStatus = Literal["running", "paused", "completed", "not_converged", "tripped", "aborted", "rejected", "dry-run", "interrupted", "faulted"]
@@ -121,6 +121,11 @@ def create_app(store: Store, token: str, sim_step_interval: float = 0.0) -> Fast
     @app.get("/api/training-runs")
     def training_runs() -> list[dict]:
         return [row_dict(r) for r in store.list(TrainingRunRow)]
+
+    @app.get("/api/evaluations")
+    def evaluations(policy_id: int | None = Query(None, ge=1, le=MAX_ID)) -> list[dict]:
+        where = [EvaluationRow.policy_id == policy_id] if policy_id else []
+        return [row_dict(r) for r in store.list(EvaluationRow, *where, order=EvaluationRow.id.desc())]
 
     @app.get("/api/sessions")
     def sessions(

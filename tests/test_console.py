@@ -1,0 +1,157 @@
+"""Console page logic with Streamlit's AppTest, against a real control server."""
+
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from streamlit.testing.v1 import AppTest
+
+from conftest import _free_port
+
+APP = str(Path(__file__).resolve().parents[1] / "ui" / "console" / "app.py")
+TOKEN = "console-token"
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    """A control server on loopback (uvicorn in a thread) with a fresh SQLite store."""
+    from controller.store import Store
+    from ui.server import create_app
+
+    monkeypatch.setenv("TBSAC_DATA_DIR", str(tmp_path / "data"))
+    port = _free_port()
+    app = create_app(Store(f"sqlite:///{tmp_path / 'console.sqlite'}"), TOKEN)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            httpx.get(url + "/api/health", timeout=1)
+            break
+        except httpx.TransportError:
+            time.sleep(0.05)
+    monkeypatch.setenv("TBSAC_SERVER_URL", url)
+    monkeypatch.setenv("TBSAC_OPERATOR_TOKEN", TOKEN)
+    yield url
+    srv.should_exit = True
+    thread.join(10)
+
+
+def run_session(url: str, **body) -> int:
+    r = httpx.post(url + "/api/sessions", json={"operator": "alice", **body}, headers={"Authorization": f"Bearer {TOKEN}"})
+    sid = r.json()["session"]
+    while httpx.get(f"{url}/api/sessions/{sid}").json()["live"]:
+        time.sleep(0.05)
+    return sid
+
+
+def app_test(page: str | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=30)
+    at.run()
+    if page:
+        at.switch_page(str(Path(APP).parent / page))
+        at.run()
+    return at
+
+
+def texts(at) -> str:
+    return " ".join([m.value for m in at.markdown] + [e.value for e in at.error] + [i.value for i in at.info]
+                    + [w.value for w in at.warning] + [s.value for s in at.success])
+
+
+def test_server_unreachable_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("TBSAC_SERVER_URL", f"http://127.0.0.1:{_free_port()}")
+    at = app_test()
+    assert not at.exception
+    assert "Control server unreachable" in texts(at) and "tbsac serve" in texts(at)
+
+
+def test_run_page_starts_a_simulated_session(server):
+    at = app_test()
+    assert not at.exception
+    at.selectbox(key="machine").select("sim-cafe2-cm1").run()
+    at.button[0].click().run()  # Start
+    assert not at.exception
+    sessions = httpx.get(server + "/api/sessions").json()
+    assert len(sessions) == 1 and sessions[0]["machine"] == "sim-cafe2-cm1" and sessions[0]["operator"]
+    deadline = time.time() + 20
+    while httpx.get(f"{server}/api/sessions/{sessions[0]['id']}").json()["live"] and time.time() < deadline:
+        time.sleep(0.05)
+    at.run()
+    assert f"Session {sessions[0]['id']}" in texts(at) and "completed" in texts(at)
+    assert "beam_current" in texts(at)  # the interlock panel
+
+
+def test_run_page_approve_mode_shows_the_proposed_step(server):
+    at = app_test()
+    at.selectbox(key="machine").select("sim-cafe2-cm2").run()
+    at.radio(key="mode").set_value("approve").run()
+    at.button[0].click().run()
+    sid = httpx.get(server + "/api/sessions").json()[0]["id"]
+    for _ in range(100):
+        if httpx.get(f"{server}/api/sessions/{sid}").json()["pending"]:
+            break
+        time.sleep(0.05)
+    at.run()
+    assert "waiting for your approval" in " ".join(h.value for h in at.subheader)
+    approve = next(b for b in at.button if b.label == "Approve")
+    approve.click().run()
+    events = [e["kind"] for e in httpx.get(f"{server}/api/sessions/{sid}/events").json()]
+    assert "approve" in events
+    abort = next(b for b in at.button if b.label == "Abort")
+    abort.click().run()
+    for _ in range(100):
+        if not httpx.get(f"{server}/api/sessions/{sid}").json()["live"]:
+            break
+        time.sleep(0.05)
+    assert httpx.get(f"{server}/api/sessions/{sid}").json()["status"] == "aborted"
+
+
+def test_start_without_token_is_explained(server, monkeypatch):
+    monkeypatch.setenv("TBSAC_OPERATOR_TOKEN", "")
+    at = app_test()
+    at.selectbox(key="machine").select("sim-cafe2-cm1").run()
+    at.button[0].click().run()
+    assert "operator token" in texts(at)
+    assert httpx.get(server + "/api/sessions").json() == []
+
+
+def test_history_page_slider_redraws_and_replays(server):
+    first = run_session(server, machine="sim-cafe2-cm1", seed=1)
+    second = run_session(server, machine="sim-cafe2-cm1", seed=2)
+    at = app_test("history.py")
+    assert not at.exception
+    assert at.selectbox(key="h-session").value == second
+    at.selectbox(key="h-session").select(first).run()
+    n = len(httpx.get(f"{server}/api/sessions/{first}/steps").json())
+    assert at.slider(key="h-step").value == n
+    at.slider(key="h-step").set_value(1).run()
+    assert not at.exception and "step 1 at" in " ".join(c.value for c in at.caption)
+    at.button(key="h-replay").click().run()
+    assert f"{n} of {n} recorded actions reproduced" in texts(at)
+    at.selectbox(key="h-status").select("tripped").run()
+    assert "No recorded sessions match" in texts(at)
+
+
+def test_training_page_lists_runs_evaluations_and_deployments(server, tmp_path):
+    from controller.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'console.sqlite'}")
+    run = store.start_training_run(task="orbit", lattice="cafe2-cm1", errors="train", arch="tbsac", steps=2000, seed=1, out_dir="x")
+    curve = [{"step": 1000, "success_rate": 0.5, "steps": {"median": 9.0}, "final_rms_mm": {"p95": 0.9}},
+             {"step": 2000, "success_rate": 1.0, "steps": {"median": 5.0}, "final_rms_mm": {"p95": 0.48}}]
+    store.finish_training_run(run.id, "completed", {"best_step": 2000, "best": curve[1] | {"final_rms_mm": {"p95": 0.48}}}, curve)
+    store.add_evaluation(None, {"task": "orbit", "lattice": "cafe2-cm1", "errors": "test", "episodes": 3, "seed": 1000, "results": {
+        "agent": {"success_rate": 1.0, "final_rms_mm": {"p95": 0.49}, "steps": {"median": 5}},
+        "svd_model": {"success_rate": 1.0, "final_rms_mm": {"p95": 0.44}, "steps": {"median": 3}}}})
+    run_session(server, machine="sim-cafe2-cm3", seed=3)
+    at = app_test("training.py")
+    assert not at.exception
+    frames = [df.value for df in at.dataframe]
+    assert frames[0]["best step"].tolist() == [2000]
+    assert set(frames[1]["method"]) == {"agent", "svd_model"}
+    assert frames[2]["deployed on"].tolist() == ["sim-cafe2-cm3"]

@@ -1,0 +1,72 @@
+"""Altair charts of the console; every axis carries its unit."""
+
+from __future__ import annotations
+
+import altair as alt
+import pandas as pd
+
+
+def orbit_chart(machine: dict, start: list[float] | None, current: list[float] | None, target_mm: float) -> alt.Chart:
+    """BPM x and y against position: starting orbit, current orbit, target band."""
+    rows = []
+    for label, values in (("start", start), ("current", current)):
+        if values is None:
+            continue
+        for i, bpm in enumerate(machine["bpms"]):
+            for j, plane in enumerate(("x", "y")):
+                rows.append({"s (m)": bpm["s_m"], "BPM": bpm["name"], "plane": plane, "orbit": label, "offset (mm)": values[2 * i + j]})
+    data = pd.DataFrame(rows or [{"s (m)": 0.0, "BPM": "", "plane": "x", "orbit": "start", "offset (mm)": 0.0}])
+    band = alt.Chart(pd.DataFrame({"lo": [-target_mm], "hi": [target_mm]})).mark_rect(opacity=0.15, color="green").encode(
+        y=alt.Y("lo:Q"), y2="hi:Q")
+    lines = alt.Chart(data).mark_line(point=True).encode(
+        x=alt.X("s (m):Q", title="position s (m)"),
+        y=alt.Y("offset (mm):Q", title="beam offset (mm)"),
+        color=alt.Color("orbit:N", scale=alt.Scale(domain=["start", "current"], range=["#999999", "#1f77b4"])),
+        strokeDash=alt.StrokeDash("orbit:N", scale=alt.Scale(domain=["start", "current"], range=[[4, 3], [1, 0]])),
+        tooltip=["BPM", "plane", "orbit", alt.Tooltip("offset (mm):Q", format=".3f")],
+    )
+    return alt.layer(band, lines, data=data).properties(width=300, height=220).facet(column=alt.Column("plane:N", title="plane"))
+
+
+def corrector_chart(machine: dict, settings: list[float] | None) -> alt.Chart:
+    """Corrector settings against their limits (simulator units)."""
+    rows = [{"corrector": c["name"], "setting (simulator units)": (settings[i] if settings else 0.0),
+             "lower": c["lower"], "upper": c["upper"]} for i, c in enumerate(machine["correctors"])]
+    data = pd.DataFrame(rows)
+    bars = alt.Chart(data).mark_bar().encode(
+        x=alt.X("corrector:N", sort=None, title="corrector"),
+        y=alt.Y("setting (simulator units):Q", title="setting (simulator units)"),
+        tooltip=["corrector", alt.Tooltip("setting (simulator units):Q", format=".3f"), "lower", "upper"],
+    )
+    lo = alt.Chart(data).mark_tick(color="red", thickness=2).encode(x=alt.X("corrector:N", sort=None), y="lower:Q")
+    hi = alt.Chart(data).mark_tick(color="red", thickness=2).encode(x=alt.X("corrector:N", sort=None), y="upper:Q")
+    return (bars + lo + hi).properties(height=220)
+
+
+def trend_chart(steps: list[dict], marker_step: int | None = None) -> alt.Chart:
+    """Orbit RMS (mm) and reward against step."""
+    data = pd.DataFrame([{"step": s["step"], "RMS (mm)": s["rms_mm"], "reward": s["reward"]} for s in steps]
+                        or [{"step": 0, "RMS (mm)": None, "reward": None}])
+    rms = alt.Chart(data).mark_line(point=True).encode(x=alt.X("step:Q", title="step"), y=alt.Y("RMS (mm):Q", title="orbit RMS (mm)"))
+    reward = alt.Chart(data).mark_line(point=True, color="orange").encode(x=alt.X("step:Q", title="step"), y=alt.Y("reward:Q", title="reward (1)"))
+    if marker_step is not None:
+        rule = alt.Chart(pd.DataFrame({"step": [marker_step]})).mark_rule(color="red").encode(x="step:Q")
+        rms, reward = rms + rule, reward + rule
+    return alt.hconcat(rms.properties(width=300, height=200), reward.properties(width=300, height=200))
+
+
+def compare_chart(series: dict[str, list[dict]]) -> alt.Chart:
+    rows = [{"session": name, "step": s["step"], "RMS (mm)": s["rms_mm"]} for name, steps in series.items() for s in steps]
+    data = pd.DataFrame(rows or [{"session": "", "step": 0, "RMS (mm)": None}])
+    return alt.Chart(data).mark_line(point=True).encode(
+        x=alt.X("step:Q", title="step"), y=alt.Y("RMS (mm):Q", title="orbit RMS (mm)"), color="session:N").properties(height=260)
+
+
+def learning_chart(curves: list[dict]) -> alt.Chart:
+    data = pd.DataFrame([{"training step": c["step"], "success rate (1)": c["success_rate"], "median steps": c["steps"]["median"]}
+                         for c in curves] or [{"training step": 0, "success rate (1)": None, "median steps": None}])
+    success = alt.Chart(data).mark_line(point=True).encode(x=alt.X("training step:Q", title="training step"),
+                                                            y=alt.Y("success rate (1):Q", title="success rate (1)", scale=alt.Scale(domain=[0, 1])))
+    steps = alt.Chart(data).mark_line(point=True, color="orange").encode(x=alt.X("training step:Q", title="training step"),
+                                                                         y=alt.Y("median steps:Q", title="median steps to target (steps)"))
+    return alt.hconcat(success.properties(width=300, height=200), steps.properties(width=300, height=200))

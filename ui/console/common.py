@@ -1,0 +1,45 @@
+"""What every console page shares: the server connection and its failure states."""
+
+from __future__ import annotations
+
+import os
+
+import streamlit as st
+
+from ui.console.client import ApiError, ConsoleClient, ServerUnreachable
+
+
+def client() -> ConsoleClient:
+    s = st.session_state
+    return ConsoleClient(s.get("server_url") or None, s.get("token"))
+
+
+def operator() -> str:
+    return st.session_state.get("operator") or os.environ.get("USER", "operator")
+
+
+def connected_or_stop() -> ConsoleClient:
+    """The client, or a clear 'server unreachable' state with what to do next."""
+    c = client()
+    try:
+        c.health()
+    except ServerUnreachable:
+        st.error(f"**Control server unreachable** at {c.base_url}.")
+        st.markdown(
+            "What to do: start it with `tbsac serve --port 8765` on the control-room host, "
+            "or correct the server address in the sidebar, then reload this page.")
+        st.stop()
+    return c
+
+
+def call(fn, *args, **kwargs):
+    """Run an API call; show a refusal as a readable error instead of a traceback."""
+    try:
+        return fn(*args, **kwargs)
+    except ApiError as exc:
+        hint = {401: "enter the operator token in the sidebar", 403: "the operator token is wrong",
+                409: "the machine or session is busy in another state", 404: "it no longer exists"}.get(exc.status, "")
+        st.error(f"The server refused: {exc.detail}" + (f" ({hint})" if hint else ""))
+    except ServerUnreachable as exc:
+        st.error(f"Control server unreachable: {exc}. Start it with `tbsac serve`.")
+    return None

@@ -1,0 +1,128 @@
+"""Run page: choose machine, policy and mode; start, watch, approve, abort, restore."""
+
+import pandas as pd
+import streamlit as st
+
+from ui.console.charts import corrector_chart, orbit_chart, trend_chart
+from ui.console.client import format_time
+from ui.console.common import call, connected_or_stop, operator
+
+NEXT_STEP = {
+    "tripped": "The safety layer stopped the session. Read the reason in the event log; "
+               "if the starting settings were not restored, press **Restore**.",
+    "aborted": "The session was aborted; the starting settings were restored (see the event log).",
+    "rejected": "A proposed step was rejected; the starting settings were restored.",
+    "not_converged": "The target was not reached within the step limit; the starting settings were restored. "
+                     "Check the machine, then start again or hand over to SVD correction.",
+    "interrupted": "The control server stopped during this session. Its steps are kept; press **Restore** "
+                   "to put the machine back to its starting settings.",
+    "faulted": "An internal error stopped the session. Press **Restore**, then report the event log.",
+}
+
+st.title("Run orbit correction")
+client = connected_or_stop()
+machines = client.machines()
+if not machines:
+    st.warning("**No machine connected** to the control server. What to do: add a machine file "
+               "(hardware/machines) and restart `tbsac serve`.")
+    st.stop()
+
+by_name = {m["name"]: m for m in machines}
+left, right = st.columns([2, 1])
+with left:
+    name = st.selectbox("Machine", list(by_name), key="machine",
+                        format_func=lambda n: f"{n} ({by_name[n]['kind']}, {by_name[n]['lattice']})")
+machine = by_name[name]
+policies = client.policies()
+choices = ["pretrained"] + [p["path"] for p in policies["recorded"] if p["lattice"] == machine["lattice"]]
+with right:
+    policy = st.selectbox("Policy", list(dict.fromkeys(choices)), key="policy")
+mode = st.radio("Mode", ["auto", "approve", "dry-run"], horizontal=True, key="mode",
+                help="approve: every step waits for your approval; dry-run: proposals only, nothing is written")
+seed = 0
+if machine["kind"] == "simulated":
+    seed = st.number_input("Simulated machine (seed of its hidden errors)", min_value=0, max_value=2**31 - 1, value=0, step=1)
+
+# The session shown: the machine's active one, else the last one started here, else its latest.
+session_id = machine.get("active_session") or st.session_state.get(f"session:{name}")
+if session_id is None:
+    latest = client.sessions(machine=name, limit=1)
+    session_id = latest[0]["id"] if latest else None
+
+buttons = st.columns(5)
+if buttons[0].button("Start", type="primary", disabled=bool(machine.get("active_session"))):
+    sid = call(client.start, machine=name, policy=policy, mode=mode, operator=operator(), seed=int(seed))
+    if sid:
+        st.session_state[f"session:{name}"] = sid
+        st.rerun()
+for col, command in zip(buttons[1:], ("pause", "resume", "abort", "restore")):
+    if col.button(command.capitalize(), disabled=session_id is None, key=f"cmd-{command}"):
+        if call(client.command, session_id, command, operator()):
+            st.toast(f"{command} sent for session {session_id}")
+
+
+@st.fragment(run_every=1.0)
+def live(session_id: int | None) -> None:
+    if session_id is None:
+        st.info("No session on this machine yet. Choose policy and mode, then press **Start**.")
+        return
+    session = call(client.session, session_id)
+    if session is None:
+        return
+    steps = client.steps(session_id)
+    events = client.events(session_id)
+    status = session["status"]
+    header = f"Session {session_id} · {status} · operator {session['operator']} · mode {session['mode']} · started {format_time(session['started'])}"
+    if status in ("running", "paused"):
+        (st.info if status == "running" else st.warning)(header)
+    elif status in ("completed", "dry-run"):
+        result = session.get("result") or {}
+        st.success(f"{header} · RMS {result.get('initial_rms_mm') or 0:.2f} → {result.get('final_rms_mm') or 0:.2f} mm in {result.get('steps')} steps")
+    else:
+        st.error(f"{header}\n\n{NEXT_STEP.get(status, '')}")
+
+    pending = session.get("pending")
+    if pending:
+        st.subheader(f"Proposed step {pending['id']} — waiting for your approval")
+        change = pd.DataFrame({"corrector": pending["names"], "now (units)": pending["current"], "proposed (units)": pending["proposed"]})
+        change["change (units)"] = change["proposed (units)"] - change["now (units)"]
+        st.dataframe(change, hide_index=True, use_container_width=True)
+        a, r = st.columns(2)
+        if a.button("Approve", type="primary", key=f"approve-{pending['id']}"):
+            call(client.command, session_id, "approve", operator(), pending["id"])
+            st.rerun(scope="fragment")
+        if r.button("Reject", key=f"reject-{pending['id']}"):
+            call(client.command, session_id, "reject", operator(), pending["id"])
+            st.rerun(scope="fragment")
+
+    start_event = next((e for e in events if e["kind"] == "start"), None)
+    start_orbit = start_event["data"]["readings"] if start_event else None
+    current = steps[-1]["readings"] if steps else (start_event["data"].get("readings_after_probe") if start_event else None)
+    target = (session.get("task_config") or {}).get("target_rms_mm", 0.5)
+    st.subheader("Orbit")
+    st.altair_chart(orbit_chart(machine, start_orbit, current, target), use_container_width=False)
+    c1, c2 = st.columns(2)
+    with c1:
+        st.subheader("Correctors")
+        settings = steps[-1]["readbacks"] if steps else (start_event["data"]["settings"] if start_event else None)
+        st.altair_chart(corrector_chart(machine, settings), use_container_width=True)
+    with c2:
+        st.subheader("Interlocks")
+        trips = [e["reason"] for e in events if e["kind"] == "trip"]
+        last = steps[-1]["interlocks"] if steps else {}
+        for il in machine.get("interlocks", []):
+            reason = next((t for t in trips if il in t), None)
+            value = last.get(il)
+            shown = f"{value:.4g}" if isinstance(value, (int, float)) else "-"
+            (st.error if reason else st.success)(f"**{il}** {shown}" + (f" — {reason}" if reason else " — OK"))
+        other = [t for t in trips if not any(il in t for il in machine.get("interlocks", []))]
+        for t in other:
+            st.error(f"**trip** — {t}")
+    st.subheader("RMS and reward")
+    st.altair_chart(trend_chart(steps), use_container_width=False)
+    st.subheader("Event log")
+    log = pd.DataFrame([{"time (UTC)": format_time(e["time"]), "kind": e["kind"], "reason": e["reason"]} for e in events])
+    st.dataframe(log if len(log) else pd.DataFrame({"time (UTC)": [], "kind": [], "reason": []}), hide_index=True, use_container_width=True)
+
+
+live(session_id)
