@@ -444,7 +444,7 @@ def console(
     app_path = Path(console_init).parent / "app.py"
     env = {**os.environ, "TBSAC_SERVER_URL": server}
     cmd = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.port", str(port), "--server.address", host,
-           "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+           "--server.headless", "true", "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer"]
     raise typer.Exit(subprocess.call(cmd, env=env))
 
 

@@ -16,16 +16,18 @@ def orbit_chart(machine: dict, start: list[float] | None, current: list[float] |
             for j, plane in enumerate(("x", "y")):
                 rows.append({"s (m)": bpm["s_m"], "BPM": bpm["name"], "plane": plane, "orbit": label, "offset (mm)": values[2 * i + j]})
     data = pd.DataFrame(rows or [{"s (m)": 0.0, "BPM": "", "plane": "x", "orbit": "start", "offset (mm)": 0.0}])
-    band = alt.Chart(pd.DataFrame({"lo": [-target_mm], "hi": [target_mm]})).mark_rect(opacity=0.15, color="green").encode(
-        y=alt.Y("lo:Q"), y2="hi:Q")
-    lines = alt.Chart(data).mark_line(point=True).encode(
+    # Facets need every layer to share the top-level data; the band uses datum values.
+    band = alt.Chart().mark_rect().encode(y=alt.datum(-target_mm), y2=alt.datum(target_mm),
+                                          color=alt.value("green"), opacity=alt.value(0.12))
+    lines = alt.Chart().mark_line(point=True).encode(
         x=alt.X("s (m):Q", title="position s (m)"),
         y=alt.Y("offset (mm):Q", title="beam offset (mm)"),
         color=alt.Color("orbit:N", scale=alt.Scale(domain=["start", "current"], range=["#999999", "#1f77b4"])),
         strokeDash=alt.StrokeDash("orbit:N", scale=alt.Scale(domain=["start", "current"], range=[[4, 3], [1, 0]])),
         tooltip=["BPM", "plane", "orbit", alt.Tooltip("offset (mm):Q", format=".3f")],
     )
-    return alt.layer(band, lines, data=data).properties(width=300, height=220).facet(column=alt.Column("plane:N", title="plane"))
+    return alt.layer(band, lines, data=data).properties(width=300, height=220).facet(
+        column=alt.Column("plane:N", title=f"orbit per plane; green band: target ±{target_mm} mm"))
 
 
 def corrector_chart(machine: dict, settings: list[float] | None) -> alt.Chart:

@@ -49,8 +49,9 @@ else:
 st.altair_chart(trend_chart(steps, marker_step=k))
 if k > 0:
     step = steps[k - 1]
-    st.caption(f"step {k} at {format_time(step['time'])}: RMS {step['rms_mm']} mm, reward {step['reward']:.3f}, "
-               f"software time {step['latency_s'] * 1e3:.1f} ms")
+    rms_text = f"{step['rms_mm']:.3f} mm" if step["rms_mm"] is not None else "-"
+    st.caption(f"step {k} at {format_time(step['time'])}: RMS {rms_text}, reward {step['reward']:.3f}, "
+               f"step time {step['latency_s'] * 1e3:.1f} ms (includes any wait for approval)")
 upto = steps[k - 1]["time"] if k > 0 else (start_event["time"] if start_event else None)
 shown = [e for e in events if upto is None or e["time"] <= upto] if k < len(steps) else events
 st.dataframe(pd.DataFrame([{"time (UTC)": format_time(e["time"]), "kind": e["kind"], "reason": e["reason"]} for e in shown]

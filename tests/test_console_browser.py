@@ -1,0 +1,129 @@
+"""End to end in Debian's headless chromium: virtual IOC + control server + console.
+
+An operator corrects the orbit in approve mode by clicking through the console; the
+Run and Replay pages are saved as screenshots in ``$TBSAC_ARTIFACTS`` (default
+``test-artifacts/``).
+"""
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import ROOT, _free_port, tbsac_cmd
+
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+CHROMIUM = shutil.which("chromium")
+CHROMEDRIVER = shutil.which("chromedriver")
+TOKEN = "browser-token"
+pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="Debian chromium and chromium-driver not installed (.ci/run installs them)")
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise AssertionError(f"{url} did not come up")
+
+
+@pytest.fixture
+def stack(start_ioc, tmp_path):
+    """IOC (default PV prefix, so the shipped machine file applies), server, console."""
+    ioc = start_ioc(seed=21, ramp=0.05)
+    ioc.prefix = "VCAFE2:CM1"  # restart it under the shipped machine file's names
+    ioc.stop()
+    ioc.start()
+    server_port, console_port = _free_port(), _free_port()
+    env = {**os.environ, "TBSAC_DATA_DIR": str(tmp_path / "data"), "TBSAC_DATABASE_URL": f"sqlite:///{tmp_path / 'e2e.sqlite'}",
+           "TBSAC_OPERATOR_TOKEN": TOKEN}
+    server = subprocess.Popen([*tbsac_cmd(), "serve", "--port", str(server_port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    console = subprocess.Popen([*tbsac_cmd(), "console", "--server", f"http://127.0.0.1:{server_port}", "--port", str(console_port)],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{server_port}/api/health")
+        wait_http(f"http://127.0.0.1:{console_port}/")
+        yield {"ioc": ioc, "server": f"http://127.0.0.1:{server_port}", "console": f"http://127.0.0.1:{console_port}"}
+    finally:
+        for proc in (console, server):
+            proc.terminate()
+            proc.wait(10)
+
+
+@pytest.fixture
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
+                "--no-first-run", "--disable-component-update", "--disable-sync", "--window-size=1400,2200",
+                f"--user-data-dir={tempfile.mkdtemp(prefix='tbsac-chromium-')}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def button(driver, label: str, timeout: float = 30):
+    return WebDriverWait(driver, timeout).until(
+        EC.element_to_be_clickable((By.XPATH, f"//button[normalize-space(.)='{label}']")))
+
+
+def page_text(driver) -> str:
+    return driver.find_element(By.TAG_NAME, "body").text
+
+
+def test_approve_mode_orbit_correction_through_the_console(stack, browser):
+    artifacts = Path(os.environ.get("TBSAC_ARTIFACTS", ROOT / "test-artifacts"))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    browser.get(stack["console"] + "/")
+    WebDriverWait(browser, 60).until(lambda d: "Run orbit correction" in page_text(d) and "No session on this machine" in page_text(d))
+    # Mode: approve (Streamlit radios are labels around hidden inputs).
+    browser.find_element(By.XPATH, "//label[.//p[normalize-space(.)='approve']]").click()
+    WebDriverWait(browser, 10).until(lambda d: d.find_element(By.XPATH, "//label[.//p[normalize-space(.)='approve']]//input").is_selected())
+    button(browser, "Start").click()
+    approvals = 0
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        sessions = httpx.get(stack["server"] + "/api/sessions").json()
+        if sessions and sessions[0]["status"] not in ("running", "paused"):
+            break
+        try:
+            WebDriverWait(browser, 3).until(lambda d: "waiting for your approval" in page_text(d))
+            button(browser, "Approve", timeout=3).click()
+            approvals += 1
+            time.sleep(0.5)  # the fragment refreshes with the next proposal
+        except Exception:  # noqa: BLE001 - no proposal on screen yet; poll again
+            continue
+    session = httpx.get(stack["server"] + "/api/sessions").json()[0]
+    assert session["status"] == "completed", session
+    assert session["machine"] == "virtual-cafe2-cm1"  # the default choice: the first machine file
+    assert session["mode"] == "approve" and approvals >= session["result"]["steps"]
+    assert session["result"]["final_rms_mm"] < 0.5 and session["result"]["trips"] == []
+    events = [e["kind"] for e in httpx.get(f"{stack['server']}/api/sessions/{session['id']}/events").json()]
+    assert events.count("approve") == session["result"]["steps"] + 1  # every step, plus the reset probe
+    WebDriverWait(browser, 30).until(lambda d: "completed" in page_text(d) and "beam_current" in page_text(d))
+    time.sleep(1.5)  # let the charts finish drawing
+    browser.save_screenshot(str(artifacts / "console-run.png"))
+
+    browser.get(stack["console"] + "/history")
+    WebDriverWait(browser, 60).until(lambda d: "Replay audit" in page_text(d))
+    button(browser, "Replay audit").click()
+    WebDriverWait(browser, 60).until(lambda d: "recorded actions reproduced" in page_text(d))
+    assert f"{session['result']['steps']} of {session['result']['steps']} recorded actions reproduced" in page_text(browser)
+    time.sleep(1.5)
+    browser.save_screenshot(str(artifacts / "console-replay.png"))
+    assert (artifacts / "console-run.png").stat().st_size > 20_000
+    assert (artifacts / "console-replay.png").stat().st_size > 20_000
