@@ -17,8 +17,9 @@ def orbit_chart(machine: dict, start: list[float] | None, current: list[float] |
                 rows.append({"s (m)": bpm["s_m"], "BPM": bpm["name"], "plane": plane, "orbit": label, "offset (mm)": values[2 * i + j]})
     data = pd.DataFrame(rows or [{"s (m)": 0.0, "BPM": "", "plane": "x", "orbit": "start", "offset (mm)": 0.0}])
     # Facets need every layer to share the top-level data; the band uses datum values.
-    band = alt.Chart().mark_rect().encode(y=alt.datum(-target_mm), y2=alt.datum(target_mm),
-                                          color=alt.value("green"), opacity=alt.value(0.12))
+    # One rectangle per facet (aggregate), not one per data row stacked up.
+    band = alt.Chart().transform_aggregate(n="count()", groupby=["plane"]).mark_rect().encode(
+        y=alt.datum(-target_mm), y2=alt.datum(target_mm), color=alt.value("green"), opacity=alt.value(0.15))
     lines = alt.Chart().mark_line(point=True).encode(
         x=alt.X("s (m):Q", title="position s (m)"),
         y=alt.Y("offset (mm):Q", title="beam offset (mm)"),
