@@ -430,8 +430,8 @@ def serve(
     uvicorn.run(create_app(_store(), token, sim_step_interval=sim_step_interval), host=host, port=port, log_level="warning")
 
 
-@app.command()
-def console(
+@app.command("console")
+def console_cmd(
     server: str = typer.Option("http://127.0.0.1:8765", "--server", envvar="TBSAC_SERVER_URL", help="Control server address."),
     port: int = typer.Option(8501, "--port", help="Port of the console (binds 127.0.0.1)."),
     host: str = typer.Option("127.0.0.1", "--host"),
