@@ -424,6 +424,8 @@ def serve(
 
     from ui.server import create_app
 
+    # A control loop waking from network I/O gets the GIL back sooner (default 5 ms).
+    sys.setswitchinterval(0.0005)
     if not token:
         token = secrets.token_urlsafe(16)
         err_console.print(f"operator token: {token}", markup=False, highlight=False)

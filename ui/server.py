@@ -28,6 +28,8 @@ from simulators.config import ConfigError
 SessionStatus = Literal["running", "paused", "completed", "not_converged", "tripped", "aborted", "rejected", "dry-run", "interrupted", "faulted"]
 
 
+READ_THREADS = 4
+
 # Ids beyond 32 bits cannot exist; bounding them keeps the database from overflowing.
 MAX_ID = 2**31 - 1
 SessionId = Annotated[int, Path(ge=1, le=MAX_ID, description="session id")]
@@ -63,6 +65,11 @@ def create_app(store: Store, token: str, sim_step_interval: float = 0.0) -> Fast
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        import anyio.to_thread
+
+        # Few request threads: every runnable thread competes with the control loops
+        # for the GIL, and reads can wait a little where a control step cannot.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = READ_THREADS
         yield
         manager.shutdown()
 
