@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -148,7 +148,3 @@ def run_orbit_session(
         snapshot=str(snapshot_path) if snapshot_path else None, status=status,
         step_records=records, events=guard.events,
     )
-
-
-def records_as_dicts(records: list[StepRecord]) -> list[dict]:
-    return [asdict(r) for r in records]

@@ -76,7 +76,6 @@ class EpicsPlant(Plant):
             ReadingSpec(f"{b.name}:{p}", "mm", -b.range_mm, b.range_mm) for b in machine.bpms for p in ("x", "y")
         ]
         self._pvs: dict[str, object] = {}
-        self.last_write_s = 0.0
 
     # -- connection ---------------------------------------------------------------
     def connect(self) -> "EpicsPlant":
@@ -168,7 +167,6 @@ class EpicsPlant(Plant):
                 raise ConnectionLost(f"{pv.pvname}: disconnected, nothing written")
         for pv, value in zip(pvs, target):
             pv.put(float(value), wait=False, use_complete=True)
-        self.last_write_s = time.time()
         deadline = time.monotonic() + timeout
         while not all(pv.put_complete for pv in pvs):
             lost = [pv.pvname for pv in pvs if not pv.connected]

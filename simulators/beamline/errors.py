@@ -77,14 +77,6 @@ class MachineErrors:
             solenoid_misalignment_mm=0, cavity_misalignment_mm=0, bpm_noise_mm=0
         ).draw(lattice, np.random.default_rng(0), batch)
 
-    def item(self, i: int) -> "MachineErrors":
-        """Machine `i` of the batch, as a batch of one."""
-        return MachineErrors(
-            **{
-                k: (v[i : i + 1] if isinstance(v, np.ndarray) else v)
-                for k, v in self.__dict__.items()
-            }
-        )
 
 
 PRESETS_FILE = resources.files("simulators.beamline") / "errors" / "presets.yaml"

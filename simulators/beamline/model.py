@@ -174,11 +174,6 @@ class Response:
         radius = np.hypot(pos[:, 0::2], pos[:, 1::2])
         return (radius > self.aperture_radius_mm).any(axis=1)
 
-    def item(self, i: int) -> "Response":
-        return Response(
-            self.b0[i : i + 1], self.r[i : i + 1], self.ap0[i : i + 1],
-            self.ap_r[i : i + 1], self.aperture_radius_mm,
-        )
 
 
 class BeamlineModel:

@@ -50,12 +50,6 @@ class OrbitSimPlant(SimulatedPlant):
         self._rng = rng
         self._settings = np.zeros(self.lattice.n_correctors)
 
-    def set_machine(self, errors: MachineErrors, response: Response, seed: int | None = None) -> None:
-        """Use a machine drawn elsewhere (e.g. in a batched reset)."""
-        self.errors, self.response = errors, response
-        self._rng = np.random.default_rng(seed)
-        self._settings = np.zeros(self.lattice.n_correctors)
-
     def read_knobs(self) -> np.ndarray:
         return self._settings.copy()
 
