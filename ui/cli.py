@@ -171,6 +171,49 @@ def _start_virtual_ioc(lattice: str, seed: int, errors: str, port: int, put_log:
     raise RuntimeError(f"virtual IOC did not start (exit code {proc.wait()})")
 
 
+@evaluate_app.command("rfq")
+def evaluate_rfq_cmd(
+    lattice: str = typer.Option("lpi", "--lattice", "-l", help="Injector lattice name or path."),
+    policy: Optional[str] = typer.Option(None, "--policy", "-p", help="Agent policy file (optional: baselines only without it)."),
+    episodes: int = typer.Option(100, "--episodes", "-n", min=1),
+    seed: int = typer.Option(1000, "--seed"),
+    errors: str = typer.Option("test", "--errors", "-e", help="train or test"),
+    budget: int = typer.Option(30, "--budget", min=2, max=200, help="Steps each method may spend."),
+    methods: str = typer.Option("nelder_mead,xopt_bo,random", "--methods", help="Comma-separated baselines to run."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """RFQ transmission: agent and optimisers (Nelder-Mead, Xopt BO, random) on the same injectors."""
+    from controller.rfq import RFQ_METHODS, evaluate_rfq
+    from simulators.injector.model import load_injector
+    from simulators.injector.task import load_injector_errors
+
+    chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
+    unknown = [m for m in chosen if m not in RFQ_METHODS or m == "agent"]
+    if unknown:
+        raise ConfigError(f"--methods: unknown {unknown}; choose from nelder_mead, xopt_bo, random")
+    lat, em = load_injector(lattice), load_injector_errors(errors)
+    agent = None
+    if policy:
+        from controller.policy import Policy
+
+        agent = Policy.load(policy)
+        if agent.metadata.get("task") != "rfq":
+            raise ConfigError(f"{policy}: field 'metadata.task': policy is for task {agent.metadata.get('task')!r}, not 'rfq'")
+    summary, _ = evaluate_rfq(lat, em, agent, episodes, seed, budget, (("agent",) if agent else ()) + chosen)
+    if as_json:
+        print(json.dumps(summary))
+        return
+    table = Table(title=f"RFQ transmission on {lat.name}, errors '{em.name}', {episodes} injectors from seed {seed}, "
+                        f"{budget} steps; best achievable median {summary['best_achievable']['median']}")
+    for col in ("method", "final T median", "final / best median", "steps to 85 % (reached)", "steps to 0.9 best (reached)"):
+        table.add_column(col, justify="right")
+    for name, r in summary["results"].items():
+        table.add_row(name, str(r["final_transmission"]["median"]), str(r["fraction_of_best"]["median"]),
+                      f"{r['steps_to_85']['median']} ({r['steps_to_85']['reached']})",
+                      f"{r['steps_to_90pct_best']['median']} ({r['steps_to_90pct_best']['reached']})")
+    console.print(table)
+
+
 @app.command()
 def demo(
     seed: int = typer.Option(7, "--seed", help="Which mis-steered machine to draw."),

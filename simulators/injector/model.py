@@ -149,6 +149,7 @@ class SourceErrors:
     beta_scale: float = 1.0
     alpha_shift: float = 0.0
     current_scale: float = 1.0
+    solenoid_scale: tuple[float, ...] = ()  # field calibration error per solenoid
 
 
 @dataclass
@@ -195,13 +196,16 @@ class InjectorModel:
     def segment(self, knobs: np.ndarray) -> tuple[Segment, list[str]]:
         """Cheetah segment up to the ACCT, and the names of its aperture elements."""
         t = lambda v: torch.as_tensor(v, dtype=DTYPE)  # noqa: E731
-        elements, apertures, k = [], [], 0
+        elements, apertures, k, n_sol = [], [], 0, 0
+        scales = self.errors.solenoid_scale
         for e in self.lattice.elements:
             if isinstance(e, Drift_):
                 elements.append(Drift(length=t(e.length), name=e.name, dtype=DTYPE))
             elif isinstance(e, Solenoid_):
-                elements.append(Solenoid(length=t(e.length), k=t(knobs[k] / (2 * self.rigidity)), name=e.name, dtype=DTYPE))
+                field = knobs[k] * (scales[n_sol] if n_sol < len(scales) else 1.0)
+                elements.append(Solenoid(length=t(e.length), k=t(field / (2 * self.rigidity)), name=e.name, dtype=DTYPE))
                 k += 1
+                n_sol += 1
             elif isinstance(e, Steerer):
                 elements.append(HorizontalCorrector(length=t(0.0), angle=t(knobs[k] * 1e-3), name=f"{e.name}_H", dtype=DTYPE))
                 elements.append(VerticalCorrector(length=t(0.0), angle=t(knobs[k + 1] * 1e-3), name=f"{e.name}_V", dtype=DTYPE))

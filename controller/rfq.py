@@ -1,0 +1,198 @@
+"""RFQ transmission: baselines (Nelder-Mead, Xopt Bayesian optimisation, random search),
+the agent, and their evaluation on the same injectors and step budget.
+
+Every method spends its budget the same way: one step = one new setting written to
+the machine and one reading of ACCT and cup. Optimisers end on the best setting they
+measured (what an operator would keep); the reported transmission of a method is the
+true (noise-free) transmission at its final setting.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import minimize
+
+from simulators.injector.model import InjectorLattice, InjectorModel
+from simulators.injector.task import InjectorErrorModel, TransmissionEnv, TransmissionTaskConfig
+
+log = logging.getLogger(__name__)
+
+RFQ_METHODS = ("agent", "nelder_mead", "xopt_bo", "random")
+SEARCH_HALF_WIDTH_STEPS = 10  # optimisers search current settings +- 10 steps per knob
+
+
+@dataclass
+class RfqEpisode:
+    seed: int
+    initial: float
+    trace: list[float] = field(default_factory=list)  # true transmission after each step
+    final: float = 0.0
+    best_achievable: float = 1.0
+
+    def steps_to(self, level: float) -> int | None:
+        return next((i + 1 for i, t in enumerate(self.trace) if t >= level), None)
+
+
+class BudgetExhausted(Exception):
+    pass
+
+
+class MeasuredPlant:
+    """Counts steps, remembers the best measured setting, records the true trace."""
+
+    def __init__(self, env: TransmissionEnv, budget: int):
+        self.env, self.budget = env, budget
+        self.trace: list[float] = []
+        self.best = (-np.inf, env.plant.read_knobs())
+
+    def measure(self, settings: np.ndarray) -> float:
+        if len(self.trace) >= self.budget:
+            raise BudgetExhausted
+        plant = self.env.plant
+        plant.write_knobs(settings)
+        r = plant.read()
+        measured = r.values[1] / r.values[0] if r.values[0] > 0 else 0.0
+        self.trace.append(plant.true_transmission())
+        if measured > self.best[0]:
+            self.best = (measured, plant.read_knobs())
+        return float(measured)
+
+
+def _box(env: TransmissionEnv) -> tuple[np.ndarray, np.ndarray]:
+    plant = env.plant
+    x0 = plant.read_knobs()
+    step = np.array([k.max_step for k in plant.knobs])
+    lo = np.maximum([k.lower for k in plant.knobs], x0 - SEARCH_HALF_WIDTH_STEPS * step)
+    hi = np.minimum([k.upper for k in plant.knobs], x0 + SEARCH_HALF_WIDTH_STEPS * step)
+    return lo, hi
+
+
+def run_nelder_mead(env: TransmissionEnv, budget: int) -> MeasuredPlant:
+    m = MeasuredPlant(env, budget)
+    lo, hi = _box(env)
+    x0 = env.plant.read_knobs()
+    scale = (hi - lo) / 2
+    simplex = [np.zeros_like(x0)] + [np.eye(len(x0))[i] * 0.3 for i in range(len(x0))]  # 3 steps per knob
+    try:
+        minimize(lambda u: -m.measure(np.clip(x0 + u * scale, lo, hi)), np.zeros_like(x0), method="Nelder-Mead",
+                 options={"maxfev": budget, "initial_simplex": np.array(simplex), "xatol": 1e-4, "fatol": 1e-4})
+    except BudgetExhausted:
+        pass
+    return m
+
+
+def run_random(env: TransmissionEnv, budget: int, rng: np.random.Generator) -> MeasuredPlant:
+    m = MeasuredPlant(env, budget)
+    lo, hi = _box(env)
+    try:
+        m.measure(env.plant.read_knobs())
+        while True:
+            m.measure(rng.uniform(lo, hi))
+    except BudgetExhausted:
+        pass
+    return m
+
+
+def run_xopt(env: TransmissionEnv, budget: int) -> MeasuredPlant:
+    import pandas as pd
+    from xopt import VOCS, Evaluator, Xopt
+    from xopt.generators.bayesian import ExpectedImprovementGenerator
+
+    m = MeasuredPlant(env, budget)
+    lo, hi = _box(env)
+    names = [f"k{i}" for i in range(len(lo))]
+    vocs = VOCS(variables={n: [float(a), float(b)] for n, a, b in zip(names, lo, hi)}, objectives={"T": "MAXIMIZE"})
+
+    def evaluate(inputs: dict) -> dict:
+        return {"T": m.measure(np.array([inputs[n] for n in names]))}
+
+    optimizer = Xopt(evaluator=Evaluator(function=evaluate), generator=ExpectedImprovementGenerator(vocs=vocs), vocs=vocs)
+    optimizer.evaluate_data(pd.DataFrame({n: [float(v)] for n, v in zip(names, env.plant.read_knobs())}))
+    try:
+        while len(m.trace) < budget:
+            optimizer.step()
+    except BudgetExhausted:
+        pass
+    return m
+
+
+def run_agent(env: TransmissionEnv, policy, budget: int) -> list[float]:
+    obs = env.task.start(env.plant)
+    trace = []
+    for _ in range(budget):
+        obs, *_ = env.task.step(env.plant, policy.act(obs))
+        trace.append(env.plant.true_transmission())
+    return trace
+
+
+def best_achievable(model: InjectorModel, lattice: InjectorLattice, starts: list[np.ndarray], evaluations: int = 400) -> float:
+    """Offline: long Nelder-Mead runs on the noise-free simulator from several starts."""
+    lo = np.array([a for a, _ in lattice.knob_limits])
+    hi = np.array([b for _, b in lattice.knob_limits])
+    best = -np.inf
+    for x0 in starts:
+        r = minimize(lambda x: -model.currents(np.clip(x, lo, hi)).transmission, x0, method="Nelder-Mead",
+                     options={"maxfev": evaluations, "initial_simplex": np.array([x0] + [x0 + np.eye(len(x0))[i] * np.where(i % 3 == 0, 0.05, 4.0) for i in range(len(x0))])})
+        best = max(best, -r.fun)
+    return float(best)
+
+
+def summarise_rfq(episodes: list[RfqEpisode]) -> dict:
+    finals = np.array([e.final for e in episodes])
+    ratio = np.array([e.final / e.best_achievable for e in episodes])
+
+    def median_steps(level_of) -> dict:
+        steps = [e.steps_to(level_of(e)) for e in episodes]
+        reached = [s for s in steps if s is not None]
+        # Unreached counts as "more than the budget" so the median stays honest.
+        padded = np.array([s if s is not None else np.inf for s in steps])
+        med = float(np.median(padded))
+        return {"median": med if np.isfinite(med) else None, "reached": len(reached)}
+
+    return {
+        "final_transmission": {"median": round(float(np.median(finals)), 4), "p95": round(float(np.percentile(finals, 95)), 4)},
+        "fraction_of_best": {"median": round(float(np.median(ratio)), 4), "p5": round(float(np.percentile(ratio, 5)), 4)},
+        "steps_to_85": median_steps(lambda e: 0.85),
+        "steps_to_90pct_best": median_steps(lambda e: 0.9 * e.best_achievable),
+        "initial_transmission": {"median": round(float(np.median([e.initial for e in episodes])), 4)},
+    }
+
+
+def evaluate_rfq(lattice: InjectorLattice, errors: InjectorErrorModel, policy, episodes: int, seed: int,
+                 budget: int = 30, methods: tuple[str, ...] = RFQ_METHODS) -> tuple[dict, dict[str, list[RfqEpisode]]]:
+    """Every method on injectors ``seed .. seed + episodes - 1`` with the same budget."""
+    env = TransmissionEnv(lattice, errors, TransmissionTaskConfig(max_steps=budget))
+    runs: dict[str, list[RfqEpisode]] = {m: [] for m in methods if m != "agent" or policy is not None}
+    best_per_machine = []
+    for i in range(episodes):
+        machine = seed + i
+        finals_and_starts = []
+        for method in runs:
+            env.reset(seed=machine)
+            ep = RfqEpisode(machine, env.plant.true_transmission())
+            if method == "agent":
+                ep.trace = run_agent(env, policy, budget)
+                final_settings = env.plant.read_knobs()
+            else:
+                m = {"nelder_mead": lambda: run_nelder_mead(env, budget),
+                     "xopt_bo": lambda: run_xopt(env, budget),
+                     "random": lambda: run_random(env, budget, np.random.default_rng(machine))}[method]()
+                ep.trace, final_settings = m.trace, m.best[1]
+            ep.final = env.plant.true_transmission(final_settings)
+            finals_and_starts.append(final_settings)
+            runs[method].append(ep)
+        env.reset(seed=machine)
+        best = best_achievable(env.plant.model, lattice, [env.plant.read_knobs()] + finals_and_starts[:2])
+        best = max([best] + [runs[m][-1].final for m in runs])
+        best_per_machine.append(best)
+        for m in runs:
+            runs[m][-1].best_achievable = best
+    summary = {
+        "task": "rfq", "lattice": lattice.name, "errors": errors.name, "episodes": episodes, "seed": seed, "budget": budget,
+        "best_achievable": {"median": round(float(np.median(best_per_machine)), 4), "min": round(float(np.min(best_per_machine)), 4)},
+        "results": {m: summarise_rfq(eps) for m, eps in runs.items()},
+    }
+    return summary, runs

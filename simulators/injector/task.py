@@ -1,0 +1,201 @@
+"""RFQ transmission tuning: error model, simulated plant, task and Gymnasium environment.
+
+The paper does not publish knobs, observation or reward for this task; the choices:
+
+- knobs: the two solenoid fields (T) and two H/V steerer pairs (mrad) of the LEBT;
+- observation: the trend of [ACCT / nominal, cup / nominal, transmission] as in the
+  orbit task ([dR_{t-1}, dR_t, R_t]) followed by the knob settings scaled to [-1, 1];
+- action: knob changes in [-1, 1], times the largest change per step (0.02 T, 2 mrad);
+- reward: ``T_t - 1 + 5 (T_t - T_{t-1})``: every step below full transmission costs,
+  and improvements are paid at once; 30 steps per episode (the acceptance budget).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat
+
+from simulators.plant import KnobSpec, Plant, ReadingSpec, Readings, SimulatedPlant
+
+from .model import InjectorLattice, InjectorModel, SourceErrors
+
+
+class InjectorErrorModel(BaseModel):
+    """Source and LEBT imperfections, redrawn at every reset (half-widths of uniforms)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "custom"
+    # Calibrated so untuned injectors start like the paper's (median transmission ~0.65).
+    offset_mm: NonNegativeFloat = 4.0
+    angle_mrad: NonNegativeFloat = 20.0
+    beta_error: float = Field(0.5, ge=0, lt=1, description="beta x (1 + U(-r, r))")
+    alpha_shift: NonNegativeFloat = 1.0
+    current_error: float = Field(0.1, ge=0, lt=1)
+    solenoid_error: float = Field(0.0, ge=0, lt=0.5, description="field calibration, relative")
+    reading_noise: float = Field(0.005, ge=0, description="relative noise of ACCT and cup")
+
+    def draw(self, rng: np.random.Generator, n_solenoids: int) -> SourceErrors:
+        u = lambda r, n=None: rng.uniform(-r, r, n)  # noqa: E731
+        return SourceErrors(
+            offset_mm=tuple(u(self.offset_mm, 2)), angle_mrad=tuple(u(self.angle_mrad, 2)),
+            beta_scale=1.0 + u(self.beta_error), alpha_shift=u(self.alpha_shift),
+            current_scale=1.0 + u(self.current_error),
+            solenoid_scale=tuple(1.0 + u(self.solenoid_error, n_solenoids)),
+        )
+
+
+INJECTOR_PRESETS = {
+    "train": InjectorErrorModel(name="train"),
+    "test": InjectorErrorModel(name="test", solenoid_error=0.05),
+}
+
+
+def load_injector_errors(name: str) -> InjectorErrorModel:
+    from simulators.config import ConfigError
+
+    if name not in INJECTOR_PRESETS:
+        raise ConfigError(f"injector error model {name!r}: expected one of {', '.join(INJECTOR_PRESETS)}")
+    return INJECTOR_PRESETS[name]
+
+
+# Largest change per step: solenoids in T, steerers in mrad.
+STEP_T, STEP_MRAD = 0.02, 2.0
+DESIGN_SOLENOIDS_T = (0.354, 0.303)  # best settings for the design beam (Nelder-Mead)
+
+
+class InjectorSimPlant(SimulatedPlant):
+    """A simulated injector: knobs are the LEBT settings, readings ACCT and cup (mA)."""
+
+    def __init__(self, lattice: InjectorLattice, errors: InjectorErrorModel):
+        self.lattice, self.error_model = lattice, errors
+        self.knobs = [
+            KnobSpec(n, "T" if ":" not in n else "mrad", lo, hi, STEP_T if ":" not in n else STEP_MRAD)
+            for n, (lo, hi) in zip(lattice.knob_names, lattice.knob_limits)
+        ]
+        self.readings = [ReadingSpec("ACCT", "mA", 0.0, 100.0), ReadingSpec("FC", "mA", 0.0, 100.0)]
+        self.model: InjectorModel | None = None
+        self._settings = self.initial_settings()
+        self._rng = np.random.default_rng()
+
+    def initial_settings(self) -> np.ndarray:
+        """Where operators start: the design solenoid fields, steerers off."""
+        values, sol = [], iter(DESIGN_SOLENOIDS_T)
+        for name in self.lattice.knob_names:
+            values.append(next(sol) if ":" not in name else 0.0)
+        return np.array(values)
+
+    def reset(self, seed: int | None = None) -> None:
+        rng = np.random.default_rng(seed)
+        n_sol = sum(":" not in n for n in self.lattice.knob_names)
+        errors = self.error_model.draw(rng, n_sol)
+        self.model = InjectorModel(self.lattice, errors, seed=int(rng.integers(2**31)))
+        self._rng = rng
+        self._settings = self.initial_settings()
+
+    def read_knobs(self) -> np.ndarray:
+        return self._settings.copy()
+
+    def write_knobs(self, values: np.ndarray) -> None:
+        lo = np.array([k.lower for k in self.knobs])
+        hi = np.array([k.upper for k in self.knobs])
+        self._settings = np.clip(np.asarray(values, dtype=float), lo, hi)
+
+    def true_transmission(self, settings: np.ndarray | None = None) -> float:
+        return self.model.currents(self._settings if settings is None else settings).transmission
+
+    def read(self) -> Readings:
+        c = self.model.currents(self._settings)
+        noise = 1.0 + self._rng.normal(0.0, self.error_model.reading_noise, 2)
+        values = np.array([c.acct_ma, c.cup_ma]) * noise
+        transmission = values[1] / values[0] if values[0] > 0 else 0.0
+        return Readings(values, self.now(2), np.ones(2, dtype=bool), {"transmission": float(transmission)})
+
+
+@dataclass(frozen=True)
+class TransmissionTaskConfig:
+    max_steps: int = 30
+    improvement_weight: float = 5.0
+    target_transmission: float = 0.85  # reported (steps to 85 %), not an episode end
+
+
+@dataclass
+class TransmissionTask:
+    """Readings -> trend observation and reward; actions -> knob settings."""
+
+    knobs: list[KnobSpec]
+    nominal_current_ma: float
+    config: TransmissionTaskConfig = field(default_factory=TransmissionTaskConfig)
+
+    def __post_init__(self) -> None:
+        n = len(self.knobs)
+        self.lower = np.array([k.lower for k in self.knobs])
+        self.upper = np.array([k.upper for k in self.knobs])
+        self.step_size = np.array([k.max_step for k in self.knobs])
+        self.observation_space = spaces.Box(-np.inf, np.inf, (9 + n,), np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, (n,), np.float32)
+        self.steps = 0
+
+    def _r(self, plant: Plant) -> np.ndarray:
+        r = plant.read()
+        acct, cup = r.values[:2]
+        t = cup / acct if acct > 0 else 0.0
+        return np.array([acct / self.nominal_current_ma, cup / self.nominal_current_ma, t])
+
+    def _obs(self, settings: np.ndarray) -> np.ndarray:
+        scaled = 2 * (settings - self.lower) / (self.upper - self.lower) - 1
+        return np.concatenate([self._prev_dr, self._r_now - self._r_prev, self._r_now, scaled]).astype(np.float32)
+
+    def start(self, plant: Plant) -> np.ndarray:
+        self.steps = 0
+        self.settings = plant.read_knobs()
+        self._r_now = self._r_prev = self._r(plant)
+        self._prev_dr = np.zeros(3)
+        self.initial_transmission = float(self._r_now[2])
+        return self._obs(self.settings)
+
+    @property
+    def transmission(self) -> float:
+        return float(self._r_now[2])
+
+    def proposed_settings(self, action: np.ndarray) -> np.ndarray:
+        a = np.clip(np.asarray(action, dtype=float), -1, 1)
+        return np.clip(self.settings + a * self.step_size, self.lower, self.upper)
+
+    def step(self, plant: Plant, action: np.ndarray):
+        plant.write_knobs(self.proposed_settings(action))
+        self.settings = plant.read_knobs()
+        self.steps += 1
+        self._prev_dr = self._r_now - self._r_prev
+        self._r_prev, self._r_now = self._r_now, self._r(plant)
+        t, t_prev = self._r_now[2], self._r_prev[2]
+        reward = t - 1.0 + self.config.improvement_weight * (t - t_prev)
+        truncated = self.steps >= self.config.max_steps
+        return self._obs(self.settings), float(reward), False, truncated, {"transmission": float(t)}
+
+
+class TransmissionEnv(gym.Env):
+    """Gymnasium environment: :class:`TransmissionTask` on a simulated injector."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, lattice: InjectorLattice, errors: InjectorErrorModel, config: TransmissionTaskConfig | None = None):
+        self.plant = InjectorSimPlant(lattice, errors)
+        self.task = TransmissionTask(self.plant.knobs, lattice.beam.current_ma, config or TransmissionTaskConfig())
+        self.observation_space, self.action_space = self.task.observation_space, self.task.action_space
+        self._seeds = np.random.default_rng()
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self._seeds = np.random.default_rng(seed)
+        self.plant.reset(seed if seed is not None else int(self._seeds.integers(2**63)))
+        obs = self.task.start(self.plant)
+        return obs, {"transmission": self.task.transmission}
+
+    def step(self, action):
+        return self.task.step(self.plant, action)

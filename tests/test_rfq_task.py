@@ -1,0 +1,90 @@
+"""RFQ transmission task and its baselines (issue 6 groundwork)."""
+
+import json
+
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+from controller.rfq import MeasuredPlant, run_nelder_mead, run_random
+from simulators.injector.model import load_injector
+from simulators.injector.task import TransmissionEnv, load_injector_errors
+
+
+@pytest.fixture(scope="module")
+def lpi():
+    return load_injector("lpi")
+
+
+def test_env_passes_gymnasium_checker(lpi):
+    check_env(TransmissionEnv(lpi, load_injector_errors("test")), skip_render_check=True)
+
+
+def test_observation_reward_and_budget(lpi):
+    env = TransmissionEnv(lpi, load_injector_errors("test"))
+    obs, info = env.reset(seed=4)
+    assert obs.shape == (15,) and obs[8] == pytest.approx(info["transmission"], abs=1e-6)
+    before = info["transmission"]
+    action = np.zeros(6)
+    action[0] = 1.0
+    obs, reward, terminated, truncated, info = env.step(action)
+    assert env.plant.read_knobs()[0] == pytest.approx(0.354 + 0.02)
+    assert reward == pytest.approx(info["transmission"] - 1 + 5 * (info["transmission"] - before), abs=1e-6)
+    steps = 1
+    while not truncated:
+        *_, truncated, _ = env.step(np.zeros(6))
+        steps += 1
+    assert steps == 30 and not terminated
+
+
+def test_untuned_injectors_start_like_the_paper(lpi):
+    env = TransmissionEnv(lpi, load_injector_errors("test"))
+    starts = [env.reset(seed=s)[1]["transmission"] for s in range(60)]
+    assert 0.5 < np.median(starts) < 0.8
+
+
+def test_optimisers_spend_exactly_their_budget_and_improve(lpi):
+    env = TransmissionEnv(lpi, load_injector_errors("test"))
+    env.reset(seed=11)
+    start = env.plant.true_transmission()
+    nm = run_nelder_mead(env, 30)
+    assert len(nm.trace) == 30
+    assert env.plant.true_transmission(nm.best[1]) > start
+    env.reset(seed=11)
+    rs = run_random(env, 30, np.random.default_rng(0))
+    assert len(rs.trace) == 30
+
+
+def test_measured_plant_refuses_beyond_budget(lpi):
+    env = TransmissionEnv(lpi, load_injector_errors("test"))
+    env.reset(seed=1)
+    m = MeasuredPlant(env, 2)
+    m.measure(env.plant.read_knobs())
+    m.measure(env.plant.read_knobs())
+    with pytest.raises(Exception):
+        m.measure(env.plant.read_knobs())
+
+
+def test_evaluate_rfq_cli_json(run_cli):
+    proc = run_cli("evaluate", "rfq", "--episodes", "1", "--seed", "5", "--methods", "nelder_mead,random", "--json", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["task"] == "rfq" and set(out["results"]) == {"nelder_mead", "random"}
+    r = out["results"]["nelder_mead"]
+    assert {"final_transmission", "steps_to_85", "steps_to_90pct_best", "fraction_of_best"} <= set(r)
+    assert 0.5 < out["best_achievable"]["median"] <= 0.97
+
+
+def test_evaluate_rfq_rejects_unknown_method(run_cli):
+    proc = run_cli("evaluate", "rfq", "--methods", "gradient_descent")
+    assert proc.returncode == 2 and "gradient_descent" in proc.stderr
+
+
+def test_xopt_bayesian_optimisation_spends_its_budget(lpi):
+    from controller.rfq import run_xopt
+
+    env = TransmissionEnv(lpi, load_injector_errors("test"))
+    env.reset(seed=12)
+    bo = run_xopt(env, 6)
+    assert len(bo.trace) == 6
+    assert bo.best[0] >= 0.0
