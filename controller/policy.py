@@ -79,7 +79,8 @@ class Policy:
         if lattice is not None:
             check_compatible(meta, lattice, path)
         obs_space, act_space = _spaces(meta)
-        sac_policy = SACPolicy(obs_space, act_space, lambda _: 0.0, **policy_kwargs(meta["arch"]))
+        # float32 whatever the process default is (importing Xopt/BoTorch makes it float64)
+        sac_policy = SACPolicy(obs_space, act_space, lambda _: 0.0, **policy_kwargs(meta["arch"])).float()
         sac_policy.actor.load_state_dict(blob["actor"])
         return cls(sac_policy, meta, path)
 

@@ -98,8 +98,13 @@ def run_random(env: TransmissionEnv, budget: int, rng: np.random.Generator) -> M
 
 def run_xopt(env: TransmissionEnv, budget: int) -> MeasuredPlant:
     import pandas as pd
+    import torch
+
+    dtype = torch.get_default_dtype()
     from xopt import VOCS, Evaluator, Xopt
     from xopt.generators.bayesian import ExpectedImprovementGenerator
+
+    torch.set_default_dtype(dtype)  # importing Xopt switches the whole process to float64
 
     m = MeasuredPlant(env, budget)
     lo, hi = _box(env)
