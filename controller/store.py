@@ -19,7 +19,7 @@ from sqlalchemy import (
     JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, func, select, update,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from .paths import data_dir
 

@@ -39,7 +39,6 @@ def run_cli():
 # anything starts a CA context (libca reads EPICS_CA_* once per process).
 # ---------------------------------------------------------------------------
 import itertools
-import re
 import signal
 import socket
 import time

@@ -20,7 +20,6 @@ from hardware.epics_plant import EpicsPlant
 from hardware.machine import load_machine
 from safety.guard import InterlockRule, SafetyConfig, read_snapshot
 from simulators.beamline.lattice import load_lattice
-from simulators.config import ConfigError
 
 LIMIT_A = 37.0
 

@@ -7,12 +7,11 @@ import subprocess
 import time
 
 import httpx
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from conftest import _free_port, tbsac_cmd
-from controller.store import SessionRow, Store
+from controller.store import Store
 from ui.server import create_app
 
 TOKEN = "s3cret-token"

@@ -2,7 +2,6 @@
 
 import csv
 
-import numpy as np
 import pytest
 from sqlalchemy import create_engine, inspect, text
 
@@ -10,7 +9,7 @@ from controller.policy import Policy
 from controller.recording import SessionRecorder, machine_record_simulated
 from controller.replay import export, replay, step_rows
 from controller.session import run_orbit_session
-from controller.store import EventRow, SessionRow, Store
+from controller.store import SessionRow, Store
 from simulators.beamline.errors import load_error_model
 from simulators.beamline.lattice import load_lattice
 from simulators.beamline.plant import OrbitSimPlant
