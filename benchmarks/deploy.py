@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,28 +24,10 @@ from tempfile import TemporaryDirectory
 
 import numpy as np
 
-from hardware.ioc import loopback_environment, read_put_log
+from hardware.ioc import free_port, loopback_environment, read_put_log, start_virtual_ioc
 from hardware.machine import load_machine
 
 LATTICES = ("cafe2-cm1", "cafe2-cm2", "cafe2-cm3")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_ioc(lattice: str, seed: int, port: int, ramp: float, put_log: Path) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ui.cli", "ioc", "--lattice", lattice, "--seed", str(seed), "--errors", "test",
-         "--port", str(port), "--ramp", str(ramp), "--put-log", str(put_log)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
-    )
-    for line in proc.stdout:
-        if line.startswith("READY"):
-            return proc
-    raise RuntimeError("IOC did not start")
 
 
 def check_puts(puts: list[dict], machine) -> list[str]:
@@ -73,7 +54,7 @@ def zero_shot(lattice: str, seeds: range, ramp: float) -> dict:
         for seed in seeds:
             port = free_port()
             log = Path(tmp) / f"puts-{seed}.jsonl"
-            ioc = start_ioc(lattice, seed, port, ramp, log)
+            ioc = start_virtual_ioc(lattice, seed, "test", port, ramp, log)
             try:
                 env = {**os.environ, **loopback_environment(port), "TBSAC_DATA_DIR": tmp}
                 proc = subprocess.run(
@@ -120,7 +101,7 @@ def overhead(sessions: int = 20) -> dict:
         # One IOC for all sessions (a restarted IOC on the same names would make this
         # process wait for libca to find it again); the snapshot restore between
         # sessions gives every session the same mis-steered start.
-        ioc = start_ioc("cafe2-cm1", 500, port, 0.0, Path(tmp) / "puts.jsonl")
+        ioc = start_virtual_ioc("cafe2-cm1", 500, "test", port, 0.0, Path(tmp) / "puts.jsonl")
         try:
             plant = EpicsPlant(machine, path).connect()
             rules = [InterlockRule(i.name, i.rule, i.threshold) for i in machine.interlocks]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,12 +28,6 @@ import httpx
 import numpy as np
 
 TOKEN = "bench"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def store_overhead(tmp: Path, steps: int = 500) -> dict:
@@ -62,17 +55,13 @@ def store_overhead(tmp: Path, steps: int = 500) -> dict:
 
 def loop_under_load(tmp: Path, sessions: int = 12, readers: int = 50, poll_interval_s: float = 0.0) -> dict:
     """`readers` concurrent clients, each polling every `poll_interval_s` (0: flat out)."""
-    from hardware.ioc import loopback_environment
+    from hardware.ioc import free_port, loopback_environment, start_virtual_ioc
 
     tmp.mkdir(parents=True, exist_ok=True)
     ca_port, http_port = free_port(), free_port()
     env = {**os.environ, **loopback_environment(ca_port), "TBSAC_DATA_DIR": str(tmp / "data"),
            "TBSAC_DATABASE_URL": f"sqlite:///{tmp / 'srv.sqlite'}"}
-    ioc = subprocess.Popen([sys.executable, "-m", "ui.cli", "ioc", "--lattice", "cafe2-cm1", "--seed", "1", "--port", str(ca_port),
-                            "--ramp", "0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in ioc.stdout:
-        if line.startswith("READY"):
-            break
+    ioc = start_virtual_ioc("cafe2-cm1", 1, "test", ca_port, 0.0, env=env)
     server = subprocess.Popen([sys.executable, "-m", "ui.cli", "serve", "--port", str(http_port), "--token", TOKEN],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{http_port}"

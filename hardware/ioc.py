@@ -56,6 +56,47 @@ def loopback_environment(port: int) -> dict[str, str]:
     }
 
 
+def free_port() -> int:
+    """A loopback port free for both TCP and UDP (Channel Access uses both)."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            tcp.bind(("127.0.0.1", 0))
+            port = tcp.getsockname()[1]
+            try:
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port")
+
+
+def start_virtual_ioc(lattice: str, seed: int, errors: str, port: int, ramp_s: float = 0.2,
+                      put_log: Path | None = None, prefix: str | None = None, env: dict | None = None,
+                      timeout_s: float = 60.0):
+    """`tbsac ioc` as a background process; returns the Popen once it printed READY."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "ui.cli", "ioc", "--lattice", lattice, "--seed", str(seed), "--errors", errors,
+           "--port", str(port), "--ramp", str(ramp_s)]
+    if put_log:
+        cmd += ["--put-log", str(put_log)]
+    if prefix:
+        cmd += ["--prefix", prefix]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+                            env={**os.environ, **(env or {})})
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("READY"):
+            return proc
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError(f"virtual IOC for {lattice} did not start (exit code {proc.poll()})")
+
+
 def _server_environment(port: int) -> None:
     os.environ.update(
         EPICS_CAS_INTF_ADDR_LIST="127.0.0.1",

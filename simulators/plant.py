@@ -80,6 +80,12 @@ class Plant(ABC):
     def close(self) -> None:
         """Release connections; a simulated plant has none."""
 
+    def clip_to_limits(self, values: np.ndarray) -> np.ndarray:
+        """Values limited to every knob's range (what a power supply does)."""
+        lower = np.array([k.lower for k in self.knobs])
+        upper = np.array([k.upper for k in self.knobs])
+        return np.clip(np.asarray(values, dtype=float), lower, upper)
+
 
 class SimulatedPlant(Plant):
     """A plant backed by a simulator: ``reset(seed)`` draws a new machine."""

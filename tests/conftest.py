@@ -40,23 +40,14 @@ def run_cli():
 # ---------------------------------------------------------------------------
 import itertools
 import signal
-import socket
-import time
 
 import yaml
 
 
 def _free_port() -> int:
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            tcp.bind(("127.0.0.1", 0))
-            port = tcp.getsockname()[1]
-            try:
-                udp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
+    from hardware.ioc import free_port
+
+    return free_port()
 
 
 EPICS_PORT = _free_port()
@@ -81,19 +72,10 @@ class Ioc:
         self.start()
 
     def start(self) -> "Ioc":
-        self.proc = subprocess.Popen(
-            [*tbsac_cmd(), "ioc", "--lattice", self.lattice, "--seed", str(self.seed), "--errors", self.errors,
-             "--port", str(EPICS_PORT), "--ramp", str(self.ramp), "--put-log", str(self.put_log), "--prefix", self.prefix],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if line.startswith("READY"):
-                return self
-            if not line and self.proc.poll() is not None:
-                break
-        raise RuntimeError(f"IOC did not start (exit {self.proc.poll()})")
+        from hardware.ioc import start_virtual_ioc
+
+        self.proc = start_virtual_ioc(self.lattice, self.seed, self.errors, EPICS_PORT, self.ramp, self.put_log, self.prefix)
+        return self
 
     def machine_file(self, name: str = "machine.yaml", **corrector_overrides) -> Path:
         """The shipped machine file for this lattice, pointed at this IOC's prefix."""

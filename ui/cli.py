@@ -148,29 +148,6 @@ def evaluate_orbit_cmd(
     console.print(f"plot written to {path}")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start_virtual_ioc(lattice: str, seed: int, errors: str, port: int, put_log: Path):
-    """`tbsac ioc` in the background; returns the process once it printed READY."""
-    import subprocess
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ui.cli", "ioc", "--lattice", lattice, "--seed", str(seed), "--errors", errors,
-         "--port", str(port), "--put-log", str(put_log)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-    )
-    for line in proc.stdout:
-        if line.startswith("READY"):
-            return proc
-    raise RuntimeError(f"virtual IOC did not start (exit code {proc.wait()})")
-
-
 @evaluate_app.command("rfq")
 def evaluate_rfq_cmd(
     lattice: str = typer.Option("lpi", "--lattice", "-l", help="Injector lattice name or path."),
@@ -230,17 +207,17 @@ def demo(
     from controller.evaluation import evaluate_orbit, plot_orbit_evaluation
     from controller.policy import Policy
     from controller.session import run_orbit_session
-    from hardware.ioc import loopback_environment
+    from hardware.ioc import free_port, loopback_environment, start_virtual_ioc
     from safety.guard import InterlockRule
     from simulators.beamline.task import OrbitTaskConfig
 
     lat, em = _load("cafe2-cm1", "test")
     agent = Policy.load("pretrained", lattice=lat)
-    port = _free_port()
+    port = free_port()
     os.environ.update(loopback_environment(port))
     work = Path(tempfile.mkdtemp(prefix="tbsac-demo-"))
     console.print(f"starting the virtual cafe2-cm1 IOC on 127.0.0.1:{port} (hidden errors: 'test', seed {seed})")
-    ioc_proc = _start_virtual_ioc("cafe2-cm1", seed, "test", port, work / "puts.jsonl")
+    ioc_proc = start_virtual_ioc("cafe2-cm1", seed, "test", port, put_log=work / "puts.jsonl")
     try:
         machine, path, _, plant = _connect("virtual-cafe2-cm1")
         result = run_orbit_session(

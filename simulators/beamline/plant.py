@@ -55,9 +55,7 @@ class OrbitSimPlant(SimulatedPlant):
 
     def write_knobs(self, values: np.ndarray) -> None:
         # A power supply cannot go beyond its range: clamp as the hardware would.
-        lower = np.array([k.lower for k in self.knobs])
-        upper = np.array([k.upper for k in self.knobs])
-        self._settings = np.clip(np.asarray(values, dtype=float), lower, upper)
+        self._settings = self.clip_to_limits(values)
 
     def true_orbit(self) -> np.ndarray:
         """Noise-free readings (with BPM offsets) at the current settings, mm."""

@@ -101,9 +101,7 @@ class InjectorSimPlant(SimulatedPlant):
         return self._settings.copy()
 
     def write_knobs(self, values: np.ndarray) -> None:
-        lo = np.array([k.lower for k in self.knobs])
-        hi = np.array([k.upper for k in self.knobs])
-        self._settings = np.clip(np.asarray(values, dtype=float), lo, hi)
+        self._settings = self.clip_to_limits(values)
 
     def true_transmission(self, settings: np.ndarray | None = None) -> float:
         return self.model.currents(self._settings if settings is None else settings).transmission
