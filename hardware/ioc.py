@@ -14,7 +14,7 @@ PV names (``P`` = prefix, e.g. ``VCAFE2:CM1``)::
     P:BEAM:I              beam current after the cryomodule, uA
     P:MPS:OK              1 while the machine protection system permits beam
     P:SIM:BPM_FAULT       fault injection on the first BPM's X: 0 none, 1 NaN,
-                          2 saturated, 3 INVALID severity
+                          2 saturated, 3 INVALID severity, 4 frozen (stale timestamp)
     P:SIM:BEAM_LOSS       fault injection: 1 scrapes 80 % of the beam
 """
 
@@ -160,6 +160,8 @@ def serve(lattice_name: str, seed: int, errors: str, port: int, ramp_s: float, p
         current = plant.beam_current() * (0.2 if fault["beam_loss"] else 1.0)
         noise = rng.normal(0.0, plant.errors.bpm_noise_mm, orbit.shape)
         for i, rec in enumerate(bpm_records):
+            if i == 0 and fault["bpm"] == 4:
+                continue  # frozen electronics: the record keeps its old value and timestamp
             value, severity = float(orbit[i] + noise[i]), alarm.NO_ALARM
             if current < 0.05:  # no beam: the BPM electronics flag the reading
                 value, severity = float("nan"), alarm.INVALID_ALARM

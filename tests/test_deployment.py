@@ -117,6 +117,22 @@ def test_bad_bpm_trips_and_restores(start_ioc, tmp_path, fault, needle):
     assert ioc.puts()[-10:] == [p for p in ioc.puts()[-10:] if p["value"] == 0.0]
 
 
+def test_stale_bpm_data_trips_and_restores(start_ioc, tmp_path):
+    ioc = start_ioc(seed=4)
+    machine, plant = connect(ioc)
+    plant.machine = machine.model_copy(update={"stale_after_s": 0.5})
+
+    def freeze(record):
+        if record.step == 1:
+            epics.caput(ioc.pv("SIM:BPM_FAULT"), 4, wait=True)
+            time.sleep(0.8)  # longer than stale_after_s: BPM1:X stops updating
+
+    result = session(ioc, plant, machine, tmp_path, on_step=freeze)
+    assert result.status == "tripped" and result.restored
+    assert any("BPM1:x stale" in t for t in result.trips), result.trips
+    np.testing.assert_allclose(setpoints(ioc, machine), 0.0, atol=1e-9)
+
+
 def test_beam_loss_trips_and_restores(start_ioc, tmp_path):
     ioc = start_ioc(seed=5)
     machine, plant = connect(ioc)

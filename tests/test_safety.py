@@ -36,6 +36,17 @@ def test_snapshot_is_on_disk_before_any_write(plant, tmp_path):
     assert g.writes == 0
 
 
+def test_out_of_range_reading_trips(plant, tmp_path):
+    from simulators.plant import ReadingSpec
+
+    plant.readings = [ReadingSpec(r.name, r.unit, -0.1, 0.1) for r in plant.readings]
+    g = GuardedPlant(plant, snapshot_path=tmp_path / "snap.json")
+    with pytest.raises(SafetyTrip, match="outside") as info:
+        g.begin()
+    assert info.value.restored  # the snapshot (the starting settings) is written back and verified
+    np.testing.assert_array_equal(plant.read_knobs(), 0.5)
+
+
 def test_max_steps_trips_and_restores(plant, tmp_path):
     g = guarded(plant, tmp_path, max_steps=2)
     g.write_knobs(np.full(10, 0.7))
