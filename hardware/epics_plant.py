@@ -114,9 +114,6 @@ class EpicsPlant(Plant):
                         f"IOC's drive limits [{drvl}, {drvh}] of {c.setpoint}"
                     )
 
-    def _get(self, name: str) -> dict:
-        return self._get_many([name])[0]
-
     def _get_many(self, names: list[str]) -> list[dict]:
         """Fresh values with timestamp and severity, all requests in flight at once.
 

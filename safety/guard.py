@@ -156,6 +156,7 @@ class GuardedPlant(Plant):
         self.snapshot_context = snapshot_context or {}
         self.events: list[SafetyEvent] = []
         self.abort_requested = threading.Event()
+        self._abort_reason = "operator abort"
         self.tripped: SafetyTrip | None = None
         self.writes = 0
         self.lower = np.array([k.lower for k in plant.knobs])
@@ -170,11 +171,8 @@ class GuardedPlant(Plant):
 
     # -- bookkeeping ---------------------------------------------------------------
     def _record(self, kind: str, reason: str, **data) -> None:
-        event = SafetyEvent(time.time(), kind, reason, data)
-        self.events.append(event)
         log.info("safety %s: %s", kind, reason)
-        if self.on_event:
-            self.on_event(event)
+        self.on_event_and_store(SafetyEvent(time.time(), kind, reason, data))
 
     def begin(self) -> np.ndarray:
         """Snapshot the starting settings (on disk first) and the interlock baselines."""
@@ -228,7 +226,7 @@ class GuardedPlant(Plant):
         if self.tripped is not None:
             raise self.tripped
         if self.abort_requested.is_set():
-            self._trip(getattr(self, "_abort_reason", "operator abort"), kind=OperatorAbort)
+            self._trip(self._abort_reason, kind=OperatorAbort)
         if time.monotonic() - self._started > self.config.max_duration_s:
             self._trip(f"session longer than {self.config.max_duration_s} s")
 
