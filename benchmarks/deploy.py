@@ -30,10 +30,13 @@ from hardware.machine import load_machine
 LATTICES = ("cafe2-cm1", "cafe2-cm2", "cafe2-cm3")
 
 
-def check_puts(puts: list[dict], machine) -> list[str]:
-    """Violations of the machine file's limits and per-step change in the IOC's log."""
+def check_puts(puts: list[dict], machine, start: dict[str, float] | None = None) -> list[str]:
+    """Violations of the machine file's limits and per-step change in the IOC's log.
+
+    `start` holds the setpoints before the session (default: all zero).
+    """
     by_pv = {c.setpoint: c for c in machine.correctors}
-    last = {pv: 0.0 for pv in by_pv}
+    last = dict(start) if start else {pv: 0.0 for pv in by_pv}
     problems = []
     for p in puts:
         c = by_pv.get(p["pv"])
@@ -87,7 +90,7 @@ def overhead(sessions: int = 20) -> dict:
     port = free_port()
     os.environ.update(loopback_environment(port))
     from controller.policy import Policy
-    from controller.session import run_orbit_session
+    from controller.session import run_session
     from hardware.epics_plant import EpicsPlant
     from safety.guard import InterlockRule
     from simulators.beamline.lattice import load_lattice
@@ -107,7 +110,7 @@ def overhead(sessions: int = 20) -> dict:
             rules = [InterlockRule(i.name, i.rule, i.threshold) for i in machine.interlocks]
             for k in range(sessions):
                 snap = Path(tmp) / f"s{k}.json"
-                result = run_orbit_session(plant, policy, interlocks=rules, snapshot_path=snap)
+                result = run_session(plant, policy, interlocks=rules, snapshot_path=snap)
                 latencies += [r.latency_s for r in result.step_records]
                 restore_snapshot(plant, read_snapshot(snap))
             plant.close()

@@ -8,17 +8,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hardware.machine import MACHINE_DIR, check_matches_lattice, load_machine
+from hardware.machine import MACHINE_DIR, RFQ_MONITORS, load_machine, load_machine_lattice
 from safety.guard import MODES, GuardedPlant, InterlockRule, read_snapshot, restore_snapshot
 from simulators.beamline.errors import load_error_model
 from simulators.beamline.lattice import load_lattice, shipped_lattices
 from simulators.config import ConfigError
+from simulators.injector.model import load_injector, shipped_injectors
 from simulators.plant import Plant, PlantFault
 
 from .paths import snapshot_dir
 from .policy import Policy
 from .recording import SessionRecorder, machine_record_from_file, machine_record_simulated
-from .session import run_orbit_session
+from .session import run_session
 from .store import SessionRow, Store
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,17 @@ class ActiveSession:
     done: threading.Event = field(default_factory=threading.Event)
 
 
+def _injector_layout(lattice_name: str) -> dict:
+    """An injector has no BPMs: its knobs (T, mrad) and the two current monitors."""
+    lattice = load_injector(lattice_name)
+    return {
+        "task": "rfq", "bpms": [],
+        "correctors": [{"name": n, "lower": lo, "upper": hi, "unit": "T" if ":" not in n else "mrad"}
+                       for n, (lo, hi) in zip(lattice.knob_names, lattice.knob_limits)],
+        "readings": list(RFQ_MONITORS),
+    }
+
+
 def _layout(lattice_name: str, knob_limits: list[tuple[float, float]] | None = None) -> dict:
     """What a console needs to draw a machine: BPM positions, corrector limits (units)."""
     from .evaluation import bpm_positions
@@ -59,6 +71,7 @@ def _layout(lattice_name: str, knob_limits: list[tuple[float, float]] | None = N
     lattice = load_lattice(lattice_name)
     limits = knob_limits or [(-lattice.corrector_limit, lattice.corrector_limit)] * lattice.n_correctors
     return {
+        "task": "orbit",
         "bpms": [{"name": n, "s_m": round(float(s), 5)} for n, s in zip(lattice.bpm_names, bpm_positions(lattice))],
         "correctors": [{"name": n, "lower": lo, "upper": hi, "unit": "simulator units"}
                        for n, (lo, hi) in zip(lattice.corrector_names, limits)],
@@ -73,12 +86,17 @@ def list_machines() -> list[dict]:
         if p.name.endswith(".yaml"):
             machine, _ = load_machine(Path(str(p)))
             limits = [tuple(sorted((c.lower / c.scale, c.upper / c.scale))) for c in machine.correctors]
+            layout = _injector_layout(machine.lattice) if machine.task == "rfq" else _layout(machine.lattice, limits)
             out.append({"name": machine.name, "kind": "epics", "lattice": machine.lattice, "description": machine.description,
-                        "interlocks": [i.name for i in machine.interlocks], **_layout(machine.lattice, limits)})
+                        "interlocks": [i.name for i in machine.interlocks], **layout})
     for name in shipped_lattices():
         out.append({"name": SIM_PREFIX + name, "kind": "simulated", "lattice": name,
                     "description": f"{name} in simulation (hidden errors drawn from a seed)",
                     "interlocks": ["beam_current"], **_layout(name)})
+    for name in shipped_injectors():
+        out.append({"name": SIM_PREFIX + name, "kind": "simulated", "lattice": name,
+                    "description": f"{name} injector in simulation (hidden errors drawn from a seed)",
+                    "interlocks": ["transmission"], **_injector_layout(name)})
     return out
 
 
@@ -94,6 +112,14 @@ class SessionManager:
 
     # -- starting ------------------------------------------------------------------
     def _plant_for(self, machine: str, seed: int, errors: str):
+        if machine.startswith(SIM_PREFIX) and machine[len(SIM_PREFIX):] in shipped_injectors():
+            from simulators.injector.task import InjectorSimPlant, load_injector_errors
+
+            lattice = load_injector(machine[len(SIM_PREFIX):])
+            plant = InjectorSimPlant(lattice, load_injector_errors(errors))
+            plant.reset(seed)
+            rules = [InterlockRule("transmission", "min_fraction_of_start", 0.5)]
+            return plant, lattice, machine_record_simulated(lattice.name, errors, seed), rules
         if machine.startswith(SIM_PREFIX):
             from simulators.beamline.plant import OrbitSimPlant
 
@@ -105,8 +131,7 @@ class SessionManager:
         from hardware.epics_plant import EpicsPlant
 
         machine_file, path = load_machine(machine)
-        lattice = load_lattice(machine_file.lattice)
-        check_matches_lattice(machine_file, path, lattice)
+        lattice = load_machine_lattice(machine_file, path)
         plant = EpicsPlant(machine_file, path).connect()
         rules = [InterlockRule(i.name, i.rule, i.threshold) for i in machine_file.interlocks]
         return plant, lattice, machine_record_from_file(machine_file, path), rules
@@ -151,7 +176,7 @@ class SessionManager:
             return active.decision
 
         try:
-            result = run_orbit_session(
+            result = run_session(
                 active.plant, agent, mode=active.mode, interlocks=rules, snapshot_path=snapshot, snapshot_context=context,
                 approver=approver if active.mode == "approve" else None,
                 on_step=active.recorder.on_step, on_event=active.recorder.on_event,

@@ -101,8 +101,19 @@ class Policy:
 
 
 def check_compatible(meta: dict, lattice, path: Path) -> None:
-    """Raise ConfigError if the policy's lattice layout differs from `lattice`."""
+    """Raise ConfigError if the policy's task or lattice layout differs from `lattice`'s."""
+    from simulators.injector.model import InjectorLattice
+
+    task = meta.get("task", "orbit")
+    wanted = "rfq" if isinstance(lattice, InjectorLattice) else "orbit"
+    if task != wanted:
+        raise ConfigError(f"{path}: field 'metadata.task': policy is for task {task!r}, lattice {lattice.name} is for {wanted!r}")
     trained = meta.get("lattice", {})
+    if task == "rfq":
+        if trained.get("knob_names") != lattice.knob_names:
+            raise ConfigError(f"{path}: field 'metadata.lattice.knob_names': policy expects {trained.get('knob_names')}, "
+                              f"lattice {lattice.name} has {lattice.knob_names}")
+        return
     mine = lattice.fingerprint()
     for key, what in (("n_bpm", "BPMs"), ("n_correctors", "correctors")):
         if trained.get(key) != mine[key]:

@@ -171,7 +171,6 @@ def evaluate_rfq(lattice: InjectorLattice, errors: InjectorErrorModel, policy, e
     """Every method on injectors ``seed .. seed + episodes - 1`` with the same budget."""
     env = TransmissionEnv(lattice, errors, TransmissionTaskConfig(max_steps=budget))
     runs: dict[str, list[RfqEpisode]] = {m: [] for m in methods if m != "agent" or policy is not None}
-    best_per_machine = []
     for i in range(episodes):
         machine = seed + i
         finals_and_starts = []
@@ -192,12 +191,16 @@ def evaluate_rfq(lattice: InjectorLattice, errors: InjectorErrorModel, policy, e
         env.reset(seed=machine)
         best = best_achievable(env.plant.model, lattice, [env.plant.read_knobs()] + finals_and_starts[:2])
         best = max([best] + [runs[m][-1].final for m in runs])
-        best_per_machine.append(best)
         for m in runs:
             runs[m][-1].best_achievable = best
-    summary = {
-        "task": "rfq", "lattice": lattice.name, "errors": errors.name, "episodes": episodes, "seed": seed, "budget": budget,
-        "best_achievable": {"median": round(float(np.median(best_per_machine)), 4), "min": round(float(np.min(best_per_machine)), 4)},
+    return rfq_summary(lattice.name, errors.name, seed, budget, runs), runs
+
+
+def rfq_summary(lattice: str, errors: str, seed: int, budget: int, runs: dict[str, list[RfqEpisode]]) -> dict:
+    """The `evaluate rfq` JSON for episodes of every method (possibly merged from workers)."""
+    best = [e.best_achievable for e in next(iter(runs.values()))]
+    return {
+        "task": "rfq", "lattice": lattice, "errors": errors, "episodes": len(best), "seed": seed, "budget": budget,
+        "best_achievable": {"median": round(float(np.median(best)), 4), "min": round(float(np.min(best)), 4)},
         "results": {m: summarise_rfq(eps) for m, eps in runs.items()},
     }
-    return summary, runs

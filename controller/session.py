@@ -1,8 +1,8 @@
 """Running a trained policy on a machine, step by step, through the safety layer.
 
-The same :class:`OrbitTask` as in training turns readings into observations; the only
-difference from simulation is the plant: a :class:`GuardedPlant` around an EPICS (or
-any other) plant.
+The same task as in training (:class:`OrbitTask`, :class:`TransmissionTask`) turns
+readings into observations; the only difference from simulation is the plant: a
+:class:`GuardedPlant` around an EPICS (or any other) plant.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from safety.guard import (
     Approver, GuardedPlant, InterlockRule, Mode, OperatorAbort, OperatorRejected, SafetyConfig, SafetyEvent, SafetyTrip,
 )
 from simulators.beamline.task import OrbitTask, OrbitTaskConfig, rms
-from simulators.plant import Plant
+from simulators.injector.task import TransmissionTask, TransmissionTaskConfig
+from simulators.plant import KnobSpec, Plant
 
 from .policy import Policy
 
@@ -36,12 +37,13 @@ class StepRecord:
     proposed: list[float]  # settings it asked for (simulator units)
     safe: list[float]  # settings after the safety layer, as written
     readbacks: list[float]  # settings read back from the machine
-    readings: list[float]  # BPM readings after the step, mm
+    readings: list[float]  # readings after the step (BPMs in mm, or ACCT and cup in mA)
     interlocks: dict[str, float]
     reward: float
-    rms_mm: float
+    rms_mm: float  # orbit task; NaN for the RFQ task
     latency_s: float
     time: float
+    transmission: float | None = None  # RFQ task
 
 
 @dataclass
@@ -57,15 +59,121 @@ class SessionResult:
     status: str = "completed"  # completed, not_converged, tripped, aborted, rejected, dry-run
     step_records: list[StepRecord] = field(default_factory=list)
     events: list[SafetyEvent] = field(default_factory=list)
+    task: str = "orbit"
+    initial_transmission: float | None = None  # RFQ task
+    final_transmission: float | None = None
 
     def summary(self) -> dict:
-        keys = ("initial_rms_mm", "final_rms_mm", "steps", "wall_s", "success", "trips", "restored", "snapshot")
+        metric = ("initial_transmission", "final_transmission") if self.task == "rfq" else ("initial_rms_mm", "final_rms_mm")
+        keys = metric + ("steps", "wall_s", "success", "trips", "restored", "snapshot")
         out = {k: getattr(self, k) for k in keys}
         out["status"] = self.status
         return out
 
 
-def run_orbit_session(
+RFQ_MAX_EXCURSION_STEPS = 15.0
+
+
+class _OrbitDriver:
+    """Orbit correction: stops at the target RMS; not reaching it restores the start."""
+
+    task_name = "orbit"
+
+    def __init__(self, plant: Plant, policy: Policy):
+        self.config = OrbitTaskConfig(**policy.metadata.get("task_config", {}))
+        self.task = OrbitTask(
+            n_readings=len(plant.readings),
+            knob_lower=np.array([k.lower for k in plant.knobs]),
+            knob_upper=np.array([k.upper for k in plant.knobs]),
+            config=self.config,
+        )
+        self.max_steps = self.config.max_steps
+        self.default_safety = SafetyConfig()
+
+    def nothing_to_do(self, readings) -> float | None:
+        # Do not touch a machine that is already within target.
+        value = float(rms(readings.values))
+        return value if value < self.config.target_rms_mm else None
+
+    def start(self, guard: GuardedPlant) -> tuple[np.ndarray, float, SafetyEvent]:
+        obs = self.task.start(guard)
+        initial = float(rms(self.task.initial_readings))
+        event = SafetyEvent(time.time(), "start", f"starting orbit RMS {initial:.3f} mm", {
+            "readings": self.task.initial_readings.tolist(), "settings": guard.snapshot.tolist(),
+            "readings_after_probe": self.task.readings.tolist()})
+        return obs, float(rms(self.task.readings)), event
+
+    def readings(self) -> list[float]:
+        return self.task.readings.tolist()
+
+    def step_fields(self, info: dict) -> dict:
+        return {"rms_mm": info["rms_mm"]}
+
+    def metric(self, info: dict) -> float:
+        return info["rms_mm"]
+
+    def finish(self, guard: GuardedPlant, info: dict | None, initial: float, final: float) -> tuple[bool, str]:
+        success = bool(info and info.get("success"))
+        if success:
+            return True, "completed"
+        guard.stop_and_restore(f"target RMS not reached in {self.task.steps} steps")
+        return False, "not_converged"
+
+
+class _TransmissionDriver:
+    """RFQ transmission: the whole step budget is used (the optimum is not known).
+
+    Success is ending at or above the target transmission (85 %). Below it, the new
+    settings are kept if they transmit more than the starting ones (an operator keeps
+    an improvement) and the start is restored otherwise.
+    """
+
+    task_name = "rfq"
+
+    def __init__(self, plant: Plant, policy: Policy):
+        meta = policy.metadata
+        self.config = TransmissionTaskConfig(**meta.get("task_config", {}))
+        steps = meta["action"]["step"]
+        if len(steps) != len(plant.knobs):
+            raise ValueError(f"policy drives {len(steps)} knobs, the machine has {len(plant.knobs)}")
+        # Action scaling as in training; the machine file's limits still apply.
+        knobs = [KnobSpec(k.name, k.unit, k.lower, k.upper, step) for k, step in zip(plant.knobs, steps)]
+        self.task = TransmissionTask(knobs, meta["observation"]["nominal_current_ma"], self.config)
+        self.max_steps = self.config.max_steps
+        # Knobs in T and mrad: the excursion limit is counted in each knob's own steps.
+        self.default_safety = SafetyConfig(max_excursion_steps=RFQ_MAX_EXCURSION_STEPS)
+
+    def nothing_to_do(self, readings) -> float | None:
+        return None
+
+    def start(self, guard: GuardedPlant) -> tuple[np.ndarray, float, SafetyEvent]:
+        obs = self.task.start(guard)
+        t = self.task.transmission
+        event = SafetyEvent(time.time(), "start", f"starting transmission {t:.3f}", {
+            "readings": guard.last_readings.values.tolist(), "settings": guard.snapshot.tolist()})
+        return obs, t, event
+
+    def readings(self) -> list[float]:
+        return self.task.last_readings.tolist()
+
+    def step_fields(self, info: dict) -> dict:
+        return {"rms_mm": float("nan"), "transmission": info["transmission"]}
+
+    def metric(self, info: dict) -> float:
+        return info["transmission"]
+
+    def finish(self, guard: GuardedPlant, info: dict | None, initial: float, final: float) -> tuple[bool, str]:
+        if final >= self.config.target_transmission:
+            return True, "completed"
+        if final <= initial:
+            guard.stop_and_restore(f"transmission {final:.3f} not above the start {initial:.3f}")
+        else:
+            guard.on_event_and_store(SafetyEvent(time.time(), "stop", f"transmission {initial:.3f} -> {final:.3f}, below "
+                                                 f"{self.config.target_transmission:.2f}: improved settings kept"))
+        return False, "not_converged"
+
+
+def run_session(
     plant: Plant,
     policy: Policy,
     mode: Mode = "auto",
@@ -79,35 +187,42 @@ def run_orbit_session(
     guard_ready: Callable[[GuardedPlant], None] | None = None,
     before_step: Callable[[], None] | None = None,
 ) -> SessionResult:
-    """Correct the orbit of `plant` with `policy`; never raises on a trip (see result)."""
+    """Tune `plant` with `policy` (orbit or RFQ task, from the policy); never raises on a trip."""
     start = time.perf_counter()
-    config = OrbitTaskConfig(**policy.metadata.get("task_config", {}))
-    guard = GuardedPlant(plant, safety, interlocks, mode, snapshot_path, approver, on_event, snapshot_context)
+    driver = _TransmissionDriver(plant, policy) if policy.metadata.get("task") == "rfq" else _OrbitDriver(plant, policy)
+    guard = GuardedPlant(plant, safety or driver.default_safety, interlocks, mode, snapshot_path, approver, on_event, snapshot_context)
     if guard_ready:
         guard_ready(guard)
-    task = OrbitTask(
-        n_readings=len(plant.readings),
-        knob_lower=np.array([k.lower for k in plant.knobs]),
-        knob_upper=np.array([k.upper for k in plant.knobs]),
-        config=config,
-    )
+    task = driver.task
     records: list[StepRecord] = []
     initial = final = None
     success, status = False, "completed"
+
+    def result(**kw) -> SessionResult:
+        trips = [e.reason for e in guard.events if e.kind == "trip"]
+        restored = any(e.kind == "restore" for e in guard.events)
+        metric = ({"initial_transmission": initial, "final_transmission": final} if driver.task_name == "rfq"
+                  else {"initial_rms_mm": initial, "final_rms_mm": final})
+        fields = dict(metric, steps=task.steps, wall_s=round(time.perf_counter() - start, 3), success=success,
+                      trips=trips, restored=restored, snapshot=str(snapshot_path) if snapshot_path else None,
+                      status=status, step_records=records, events=guard.events, task=driver.task_name)
+        fields.update(kw)
+        fields.setdefault("initial_rms_mm", None)
+        fields.setdefault("final_rms_mm", None)
+        return SessionResult(**fields)
+
     try:
         guard.begin()
-        already = float(rms(guard.read().values))
-        if already < config.target_rms_mm:
-            # Nothing to do: do not touch a machine that is already within target.
-            return SessionResult(already, already, 0, round(time.perf_counter() - start, 3), True, [], False,
-                                 str(snapshot_path) if snapshot_path else None, "completed", [], guard.events)
-        obs = task.start(guard)
-        initial = float(rms(task.initial_readings))
-        guard.on_event_and_store(SafetyEvent(time.time(), "start", f"starting orbit RMS {initial:.3f} mm", {
-            "readings": task.initial_readings.tolist(), "settings": guard.snapshot.tolist(),
-            "readings_after_probe": task.readings.tolist()}))
-        final = float(rms(task.readings))
-        n_steps = 1 if mode == "dry-run" else config.max_steps
+        already = driver.nothing_to_do(guard.read())
+        if already is not None:
+            initial = final = already
+            success = True
+            return result(steps=0, trips=[], restored=False, events=guard.events)
+        obs, initial, event = driver.start(guard)
+        guard.on_event_and_store(event)
+        final = initial
+        info = None
+        n_steps = 1 if mode == "dry-run" else driver.max_steps
         for _ in range(n_steps):
             if before_step:
                 before_step()  # e.g. wait while an operator has paused the session
@@ -119,32 +234,23 @@ def run_orbit_session(
             record = StepRecord(
                 step=task.steps, observation=seen.tolist(), action=np.asarray(action, dtype=float).tolist(),
                 proposed=proposed.tolist(), safe=guard.settings.tolist(), readbacks=task.settings.tolist(),
-                readings=task.readings.tolist(), interlocks=dict(guard.last_readings.interlocks) if guard.last_readings else {},
-                reward=float(reward), rms_mm=info["rms_mm"], latency_s=time.perf_counter() - t0, time=time.time(),
+                readings=driver.readings(), interlocks=dict(guard.last_readings.interlocks) if guard.last_readings else {},
+                reward=float(reward), latency_s=time.perf_counter() - t0, time=time.time(), **driver.step_fields(info),
             )
             records.append(record)
             if on_step:
                 on_step(record)
-            final = info["rms_mm"]
+            final = driver.metric(info)
             if terminated or truncated:
-                success = bool(info["success"])
                 break
         if mode == "dry-run":
             status = "dry-run"
-        elif not success:
-            status = "not_converged"
-            guard.stop_and_restore(f"target RMS not reached in {task.steps} steps")
+        else:
+            success, status = driver.finish(guard, info, initial, final)
     except OperatorRejected:
         status = "rejected"
     except OperatorAbort:
         status = "aborted"
     except SafetyTrip:
         status = "tripped"
-    trips = [e.reason for e in guard.events if e.kind == "trip"]
-    restored = any(e.kind == "restore" for e in guard.events)
-    return SessionResult(
-        initial_rms_mm=initial, final_rms_mm=final, steps=task.steps, wall_s=round(time.perf_counter() - start, 3),
-        success=success, trips=trips, restored=restored,
-        snapshot=str(snapshot_path) if snapshot_path else None, status=status,
-        step_records=records, events=guard.events,
-    )
+    return result()

@@ -61,7 +61,7 @@ def _no_repeater_complaint():
 
 
 class EpicsPlant(Plant):
-    """Correctors and BPMs of a machine file, in simulator units and mm."""
+    """Knobs (in simulator units) and BPMs (mm) or current monitors of a machine file."""
 
     def __init__(self, machine: MachineFile, path: Path | str = "machine file"):
         self.machine = machine
@@ -74,7 +74,7 @@ class EpicsPlant(Plant):
             self.knobs.append(KnobSpec(c.name, "unit", lo, hi, c.max_step / abs(c.scale), c.tolerance / abs(c.scale)))
         self.readings = [
             ReadingSpec(f"{b.name}:{p}", "mm", -b.range_mm, b.range_mm) for b in machine.bpms for p in ("x", "y")
-        ]
+        ] + [ReadingSpec(m.name, m.unit, m.lower, m.upper) for m in machine.monitors]
         self._pvs: dict[str, object] = {}
 
     # -- connection ---------------------------------------------------------------
@@ -202,20 +202,20 @@ class EpicsPlant(Plant):
         return value, stamp, not reason, reason
 
     def read(self) -> Readings:
-        bpm_pvs = [pv for b in self.machine.bpms for pv in (b.x, b.y)]
+        reading_pvs = [pv for b in self.machine.bpms for pv in (b.x, b.y)] + [m.pv for m in self.machine.monitors]
         status_pvs = [b.status for b in self.machine.bpms if b.status]
         interlock_pvs = [i.pv for i in self.machine.interlocks]
         samples = []
         for _ in range(self.machine.samples_per_reading):
-            data = self._get_many(bpm_pvs + status_pvs + interlock_pvs)
+            data = self._get_many(reading_pvs + status_pvs + interlock_pvs)
             samples.append((data, time.time()))
-        n_bpm = len(bpm_pvs)
+        n_read = len(reading_pvs)
         status_bad = {}
         for data, _ in samples:
-            for b, d in zip([b for b in self.machine.bpms if b.status], data[n_bpm : n_bpm + len(status_pvs)]):
+            for b, d in zip([b for b in self.machine.bpms if b.status], data[n_read : n_read + len(status_pvs)]):
                 status_bad[b.name] = status_bad.get(b.name, False) or float(d["value"]) != 0
         values, stamps, valid, problems = [], [], [], {}
-        names = [f"{b.name}:{p}" for b in self.machine.bpms for p in ("x", "y")]
+        names = [s.name for s in self.readings]
         for i, name in enumerate(names):
             judged = [self._judge(data[i], now, True) for data, now in samples]
             reason = next((j[3] for j in judged if j[3]), "")
@@ -228,7 +228,7 @@ class EpicsPlant(Plant):
             valid.append(not reason)
         interlocks = {}
         data, now = samples[-1]
-        for il, d in zip(self.machine.interlocks, data[n_bpm + len(status_pvs):]):
+        for il, d in zip(self.machine.interlocks, data[n_read + len(status_pvs):]):
             # Interlock PVs change only on events, so an old timestamp is normal for them.
             value, _, ok, reason = self._judge(d, now, check_age=False)
             interlocks[il.name] = value if ok else float("nan")

@@ -1,4 +1,4 @@
-"""Virtual accelerator: a real EPICS IOC (softioc) serving a simulated cryomodule.
+"""Virtual accelerator: a real EPICS IOC (softioc) serving a simulated cryomodule or injector.
 
 The machine behind the PVs has hidden errors drawn from an error model (misalignments,
 solenoid and corrector-scale errors, BPM noise), and its correctors are wired with the
@@ -16,6 +16,8 @@ PV names (``P`` = prefix, e.g. ``VCAFE2:CM1``)::
     P:SIM:BPM_FAULT       fault injection on the first BPM's X: 0 none, 1 NaN,
                           2 saturated, 3 INVALID severity, 4 frozen (stale timestamp)
     P:SIM:BEAM_LOSS       fault injection: 1 scrapes 80 % of the beam
+
+The injector (``tbsac ioc --lattice lpi``) is described in :func:`_serve_injector`.
 """
 
 from __future__ import annotations
@@ -131,10 +133,89 @@ def read_put_log(path: Path) -> list[dict]:
     return out
 
 
+def is_injector_lattice(name_or_path: str) -> bool:
+    """True for a shipped injector lattice name or an injector lattice file (it has a species)."""
+    from simulators.config import read_yaml
+    from simulators.injector.model import LATTICE_DIR
+
+    if (LATTICE_DIR / f"{name_or_path}.yaml").is_file():
+        return True
+    path = Path(name_or_path)
+    if path.is_file():
+        data = read_yaml(path)
+        return isinstance(data, dict) and "species" in data
+    return False
+
+
 def serve(lattice_name: str, seed: int, errors: str, port: int, ramp_s: float, put_log: Path | None, prefix: str | None = None) -> None:
-    """Run the virtual IOC until SIGTERM/SIGINT."""
+    """Run the virtual IOC (cryomodule or injector, by lattice) until SIGTERM/SIGINT."""
     _server_environment(port)
-    from softioc import alarm, asyncio_dispatcher, builder, softioc
+    if is_injector_lattice(lattice_name):
+        _serve_injector(lattice_name, seed, errors, ramp_s, PutLog(put_log), prefix, port)
+    else:
+        _serve_cryomodule(lattice_name, seed, errors, ramp_s, PutLog(put_log), prefix, port)
+
+
+class _Supplies:
+    """Ramped magnet power supplies: setpoint PVs whose puts complete when the ramp ends."""
+
+    def __init__(self, builder, prefix: str, ramp_s: float, log: PutLog, on_settled):
+        self.builder, self.prefix, self.ramp_s, self.log, self.on_settled = builder, prefix, ramp_s, log, on_settled
+        self.readbacks = []
+
+    def add(self, name: str, initial: float, drive: tuple[float, float], set_knob) -> None:
+        index = len(self.readbacks)
+        pv = f"{self.prefix}:{name}:I_SET"
+
+        async def on_update(value: float) -> None:
+            self.log.record(pv, value)
+            start = self.readbacks[index].get()
+            n = max(1, int(self.ramp_s / 0.02))
+            for k in range(1, n + 1):
+                if self.ramp_s > 0:
+                    await asyncio.sleep(self.ramp_s / n)
+                self.readbacks[index].set(start + (value - start) * k / n)
+            set_knob(value)
+            self.on_settled()
+
+        self.builder.aOut(f"{name}:I_SET", initial_value=initial, on_update=on_update, always_update=True, blocking=True,
+                          DRVL=drive[0], DRVH=drive[1], EGU="A", PREC=4)
+        self.readbacks.append(self.builder.aIn(f"{name}:I_RB", initial_value=initial, EGU="A", PREC=4))
+
+
+def _sim_control(builder, prefix: str, name: str, faults: dict, key: str, log: PutLog, publish) -> None:
+    """A fault-injection PV (``P:SIM:<name>``) that sets ``faults[key]``."""
+    pv = f"{prefix}:SIM:{name}"
+
+    def on_update(value) -> None:
+        log.record(pv, value)
+        faults[key] = int(value)
+        publish()
+
+    builder.longOut(f"SIM:{name}", initial_value=0, on_update=on_update)
+
+
+def _run(dispatcher, prefix: str, port: int, publish, rate_hz: float) -> None:
+    """Start the IOC, refresh the readings at `rate_hz`, announce READY, serve forever."""
+    from softioc import builder, softioc
+
+    builder.LoadDatabase()
+    softioc.iocInit(dispatcher, enable_pva=False)
+
+    async def refresh() -> None:
+        while True:
+            publish()
+            await asyncio.sleep(1.0 / rate_hz)
+
+    asyncio.run_coroutine_threadsafe(refresh(), dispatcher.loop)
+    env = " ".join(f"{k}={v}" for k, v in loopback_environment(port).items())
+    print(f"READY {prefix} {env}", flush=True)
+    sys.stdout.flush()
+    softioc.non_interactive_ioc()
+
+
+def _serve_cryomodule(lattice_name: str, seed: int, errors: str, ramp_s: float, log: PutLog, prefix: str | None, port: int) -> None:
+    from softioc import alarm, asyncio_dispatcher, builder
 
     from simulators.beamline.errors import load_error_model
     from simulators.beamline.lattice import load_lattice
@@ -144,14 +225,13 @@ def serve(lattice_name: str, seed: int, errors: str, port: int, ramp_s: float, p
     plant = OrbitSimPlant(lattice, load_error_model(errors))
     plant.reset(seed)
     prefix = prefix or default_prefix(lattice.name)
-    log = PutLog(put_log)
     dispatcher = asyncio_dispatcher.AsyncioDispatcher()
     builder.SetDeviceName(prefix)
     amps = np.array([AMPS_PER_UNIT * corrector_polarity(i) for i in range(lattice.n_correctors)])
     drive = lattice.corrector_limit * AMPS_PER_UNIT
     fault = {"bpm": 0, "beam_loss": 0}
     settings = np.zeros(lattice.n_correctors)
-    bpm_records, readbacks = [], []
+    bpm_records = []
     rng = np.random.default_rng(seed + 1)
 
     def publish() -> None:
@@ -175,52 +255,74 @@ def serve(lattice_name: str, seed: int, errors: str, port: int, ramp_s: float, p
             rec.set(value, severity=severity, alarm=alarm.READ_ALARM if severity else alarm.NO_ALARM)
         beam.set(NOMINAL_CURRENT_UA * current * (1 + rng.normal(0, 0.002)))
 
-    def corrector_update(index: int, pv: str):
-        async def on_update(value: float) -> None:
-            log.record(pv, value)
-            start = readbacks[index].get()
-            n = max(1, int(ramp_s / 0.02))
-            for k in range(1, n + 1):
-                if ramp_s > 0:
-                    await asyncio.sleep(ramp_s / n)
-                readbacks[index].set(start + (value - start) * k / n)
-            settings[index] = value / amps[index]
-            publish()
-
-        return on_update
-
+    supplies = _Supplies(builder, prefix, ramp_s, log, publish)
     for i, name in enumerate(lattice.corrector_names):
-        builder.aOut(
-            f"{name}:I_SET", initial_value=0.0, on_update=corrector_update(i, f"{prefix}:{name}:I_SET"),
-            always_update=True, blocking=True, DRVL=-drive, DRVH=drive, EGU="A", PREC=4,
-        )
-        readbacks.append(builder.aIn(f"{name}:I_RB", initial_value=0.0, EGU="A", PREC=4))
+        supplies.add(name, 0.0, (-drive, drive), lambda value, i=i: settings.__setitem__(i, value / amps[i]))
     for name in lattice.bpm_names:
         for plane in ("X", "Y"):
             bpm_records.append(builder.aIn(f"{name}:{plane}", initial_value=0.0, EGU="mm", PREC=4))
     beam = builder.aIn("BEAM:I", initial_value=NOMINAL_CURRENT_UA, EGU="uA", PREC=4)
     builder.boolIn("MPS:OK", initial_value=1)
+    _sim_control(builder, prefix, "BPM_FAULT", fault, "bpm", log, publish)
+    _sim_control(builder, prefix, "BEAM_LOSS", fault, "beam_loss", log, publish)
+    _run(dispatcher, prefix, port, publish, BPM_RATE_HZ)
 
-    def sim_control(key: str, pv: str):
-        def on_update(value) -> None:
-            log.record(pv, value)
-            fault[key] = int(value)
-            publish()
 
-        return on_update
+# Injector supplies: amperes per knob unit (T for solenoids, mrad for steerers). The
+# vertical steerer of the second pair is wired with negative polarity, as 'measured'.
+SOLENOID_AMPS_PER_T = 400.0
+STEERER_AMPS_PER_MRAD = 0.5
+MONITOR_FULL_SCALE_MA = 20.0
 
-    builder.longOut("SIM:BPM_FAULT", initial_value=0, on_update=sim_control("bpm", f"{prefix}:SIM:BPM_FAULT"))
-    builder.longOut("SIM:BEAM_LOSS", initial_value=0, on_update=sim_control("beam_loss", f"{prefix}:SIM:BEAM_LOSS"))
-    builder.LoadDatabase()
-    softioc.iocInit(dispatcher, enable_pva=False)
 
-    async def refresh() -> None:
-        while True:
-            publish()
-            await asyncio.sleep(1.0 / BPM_RATE_HZ)
+def injector_knob_scale(name: str) -> float:
+    """Amperes per knob unit of the virtual injector's supply `name` (sign = polarity)."""
+    if ":" not in name:
+        return SOLENOID_AMPS_PER_T
+    return -STEERER_AMPS_PER_MRAD if name == "ST2:V" else STEERER_AMPS_PER_MRAD
 
-    asyncio.run_coroutine_threadsafe(refresh(), dispatcher.loop)
-    env = " ".join(f"{k}={v}" for k, v in loopback_environment(port).items())
-    print(f"READY {prefix} {env}", flush=True)
-    sys.stdout.flush()
-    softioc.non_interactive_ioc()
+
+def _serve_injector(lattice_name: str, seed: int, errors: str, ramp_s: float, log: PutLog, prefix: str | None, port: int) -> None:
+    """The injector: LEBT supplies, ACCT and Faraday cup (mA), the transmission, MPS.
+
+    PVs (``P`` = prefix, default ``VLPI``)::
+
+        P:<knob>:I_SET / I_RB   supplies SOL1, ST1:H, ST1:V, SOL2, ST2:H, ST2:V (A)
+        P:ACCT:I, P:FC:I        current before and after the RFQ, mA, 10 Hz with noise
+        P:RFQ:TRANS             FC / ACCT
+        P:MPS:OK                1 while beam is permitted
+        P:SIM:BEAM_LOSS         fault injection: 1 loses 80 % of the beam inside the RFQ
+    """
+    from softioc import asyncio_dispatcher, builder
+
+    from simulators.injector.model import load_injector
+    from simulators.injector.task import InjectorSimPlant, load_injector_errors
+
+    lattice = load_injector(lattice_name)
+    plant = InjectorSimPlant(lattice, load_injector_errors(errors))
+    plant.reset(seed)
+    prefix = prefix or default_prefix(lattice.name)
+    dispatcher = asyncio_dispatcher.AsyncioDispatcher()
+    builder.SetDeviceName(prefix)
+    fault = {"beam_loss": 0}
+    settings = plant.initial_settings()
+
+    def publish() -> None:
+        plant.write_knobs(settings)
+        acct, cup = plant.read().values
+        cup *= 0.2 if fault["beam_loss"] else 1.0
+        acct_rec.set(float(min(acct, MONITOR_FULL_SCALE_MA)))
+        fc_rec.set(float(min(cup, MONITOR_FULL_SCALE_MA)))
+        trans_rec.set(float(cup / acct) if acct > 0 else 0.0)
+
+    supplies = _Supplies(builder, prefix, ramp_s, log, publish)
+    for i, (name, (lo, hi)) in enumerate(zip(lattice.knob_names, lattice.knob_limits)):
+        scale = injector_knob_scale(name)
+        drive = tuple(sorted((lo * scale, hi * scale)))
+        supplies.add(name, settings[i] * scale, drive, lambda value, i=i, scale=scale: settings.__setitem__(i, value / scale))
+    acct_rec = builder.aIn("ACCT:I", initial_value=0.0, EGU="mA", PREC=4)
+    fc_rec = builder.aIn("FC:I", initial_value=0.0, EGU="mA", PREC=4)
+    trans_rec = builder.aIn("RFQ:TRANS", initial_value=0.0, PREC=4)
+    builder.boolIn("MPS:OK", initial_value=1)
+    _sim_control(builder, prefix, "BEAM_LOSS", fault, "beam_loss", log, publish)
+    _run(dispatcher, prefix, port, publish, BPM_RATE_HZ)

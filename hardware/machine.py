@@ -2,8 +2,9 @@
 
 PV names, units, the signed scale from simulator units to engineering units
 (polarity and the sim-to-real factor; the TBSAC paper used 1.85 A per unit), limits,
-largest change per step, read-back tolerance and settle time for every corrector; the
-X/Y PVs of every BPM; interlock channels with their trip rules.
+largest change per step, read-back tolerance and settle time for every knob (corrector,
+steerer or solenoid supply); the X/Y PVs of every BPM (orbit task) or the PVs of the
+current monitors (RFQ task); interlock channels with their trip rules.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class _Strict(BaseModel):
 
 
 class CorrectorChannel(_Strict):
-    """One steering magnet power supply."""
+    """One magnet power supply the agent drives (corrector, steerer or solenoid)."""
 
     name: str
     setpoint: str
@@ -55,6 +56,16 @@ class BpmChannel(_Strict):
     range_mm: PositiveFloat = Field(20.0, description="readings at or beyond this are saturated")
 
 
+class MonitorChannel(_Strict):
+    """One scalar beam monitor read by the RFQ task (e.g. a current transformer, a Faraday cup)."""
+
+    name: str
+    pv: str
+    unit: str = "mA"
+    lower: float = 0.0
+    upper: float = Field(description="full scale: readings at or beyond it are saturated")
+
+
 class Interlock(_Strict):
     """A channel that trips the session when its rule is violated.
 
@@ -74,9 +85,11 @@ class MachineFile(_Strict):
 
     name: str
     description: str = ""
-    lattice: str = Field(description="shipped lattice name or path whose layout the machine has")
+    task: Literal["orbit", "rfq"] = Field("orbit", description="what the machine is tuned for")
+    lattice: str = Field(description="shipped lattice (beamline for orbit, injector for rfq) or path")
     correctors: list[CorrectorChannel] = Field(min_length=1)
-    bpms: list[BpmChannel] = Field(min_length=1)
+    bpms: list[BpmChannel] = Field(default_factory=list)
+    monitors: list[MonitorChannel] = Field(default_factory=list)
     interlocks: list[Interlock] = Field(default_factory=list)
     samples_per_reading: PositiveInt = 1
     connection_timeout_s: PositiveFloat = 2.0
@@ -85,7 +98,12 @@ class MachineFile(_Strict):
 
     @model_validator(mode="after")
     def _unique(self) -> "MachineFile":
-        names = [c.name for c in self.correctors] + [b.name for b in self.bpms] + [i.name for i in self.interlocks]
+        if self.task == "orbit" and (not self.bpms or self.monitors):
+            raise ValueError("an orbit machine needs bpms (at least one) and no monitors")
+        if self.task == "rfq" and (self.bpms or not self.monitors):
+            raise ValueError("an rfq machine needs monitors (at least one) and no bpms")
+        names = [c.name for c in self.correctors] + [b.name for b in self.bpms] + [m.name for m in self.monitors]
+        names += [i.name for i in self.interlocks]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"names used twice: {sorted(dup)}")
@@ -94,6 +112,7 @@ class MachineFile(_Strict):
     def all_pvs(self) -> list[str]:
         pvs = [p for c in self.correctors for p in (c.setpoint, c.readback)]
         pvs += [p for b in self.bpms for p in (b.x, b.y, b.status) if p]
+        pvs += [m.pv for m in self.monitors]
         pvs += [i.pv for i in self.interlocks]
         return pvs
 
@@ -114,11 +133,31 @@ def load_machine(name_or_path: str | Path) -> tuple[MachineFile, Path]:
     return load_yaml_model(MachineFile, path), path
 
 
+def load_machine_lattice(machine: MachineFile, path: Path):
+    """The machine's lattice (beamline or injector, by task), checked against the machine."""
+    if machine.task == "rfq":
+        from simulators.injector.model import load_injector
+
+        lattice = load_injector(machine.lattice)
+    else:
+        from simulators.beamline.lattice import load_lattice
+
+        lattice = load_lattice(machine.lattice)
+    check_matches_lattice(machine, path, lattice)
+    return lattice
+
+
+RFQ_MONITORS = ["ACCT", "FC"]  # the transmission is FC / ACCT
+
+
 def check_matches_lattice(machine: MachineFile, path: Path, lattice) -> None:
-    """The machine's corrector and BPM names must be the lattice's, in the same order."""
-    for field, mine, theirs in (
-        ("correctors", [c.name for c in machine.correctors], lattice.corrector_names),
-        ("bpms", [b.name for b in machine.bpms], lattice.bpm_names),
-    ):
+    """The machine's knob and monitor names must be the lattice's, in the same order."""
+    if machine.task == "rfq":
+        pairs = (("correctors", [c.name for c in machine.correctors], lattice.knob_names),
+                 ("monitors", [m.name for m in machine.monitors], RFQ_MONITORS))
+    else:
+        pairs = (("correctors", [c.name for c in machine.correctors], lattice.corrector_names),
+                 ("bpms", [b.name for b in machine.bpms], lattice.bpm_names))
+    for field, mine, theirs in pairs:
         if mine != theirs:
             raise ConfigError(f"{path}: field '{field}': names {mine} do not match lattice {lattice.name} {theirs}")

@@ -40,6 +40,9 @@ class SafetyConfig(BaseModel):
     max_steps: PositiveInt = Field(60, description="writes allowed in one session")
     max_duration_s: PositiveFloat = 600.0
     max_excursion: PositiveFloat = Field(10.0, description="largest distance of any knob from its starting value")
+    max_excursion_steps: PositiveFloat | None = Field(
+        None, description="if set, replaces max_excursion: the distance in each knob's own largest step "
+        "(knobs in different units, e.g. solenoids in T and steerers in mrad)")
     min_write_interval_s: float = Field(0.0, ge=0, description="writes closer than this are delayed")
     saturation_margin: float = Field(1e-6, ge=0, description="|reading| >= range - margin is saturated")
 
@@ -244,12 +247,14 @@ class GuardedPlant(Plant):
         """Apply hard, step and excursion limits; record every change with its reason."""
         names = [k.name for k in self.knobs]
         current = self.settings
+        excursion = (self.config.max_excursion_steps * self.max_step if self.config.max_excursion_steps
+                     else self.config.max_excursion)
         if not np.all(np.isfinite(proposed)):
             self._trip("proposed settings contain NaN or inf")
         safe = proposed.astype(float).copy()
         for label, lo, hi in (
             ("per-step change limit", current - self.max_step, current + self.max_step),
-            ("total excursion limit", self.snapshot - self.config.max_excursion, self.snapshot + self.config.max_excursion),
+            ("total excursion limit", self.snapshot - excursion, self.snapshot + excursion),
             ("hard limit", self.lower, self.upper),
         ):
             clipped = np.clip(safe, lo, hi)

@@ -8,7 +8,7 @@ from gymnasium.utils.env_checker import check_env
 
 from controller.rfq import MeasuredPlant, run_nelder_mead, run_random
 from simulators.injector.model import load_injector
-from simulators.injector.task import TransmissionEnv, load_injector_errors
+from simulators.injector.task import TransmissionEnv, TransmissionTask, load_injector_errors
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +23,20 @@ def test_env_passes_gymnasium_checker(lpi):
 def test_observation_reward_and_budget(lpi):
     env = TransmissionEnv(lpi, load_injector_errors("test"))
     obs, info = env.reset(seed=4)
-    assert obs.shape == (15,) and obs[8] == pytest.approx(info["transmission"], abs=1e-6)
+    history = TransmissionTask.HISTORY * 7  # per past step: 10 dT and six knob changes
+    assert obs.shape == (history + 3 + 6 + 1 + 6 + 1,)
+    assert obs[history + 2] == pytest.approx(info["transmission"], abs=1e-6)
+    assert not obs[:history].any()
     before = info["transmission"]
     action = np.zeros(6)
     action[0] = 1.0
     obs, reward, terminated, truncated, info = env.step(action)
     assert env.plant.read_knobs()[0] == pytest.approx(0.354 + 0.02)
     assert reward == pytest.approx(info["transmission"] - 1 + 5 * (info["transmission"] - before), abs=1e-6)
+    # The newest trend entry: the transmission change and the knob change (action units) behind it.
+    assert obs[0] == pytest.approx(10 * (info["transmission"] - before), abs=1e-5)
+    np.testing.assert_allclose(obs[1:7], action, atol=1e-6)
+    assert obs[history + 3] == pytest.approx(0.1)  # SOL1 one step (a tenth of ten) from the start
     steps = 1
     while not truncated:
         *_, truncated, _ = env.step(np.zeros(6))

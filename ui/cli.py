@@ -30,6 +30,7 @@ app.add_typer(evaluate_app, name="evaluate")
 console = Console(width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True)
 
+RFQ_GAMMA = 0.95  # short horizon: improvements are paid at once (see simulators.injector.task)
 LatticeOpt = typer.Option("cafe2-cm1", "--lattice", "-l", help="Shipped lattice name or path to a lattice YAML.")
 ErrorsOpt = typer.Option("test", "--errors", "-e", help="Error preset (train, test, hard) or path to an error-model YAML.")
 
@@ -62,17 +63,23 @@ def train_orbit_cmd(
         raise ConfigError(f"--arch: unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
     lat, em = _load(lattice, errors)
     _, eval_em = _load(lattice, eval_errors)
+    _train_recorded("orbit", lat, em, eval_em, arch, steps, seed, out, eval_every, eval_episodes, lambda: train_orbit(
+        lat, em, steps, seed, out, arch=arch, eval_error_model=eval_em, eval_every=eval_every,
+        eval_episodes=eval_episodes, stop_at_bar=stop_at_bar,
+    ))
+
+
+def _train_recorded(task, lat, em, eval_em, arch, steps, seed, out, eval_every, eval_episodes, train, config=None):
+    """Run `train()` as a training run recorded in the store; register its policy."""
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("controller.training").setLevel(logging.INFO)  # one line per evaluation
     store = _store()
     run_row = store.start_training_run(
-        task="orbit", lattice=lat.name, errors=em.name, arch=arch, steps=steps, seed=seed, out_dir=str(out.resolve()),
-        config={"eval_errors": eval_em.name, "eval_every": eval_every, "eval_episodes": eval_episodes},
+        task=task, lattice=lat.name, errors=em.name, arch=arch, steps=steps, seed=seed, out_dir=str(out.resolve()),
+        config={"eval_errors": eval_em.name, "eval_every": eval_every, "eval_episodes": eval_episodes, **(config or {})},
     )
     try:
-        result = train_orbit(
-            lat, em, steps, seed, out, arch=arch, eval_error_model=eval_em, eval_every=eval_every,
-            eval_episodes=eval_episodes, stop_at_bar=stop_at_bar,
-        )
+        result = train()
     except BaseException:
         store.finish_training_run(run_row.id, "failed", {}, [])
         raise
@@ -116,6 +123,34 @@ def _results_table(summary: dict) -> Table:
     return table
 
 
+@train_app.command("rfq")
+def train_rfq_cmd(
+    lattice: str = typer.Option("lpi", "--lattice", "-l", help="Injector lattice name or path."),
+    errors: str = typer.Option("train", "--errors", "-e", help="Injector error preset used for training."),
+    eval_errors: str = typer.Option("test", "--eval-errors", help="Error preset for the periodic evaluation."),
+    steps: int = typer.Option(150_000, "--steps", min=1000, help="Environment steps."),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(Path("runs/rfq"), "--out", help="Output directory."),
+    arch: str = typer.Option("mlp", "--arch", help="mlp (the transmission trend is a vector, not a BPM image)."),
+    eval_every: int = typer.Option(5000, "--eval-every", min=100),
+    eval_episodes: int = typer.Option(20, "--eval-episodes", min=1),
+    gamma: float = typer.Option(RFQ_GAMMA, "--gamma", min=0.0, max=1.0, help="Discount factor."),
+    stop_at_bar: bool = typer.Option(False, "--stop-at-bar", help="Stop at the first evaluation meeting the acceptance bar."),
+):
+    """Train an agent on RFQ transmission tuning; writes policy.pt, checkpoints/, tensorboard/ and training.json."""
+    from controller.training import train_rfq
+    from simulators.injector.model import load_injector
+    from simulators.injector.task import load_injector_errors
+
+    if arch != "mlp":
+        raise ConfigError(f"--arch: {arch!r} is not available for the RFQ task; use mlp")
+    lat, em, eval_em = load_injector(lattice), load_injector_errors(errors), load_injector_errors(eval_errors)
+    _train_recorded("rfq", lat, em, eval_em, arch, steps, seed, out, eval_every, eval_episodes, lambda: train_rfq(
+        lat, em, steps, seed, out, arch, eval_em, eval_every, eval_episodes, stop_at_bar=stop_at_bar,
+        sac_overrides={"gamma": gamma},
+    ), config={"gamma": gamma})
+
+
 @evaluate_app.command("orbit")
 def evaluate_orbit_cmd(
     lattice: str = LatticeOpt,
@@ -151,7 +186,7 @@ def evaluate_orbit_cmd(
 @evaluate_app.command("rfq")
 def evaluate_rfq_cmd(
     lattice: str = typer.Option("lpi", "--lattice", "-l", help="Injector lattice name or path."),
-    policy: Optional[str] = typer.Option(None, "--policy", "-p", help="Agent policy file (optional: baselines only without it)."),
+    policy: Optional[str] = typer.Option(None, "--policy", "-p", help="Agent policy file or 'pretrained' (without it: baselines only)."),
     episodes: int = typer.Option(100, "--episodes", "-n", min=1),
     seed: int = typer.Option(1000, "--seed"),
     errors: str = typer.Option("test", "--errors", "-e", help="train or test"),
@@ -173,9 +208,7 @@ def evaluate_rfq_cmd(
     if policy:
         from controller.policy import Policy
 
-        agent = Policy.load(policy)
-        if agent.metadata.get("task") != "rfq":
-            raise ConfigError(f"{policy}: field 'metadata.task': policy is for task {agent.metadata.get('task')!r}, not 'rfq'")
+        agent = Policy.load(policy, lattice=lat)  # refuses an orbit policy or other knobs
     summary, _ = evaluate_rfq(lat, em, agent, episodes, seed, budget, (("agent",) if agent else ()) + chosen)
     if as_json:
         print(json.dumps(summary))
@@ -206,7 +239,7 @@ def demo(
 
     from controller.evaluation import evaluate_orbit, plot_orbit_evaluation
     from controller.policy import Policy
-    from controller.session import run_orbit_session
+    from controller.session import run_session
     from hardware.ioc import free_port, loopback_environment, start_virtual_ioc
     from safety.guard import InterlockRule
     from simulators.beamline.task import OrbitTaskConfig
@@ -220,7 +253,7 @@ def demo(
     ioc_proc = start_virtual_ioc("cafe2-cm1", seed, "test", port, put_log=work / "puts.jsonl")
     try:
         machine, path, _, plant = _connect("virtual-cafe2-cm1")
-        result = run_orbit_session(
+        result = run_session(
             plant, agent, interlocks=[InterlockRule(i.name, i.rule, i.threshold) for i in machine.interlocks],
             snapshot_path=work / "snapshot.json",
             snapshot_context={"machine_file": str(Path(str(path)).resolve()), "machine": machine.name},
@@ -260,29 +293,34 @@ def ioc(
     put_log: Optional[Path] = typer.Option(None, "--put-log", help="JSON-lines file recording every put received."),
     prefix: Optional[str] = typer.Option(None, "--prefix", help="PV prefix (default VCAFE2:CMk)."),
 ):
-    """Serve a simulated cryomodule with hidden errors as a real EPICS IOC (softioc)."""
-    from hardware.ioc import serve
+    """Serve a simulated cryomodule or injector with hidden errors as a real EPICS IOC (softioc)."""
+    from hardware.ioc import is_injector_lattice, serve
 
-    _load(lattice, errors)  # fail with a clear message before starting EPICS
+    # Fail with a clear message before starting EPICS.
+    if is_injector_lattice(lattice):
+        from simulators.injector.model import load_injector
+        from simulators.injector.task import load_injector_errors
+
+        load_injector(lattice), load_injector_errors(errors)
+    else:
+        _load(lattice, errors)
     serve(lattice, seed, errors, port, ramp, put_log, prefix)
 
 
 def _connect(machine_arg: str):
     """Load a machine file, its lattice, and connect to it."""
     from hardware.epics_plant import EpicsPlant
-    from hardware.machine import check_matches_lattice, load_machine
-    from simulators.beamline.lattice import load_lattice
+    from hardware.machine import load_machine, load_machine_lattice
 
     machine, path = load_machine(machine_arg)
-    lattice = load_lattice(machine.lattice)
-    check_matches_lattice(machine, path, lattice)
+    lattice = load_machine_lattice(machine, path)
     return machine, path, lattice, EpicsPlant(machine, path).connect()
 
 
 def _terminal_approver(machine):
     def approve(current, proposed, names) -> bool:
         table = Table(title="proposed step")
-        for col in ("corrector", "now (A)", "proposed (A)", "change (A)"):
+        for col in ("knob", "now (A)", "proposed (A)", "change (A)"):
             table.add_column(col, justify="right")
         for c, now, new in zip(machine.correctors, current, proposed):
             table.add_row(c.name, f"{now * c.scale:+.3f}", f"{new * c.scale:+.3f}", f"{(new - now) * c.scale:+.3f}")
@@ -299,17 +337,18 @@ def run(
     mode: str = typer.Option("auto", "--mode", help="auto, approve (confirm every step) or dry-run (never writes)."),
     as_json: bool = typer.Option(False, "--json"),
     max_steps: int = typer.Option(60, "--max-steps", min=1, help="Safety limit on writes."),
-    max_excursion: float = typer.Option(10.0, "--max-excursion", help="Largest change of any corrector from its start, simulator units."),
+    max_excursion: float = typer.Option(10.0, "--max-excursion", help="Orbit: largest change of any corrector from its start, simulator units."),
+    max_excursion_steps: Optional[float] = typer.Option(None, "--max-excursion-steps", min=0.1, help="RFQ: largest change of any knob from its start, in its largest steps (default 15)."),
     snapshot: Optional[Path] = typer.Option(None, "--snapshot", help="Where to keep the starting settings (default in the data directory)."),
     operator: str = typer.Option(os.environ.get("USER", "operator"), "--operator", help="Who runs the session (recorded)."),
 ):
-    """Correct the orbit of a machine over EPICS with a policy, through the safety layer."""
+    """Tune a machine over EPICS with a policy, through the safety layer (orbit or RFQ, by machine file)."""
     import signal
     import time as _time
 
     from controller.paths import snapshot_dir
     from controller.policy import Policy
-    from controller.session import run_orbit_session
+    from controller.session import RFQ_MAX_EXCURSION_STEPS, run_session
     from safety.guard import MODES, InterlockRule, SafetyConfig
 
     if mode not in MODES:
@@ -322,9 +361,10 @@ def run(
     recorder = SessionRecorder(_store(), machine_record_from_file(machine_file, path), agent, operator, mode, str(snap))
     guards = []
     signal.signal(signal.SIGINT, lambda *_: guards and guards[0].abort("operator abort (Ctrl-C)"))
-    result = run_orbit_session(
+    result = run_session(
         plant, agent, mode=mode,
-        safety=SafetyConfig(max_steps=max_steps, max_excursion=max_excursion),
+        safety=SafetyConfig(max_steps=max_steps, max_excursion=max_excursion,
+                            max_excursion_steps=(max_excursion_steps or RFQ_MAX_EXCURSION_STEPS) if machine_file.task == "rfq" else None),
         interlocks=[InterlockRule(i.name, i.rule, i.threshold) for i in machine_file.interlocks],
         snapshot_path=snap, snapshot_context={"machine_file": str(Path(path).resolve()), "machine": machine_file.name},
         approver=_terminal_approver(machine_file) if mode == "approve" else None,
@@ -334,7 +374,9 @@ def run(
     if as_json:
         print(json.dumps({k: v for k, v in result.summary().items() if k != "status"}))
     else:
-        console.print(f"session {recorder.session_id} on {machine_file.name}: {result.status}; RMS {result.initial_rms_mm} -> {result.final_rms_mm} mm "
+        change = (f"transmission {result.initial_transmission} -> {result.final_transmission}" if result.task == "rfq"
+                  else f"RMS {result.initial_rms_mm} -> {result.final_rms_mm} mm")
+        console.print(f"session {recorder.session_id} on {machine_file.name}: {result.status}; {change} "
                       f"in {result.steps} steps ({result.wall_s} s); snapshot {result.snapshot}")
     if result.status not in ("completed", "dry-run"):
         why = result.trips[-1] if result.trips else result.status.replace("_", " ")

@@ -50,6 +50,7 @@ class Solenoid_(_Strict):
     name: str
     length: PositiveFloat
     max_field_t: PositiveFloat
+    step_t: PositiveFloat = Field(0.01, description="largest change per tuning step, T")
 
 
 class Steerer(_Strict):
@@ -58,6 +59,7 @@ class Steerer(_Strict):
     type: Literal["steerer"]
     name: str
     max_kick_mrad: PositiveFloat
+    step_mrad: PositiveFloat = Field(3.0, description="largest change per tuning step, mrad")
 
 
 class Aperture_(_Strict):
@@ -123,11 +125,26 @@ class InjectorLattice(_Strict):
         return limits
 
     @property
+    def knob_steps(self) -> list[float]:
+        """Largest change per tuning step of every knob (T or mrad), in knob order."""
+        steps: list[float] = []
+        for e in self.elements:
+            if isinstance(e, Solenoid_):
+                steps.append(e.step_t)
+            elif isinstance(e, Steerer):
+                steps += [e.step_mrad] * 2
+        return steps
+
+    @property
     def rfq(self) -> Rfq:
         return next(e for e in self.elements if isinstance(e, Rfq))
 
 
 LATTICE_DIR = resources.files("simulators.injector") / "lattices"
+
+
+def shipped_injectors() -> list[str]:
+    return sorted(p.name[:-5] for p in LATTICE_DIR.iterdir() if p.name.endswith(".yaml"))
 
 
 def load_injector(name_or_path: str | Path) -> InjectorLattice:

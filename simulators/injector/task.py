@@ -3,9 +3,12 @@
 The paper does not publish knobs, observation or reward for this task; the choices:
 
 - knobs: the two solenoid fields (T) and two H/V steerer pairs (mrad) of the LEBT;
-- observation: the trend of [ACCT / nominal, cup / nominal, transmission] as in the
-  orbit task ([dR_{t-1}, dR_t, R_t]) followed by the knob settings scaled to [-1, 1];
-- action: knob changes in [-1, 1], times the largest change per step (0.02 T, 2 mrad);
+- observation: a trend of the last steps (transmission change and the knob change
+  behind it), the local slope of the transmission over the knobs (least squares over
+  the recent steps), the readings [ACCT / nominal, cup / nominal, transmission], the
+  knob offsets from the start, the way back to the best setting so far, the budget used;
+- action: knob changes in [-1, 1], times each knob's largest change per step (from the
+  lattice: the last solenoid before the RFQ needs much finer steps than the steerers);
 - reward: ``T_t - 1 + 5 (T_t - T_{t-1})``: every step below full transmission costs,
   and improvements are paid at once; 30 steps per episode (the acceptance budget).
 """
@@ -63,8 +66,6 @@ def load_injector_errors(name: str) -> InjectorErrorModel:
     return INJECTOR_PRESETS[name]
 
 
-# Largest change per step: solenoids in T, steerers in mrad.
-STEP_T, STEP_MRAD = 0.02, 2.0
 DESIGN_SOLENOIDS_T = (0.354, 0.303)  # best settings for the design beam (Nelder-Mead)
 
 
@@ -74,8 +75,8 @@ class InjectorSimPlant(SimulatedPlant):
     def __init__(self, lattice: InjectorLattice, errors: InjectorErrorModel):
         self.lattice, self.error_model = lattice, errors
         self.knobs = [
-            KnobSpec(n, "T" if ":" not in n else "mrad", lo, hi, STEP_T if ":" not in n else STEP_MRAD)
-            for n, (lo, hi) in zip(lattice.knob_names, lattice.knob_limits)
+            KnobSpec(n, "T" if ":" not in n else "mrad", lo, hi, step)
+            for n, (lo, hi), step in zip(lattice.knob_names, lattice.knob_limits, lattice.knob_steps)
         ]
         self.readings = [ReadingSpec("ACCT", "mA", 0.0, 100.0), ReadingSpec("FC", "mA", 0.0, 100.0)]
         self.model: InjectorModel | None = None
@@ -123,7 +124,21 @@ class TransmissionTaskConfig:
 
 @dataclass
 class TransmissionTask:
-    """Readings -> trend observation and reward; actions -> knob settings."""
+    """Readings -> trend observation and reward; actions -> knob settings.
+
+    A transmission reading is one number, so unlike the orbit task the state must
+    carry the history that makes a direction visible: the trend holds, for each of the
+    last ``HISTORY`` steps, the change of transmission and the knob change that caused
+    it (the TBSAC trend of readings, extended by the actions), then the local slope of
+    the transmission over the knobs (ridge least squares over the last ``SLOPE_POINTS``
+    settings, in action units: the direction a tuner would push), the present readings,
+    the knob offsets from the start, the distance to the best setting measured so far
+    (the operator would go back to it) and the budget used.
+    """
+
+    HISTORY = 3
+    SLOPE_POINTS = 8
+    SLOPE_RIDGE = 0.1  # in (action units)^2: keeps the slope finite along unexplored directions
 
     knobs: list[KnobSpec]
     nominal_current_ma: float
@@ -134,27 +149,47 @@ class TransmissionTask:
         self.lower = np.array([k.lower for k in self.knobs])
         self.upper = np.array([k.upper for k in self.knobs])
         self.step_size = np.array([k.max_step for k in self.knobs])
-        self.observation_space = spaces.Box(-np.inf, np.inf, (9 + n,), np.float32)
+        size = self.HISTORY * (1 + n) + n + 3 + n + 1 + n + 1
+        self.observation_space = spaces.Box(-np.inf, np.inf, (size,), np.float32)
         self.action_space = spaces.Box(-1.0, 1.0, (n,), np.float32)
         self.steps = 0
 
     def _r(self, plant: Plant) -> np.ndarray:
         r = plant.read()
+        self.last_readings = r.values[:2].copy()
         acct, cup = r.values[:2]
         t = cup / acct if acct > 0 else 0.0
         return np.array([acct / self.nominal_current_ma, cup / self.nominal_current_ma, t])
 
-    def _obs(self, settings: np.ndarray) -> np.ndarray:
-        scaled = 2 * (settings - self.lower) / (self.upper - self.lower) - 1
-        return np.concatenate([self._prev_dr, self._r_now - self._r_prev, self._r_now, scaled]).astype(np.float32)
+    # Offsets are in units of 10 steps, transmission changes in units of 0.1: both O(1).
+    def _offset(self, settings: np.ndarray) -> np.ndarray:
+        return (settings - self.start_settings) / (10 * self.step_size)
+
+    def _slope(self) -> np.ndarray:
+        """dT per action unit of every knob, fitted to the recent (settings, T) points."""
+        x = np.array([p for p, _ in self._points[-self.SLOPE_POINTS:]])
+        t = np.array([v for _, v in self._points[-self.SLOPE_POINTS:]])
+        dx, dt = x - x[-1], t - t[-1]
+        return np.linalg.solve(dx.T @ dx + self.SLOPE_RIDGE * np.eye(x.shape[1]), dx.T @ dt)
+
+    def _obs(self) -> np.ndarray:
+        history = np.concatenate([np.concatenate([[10 * dt], a]) for dt, a in self._history])
+        return np.concatenate([
+            history, 10 * self._slope(), self._r_now, self._offset(self.settings),
+            [10 * (self._best[0] - self._r_now[2])], self._offset(self._best[1]) - self._offset(self.settings),
+            [self.steps / self.config.max_steps],
+        ]).astype(np.float32)
 
     def start(self, plant: Plant) -> np.ndarray:
         self.steps = 0
-        self.settings = plant.read_knobs()
-        self._r_now = self._r_prev = self._r(plant)
-        self._prev_dr = np.zeros(3)
+        self.settings = self.start_settings = plant.read_knobs()
+        self._r_now = self._r(plant)
+        n = len(self.knobs)
+        self._history = [(0.0, np.zeros(n))] * self.HISTORY
+        self._best = (float(self._r_now[2]), self.settings.copy())
+        self._points = [(self.settings / self.step_size, float(self._r_now[2]))]
         self.initial_transmission = float(self._r_now[2])
-        return self._obs(self.settings)
+        return self._obs()
 
     @property
     def transmission(self) -> float:
@@ -166,14 +201,19 @@ class TransmissionTask:
 
     def step(self, plant: Plant, action: np.ndarray):
         plant.write_knobs(self.proposed_settings(action))
+        before = self.settings
         self.settings = plant.read_knobs()
         self.steps += 1
-        self._prev_dr = self._r_now - self._r_prev
-        self._r_prev, self._r_now = self._r_now, self._r(plant)
-        t, t_prev = self._r_now[2], self._r_prev[2]
+        r_prev, self._r_now = self._r_now, self._r(plant)
+        t, t_prev = self._r_now[2], r_prev[2]
+        # The knob change actually made (after clipping), in action units.
+        self._history = [(t - t_prev, (self.settings - before) / self.step_size)] + self._history[:-1]
+        self._points.append((self.settings / self.step_size, float(t)))
+        if t > self._best[0]:
+            self._best = (float(t), self.settings.copy())
         reward = t - 1.0 + self.config.improvement_weight * (t - t_prev)
         truncated = self.steps >= self.config.max_steps
-        return self._obs(self.settings), float(reward), False, truncated, {"transmission": float(t)}
+        return self._obs(), float(reward), False, truncated, {"transmission": float(t)}
 
 
 class TransmissionEnv(gym.Env):
