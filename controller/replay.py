@@ -69,14 +69,16 @@ def step_rows(store: Store, session_id: int) -> list[dict]:
     """One flat row per step, columns named after correctors and readings."""
     session = load_session(store, session_id)
     meta = store.get(PolicyRow, session.policy_id).meta
-    knobs = meta.get("lattice", {}).get("corrector_names", [])
+    lattice = meta.get("lattice", {})
+    knobs = lattice.get("corrector_names") or lattice.get("knob_names", [])
     readings = meta.get("observation", {}).get("readings", [])
+    reading_label = "reading_mA" if meta.get("task") == "rfq" else "reading_mm"
     rows = []
     for s in store.steps(session_id):
         d = row_dict(s)
         row = {"session": session_id, "step": s.step, "time": d["time"], "reward": s.reward, "rms_mm": s.rms_mm, "latency_s": s.latency_s}
         for label, values, names in (("action", s.action, knobs), ("proposed", s.proposed, knobs), ("safe", s.safe, knobs),
-                                     ("readback", s.readbacks, knobs), ("reading_mm", s.readings, readings)):
+                                     ("readback", s.readbacks, knobs), (reading_label, s.readings, readings)):
             for i, v in enumerate(values):
                 row[f"{label}:{names[i] if i < len(names) else i}"] = v
         for name, v in (s.interlocks or {}).items():

@@ -95,13 +95,14 @@ class _OrbitDriver:
         value = float(rms(readings.values))
         return value if value < self.config.target_rms_mm else None
 
-    def start(self, guard: GuardedPlant) -> tuple[np.ndarray, float, SafetyEvent]:
+    def start(self, guard: GuardedPlant) -> tuple[np.ndarray, float, float, SafetyEvent]:
+        """(observation, metric as found, metric now, start event): the reset probe moves the machine."""
         obs = self.task.start(guard)
         initial = float(rms(self.task.initial_readings))
         event = SafetyEvent(time.time(), "start", f"starting orbit RMS {initial:.3f} mm", {
             "readings": self.task.initial_readings.tolist(), "settings": guard.snapshot.tolist(),
             "readings_after_probe": self.task.readings.tolist()})
-        return obs, float(rms(self.task.readings)), event
+        return obs, initial, float(rms(self.task.readings)), event
 
     def readings(self) -> list[float]:
         return self.task.readings.tolist()
@@ -146,12 +147,12 @@ class _TransmissionDriver:
     def nothing_to_do(self, readings) -> float | None:
         return None
 
-    def start(self, guard: GuardedPlant) -> tuple[np.ndarray, float, SafetyEvent]:
+    def start(self, guard: GuardedPlant) -> tuple[np.ndarray, float, float, SafetyEvent]:
         obs = self.task.start(guard)
         t = self.task.transmission
         event = SafetyEvent(time.time(), "start", f"starting transmission {t:.3f}", {
             "readings": guard.last_readings.values.tolist(), "settings": guard.snapshot.tolist()})
-        return obs, t, event
+        return obs, t, t, event
 
     def readings(self) -> list[float]:
         return self.task.last_readings.tolist()
@@ -198,18 +199,17 @@ def run_session(
     initial = final = None
     success, status = False, "completed"
 
-    def result(**kw) -> SessionResult:
-        trips = [e.reason for e in guard.events if e.kind == "trip"]
-        restored = any(e.kind == "restore" for e in guard.events)
-        metric = ({"initial_transmission": initial, "final_transmission": final} if driver.task_name == "rfq"
-                  else {"initial_rms_mm": initial, "final_rms_mm": final})
-        fields = dict(metric, steps=task.steps, wall_s=round(time.perf_counter() - start, 3), success=success,
-                      trips=trips, restored=restored, snapshot=str(snapshot_path) if snapshot_path else None,
-                      status=status, step_records=records, events=guard.events, task=driver.task_name)
-        fields.update(kw)
-        fields.setdefault("initial_rms_mm", None)
-        fields.setdefault("final_rms_mm", None)
-        return SessionResult(**fields)
+    def result() -> SessionResult:
+        rfq = driver.task_name == "rfq"
+        return SessionResult(
+            initial_rms_mm=None if rfq else initial, final_rms_mm=None if rfq else final,
+            initial_transmission=initial if rfq else None, final_transmission=final if rfq else None,
+            steps=task.steps, wall_s=round(time.perf_counter() - start, 3), success=success,
+            trips=[e.reason for e in guard.events if e.kind == "trip"],
+            restored=any(e.kind == "restore" for e in guard.events),
+            snapshot=str(snapshot_path) if snapshot_path else None, status=status,
+            step_records=records, events=guard.events, task=driver.task_name,
+        )
 
     try:
         guard.begin()
@@ -217,10 +217,9 @@ def run_session(
         if already is not None:
             initial = final = already
             success = True
-            return result(steps=0, trips=[], restored=False, events=guard.events)
-        obs, initial, event = driver.start(guard)
+            return result()
+        obs, initial, final, event = driver.start(guard)
         guard.on_event_and_store(event)
-        final = initial
         info = None
         n_steps = 1 if mode == "dry-run" else driver.max_steps
         for _ in range(n_steps):

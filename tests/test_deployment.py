@@ -15,7 +15,7 @@ import pytest
 
 from conftest import tbsac_cmd
 from controller.policy import Policy
-from controller.session import run_orbit_session
+from controller.session import run_session
 from hardware.epics_plant import EpicsPlant
 from hardware.machine import load_machine
 from safety.guard import InterlockRule, SafetyConfig, read_snapshot
@@ -31,7 +31,7 @@ def connect(ioc, **overrides):
 
 def session(ioc, plant, machine, tmp_path, **kwargs):
     policy = Policy.load("pretrained", lattice=load_lattice(ioc.lattice))
-    return run_orbit_session(
+    return run_session(
         plant, policy,
         interlocks=[InterlockRule(i.name, i.rule, i.threshold) for i in machine.interlocks],
         snapshot_path=tmp_path / "snapshot.json", **kwargs,

@@ -8,7 +8,7 @@ from sqlalchemy import create_engine, inspect, text
 from controller.policy import Policy
 from controller.recording import SessionRecorder, machine_record_simulated
 from controller.replay import export, replay, step_rows
-from controller.session import run_orbit_session
+from controller.session import run_session
 from controller.store import SessionRow, Store
 from simulators.beamline.errors import load_error_model
 from simulators.beamline.lattice import load_lattice
@@ -28,7 +28,7 @@ def record_sim_session(store, seed=3, mode="auto", on_step=None, **kwargs):
         if on_step:
             on_step(recorder, record)
 
-    result = run_orbit_session(plant, policy, mode=mode, on_step=step_hook, on_event=recorder.on_event, **kwargs)
+    result = run_session(plant, policy, mode=mode, on_step=step_hook, on_event=recorder.on_event, **kwargs)
     recorder.finish(result)
     return recorder.session_id, result
 

@@ -430,8 +430,13 @@ def info():
     console.print(f"data directory: {data_dir()}")
     console.print(f"session store: {default_url()}")
     console.print(f"machine files: {', '.join(sorted(p.name[:-5] for p in MACHINE_DIR.iterdir() if p.name.endswith('.yaml')))}")
+    from simulators.injector.model import shipped_injectors
+    from simulators.injector.task import INJECTOR_PRESETS
+
     console.print(f"lattices: {', '.join(shipped_lattices())}")
     console.print(f"error presets: {', '.join(preset_names())}")
+    console.print(f"injector lattices (RFQ task): {', '.join(shipped_injectors())}; "
+                  f"injector error presets: {', '.join(INJECTOR_PRESETS)}")
     console.print(f"pretrained policies: {', '.join(sorted(p.name for p in POLICY_DIR.iterdir() if p.name.endswith('.pt')))}")
 
 

@@ -31,26 +31,55 @@ def orbit_chart(machine: dict, start: list[float] | None, current: list[float] |
         column=alt.Column("plane:N", title=f"orbit per plane; green band: target ±{target_mm} mm"))
 
 
+def currents_chart(start: list[float] | None, current: list[float] | None) -> alt.Chart:
+    """RFQ task: ACCT (before the RFQ) and Faraday cup (after it), mA, at the start and now."""
+    rows = [{"monitor": name, "when": label, "current (mA)": values[i]}
+            for label, values in (("start", start), ("current", current)) if values
+            for i, name in enumerate(("ACCT", "FC"))]
+    data = pd.DataFrame(rows or [{"monitor": "ACCT", "when": "start", "current (mA)": 0.0}])
+    return alt.Chart(data).mark_bar().encode(
+        x=alt.X("when:N", sort=["start", "current"], title=None), y=alt.Y("current (mA):Q", title="beam current (mA)"),
+        color=alt.Color("when:N", scale=alt.Scale(domain=["start", "current"], range=["#999999", "#1f77b4"])),
+        column=alt.Column("monitor:N", title="transmission = FC / ACCT"),
+        tooltip=["monitor", "when", alt.Tooltip("current (mA):Q", format=".3f")],
+    ).properties(width=120, height=200)
+
+
 def corrector_chart(machine: dict, settings: list[float] | None) -> alt.Chart:
-    """Corrector settings against their limits (simulator units)."""
-    rows = [{"corrector": c["name"], "setting (simulator units)": (settings[i] if settings else 0.0),
+    """Knob settings against their limits (simulator units, or T and mrad on an injector)."""
+    unit = "T or mrad" if machine.get("task") == "rfq" else "simulator units"
+    column = f"setting ({unit})"
+    rows = [{"corrector": c["name"], column: (settings[i] if settings else 0.0),
              "lower": c["lower"], "upper": c["upper"]} for i, c in enumerate(machine["correctors"])]
     data = pd.DataFrame(rows)
     bars = alt.Chart(data).mark_bar().encode(
-        x=alt.X("corrector:N", sort=None, title="corrector"),
-        y=alt.Y("setting (simulator units):Q", title="setting (simulator units)"),
-        tooltip=["corrector", alt.Tooltip("setting (simulator units):Q", format=".3f"), "lower", "upper"],
+        x=alt.X("corrector:N", sort=None, title="knob"),
+        y=alt.Y(f"{column}:Q", title=column),
+        tooltip=["corrector", alt.Tooltip(f"{column}:Q", format=".4f"), "lower", "upper"],
     )
     lo = alt.Chart(data).mark_tick(color="red", thickness=2).encode(x=alt.X("corrector:N", sort=None), y="lower:Q")
     hi = alt.Chart(data).mark_tick(color="red", thickness=2).encode(x=alt.X("corrector:N", sort=None), y="upper:Q")
     return (bars + lo + hi).properties(height=220)
 
 
-def trend_chart(steps: list[dict], marker_step: int | None = None) -> alt.Chart:
-    """Orbit RMS (mm) and reward against step."""
-    data = pd.DataFrame([{"step": s["step"], "RMS (mm)": s["rms_mm"], "reward": s["reward"]} for s in steps]
-                        or [{"step": 0, "RMS (mm)": None, "reward": None}])
-    rms = alt.Chart(data).mark_line(point=True).encode(x=alt.X("step:Q", title="step"), y=alt.Y("RMS (mm):Q", title="orbit RMS (mm)"))
+def transmission(readings: list[float] | None) -> float | None:
+    """FC / ACCT of a recorded RFQ reading."""
+    return readings[1] / readings[0] if readings and len(readings) == 2 and readings[0] else None
+
+
+def _metric(step: dict, task: str) -> float | None:
+    return transmission(step["readings"]) if task == "rfq" else step["rms_mm"]
+
+
+def metric_title(task: str) -> str:
+    return "transmission (1)" if task == "rfq" else "orbit RMS (mm)"
+
+
+def trend_chart(steps: list[dict], marker_step: int | None = None, task: str = "orbit") -> alt.Chart:
+    """Orbit RMS (mm) or RFQ transmission, and reward, against step."""
+    data = pd.DataFrame([{"step": s["step"], "metric": _metric(s, task), "reward": s["reward"]} for s in steps]
+                        or [{"step": 0, "metric": None, "reward": None}])
+    rms = alt.Chart(data).mark_line(point=True).encode(x=alt.X("step:Q", title="step"), y=alt.Y("metric:Q", title=metric_title(task)))
     reward = alt.Chart(data).mark_line(point=True, color="orange").encode(x=alt.X("step:Q", title="step"), y=alt.Y("reward:Q", title="reward (1)"))
     if marker_step is not None:
         rule = alt.Chart(pd.DataFrame({"step": [marker_step]})).mark_rule(color="red").encode(x="step:Q")
@@ -58,11 +87,11 @@ def trend_chart(steps: list[dict], marker_step: int | None = None) -> alt.Chart:
     return alt.hconcat(rms.properties(width=300, height=200), reward.properties(width=300, height=200))
 
 
-def compare_chart(series: dict[str, list[dict]]) -> alt.Chart:
-    rows = [{"session": name, "step": s["step"], "RMS (mm)": s["rms_mm"]} for name, steps in series.items() for s in steps]
-    data = pd.DataFrame(rows or [{"session": "", "step": 0, "RMS (mm)": None}])
+def compare_chart(series: dict[str, list[dict]], task: str = "orbit") -> alt.Chart:
+    rows = [{"session": name, "step": s["step"], "metric": _metric(s, task)} for name, steps in series.items() for s in steps]
+    data = pd.DataFrame(rows or [{"session": "", "step": 0, "metric": None}])
     return alt.Chart(data).mark_line(point=True).encode(
-        x=alt.X("step:Q", title="step"), y=alt.Y("RMS (mm):Q", title="orbit RMS (mm)"), color="session:N").properties(height=260)
+        x=alt.X("step:Q", title="step"), y=alt.Y("metric:Q", title=metric_title(task)), color="session:N").properties(height=260)
 
 
 def learning_chart(curves: list[dict]) -> alt.Chart:

@@ -3,7 +3,7 @@
 import pandas as pd
 import streamlit as st
 
-from ui.console.charts import compare_chart, corrector_chart, orbit_chart, trend_chart
+from ui.console.charts import compare_chart, corrector_chart, currents_chart, orbit_chart, transmission, trend_chart
 from ui.console.client import format_time
 from ui.console.common import call, connected_or_stop
 
@@ -24,6 +24,7 @@ table = pd.DataFrame([{
     "session": s["id"], "machine": s["machine"], "operator": s["operator"], "mode": s["mode"], "status": s["status"],
     "started (UTC)": format_time(s["started"]), "steps": (s.get("result") or {}).get("steps"),
     "final RMS (mm)": (s.get("result") or {}).get("final_rms_mm"),
+    "final transmission": (s.get("result") or {}).get("final_transmission"),
 } for s in sessions])
 st.dataframe(table, hide_index=True, use_container_width=True)
 
@@ -40,17 +41,26 @@ k = st.slider("Step", min_value=0, max_value=max(len(steps), 1), value=len(steps
               help="0 is the machine as found; every plot redraws at the chosen step") if steps else 0
 orbit = steps[k - 1]["readings"] if k > 0 else (start_event["data"]["readings"] if start_event else None)
 settings = steps[k - 1]["readbacks"] if k > 0 else (start_event["data"]["settings"] if start_event else None)
+task = machine.get("task", "orbit") if machine else "orbit"
 if machine:
-    target = (session.get("task_config") or {}).get("target_rms_mm", 0.5)
-    st.altair_chart(orbit_chart(machine, start_event["data"]["readings"] if start_event else None, orbit, target))
+    start_readings = start_event["data"]["readings"] if start_event else None
+    if task == "rfq":
+        st.altair_chart(currents_chart(start_readings, orbit))
+    else:
+        target = (session.get("task_config") or {}).get("target_rms_mm", 0.5)
+        st.altair_chart(orbit_chart(machine, start_readings, orbit, target))
     st.altair_chart(corrector_chart(machine, settings), use_container_width=True)
 else:
     st.warning(f"Machine {session['machine']} is not known to this server any more; orbit plots are unavailable.")
-st.altair_chart(trend_chart(steps, marker_step=k))
+st.altair_chart(trend_chart(steps, marker_step=k, task=task))
 if k > 0:
     step = steps[k - 1]
-    rms_text = f"{step['rms_mm']:.3f} mm" if step["rms_mm"] is not None else "-"
-    st.caption(f"step {k} at {format_time(step['time'])}: RMS {rms_text}, reward {step['reward']:.3f}, "
+    if task == "rfq":
+        t = transmission(step["readings"])
+        metric_text = f"transmission {t:.3f}" if t is not None else "transmission -"
+    else:
+        metric_text = f"RMS {step['rms_mm']:.3f} mm" if step["rms_mm"] is not None else "RMS -"
+    st.caption(f"step {k} at {format_time(step['time'])}: {metric_text}, reward {step['reward']:.3f}, "
                f"step time {step['latency_s'] * 1e3:.1f} ms (includes any wait for approval)")
 upto = steps[k - 1]["time"] if k > 0 else (start_event["time"] if start_event else None)
 shown = [e for e in events if upto is None or e["time"] <= upto] if k < len(steps) else events
@@ -69,4 +79,4 @@ st.subheader("Compare sessions")
 pair = st.multiselect("Sessions to compare", ids, default=ids[:2], max_selections=2, key="h-compare",
                       format_func=lambda i: f"session {i}")
 if pair:
-    st.altair_chart(compare_chart({f"session {i}": client.steps(i) for i in pair}), use_container_width=True)
+    st.altair_chart(compare_chart({f"session {i}": client.steps(i) for i in pair}, task=task), use_container_width=True)

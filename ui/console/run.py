@@ -3,7 +3,7 @@
 import pandas as pd
 import streamlit as st
 
-from ui.console.charts import corrector_chart, orbit_chart, trend_chart
+from ui.console.charts import corrector_chart, currents_chart, orbit_chart, trend_chart
 from ui.console.client import format_time
 from ui.console.common import call, connected_or_stop, operator
 
@@ -12,14 +12,15 @@ NEXT_STEP = {
                "if the starting settings were not restored, press **Restore**.",
     "aborted": "The session was aborted; the starting settings were restored (see the event log).",
     "rejected": "A proposed step was rejected; the starting settings were restored.",
-    "not_converged": "The target was not reached within the step limit; the starting settings were restored. "
-                     "Check the machine, then start again or hand over to SVD correction.",
+    "not_converged": "The target was not reached within the step limit. Orbit: the starting settings were restored; "
+                     "check the machine, then start again or hand over to SVD correction. RFQ: improved settings were "
+                     "kept, otherwise the start was restored (see the event log).",
     "interrupted": "The control server stopped during this session. Its steps are kept; press **Restore** "
                    "to put the machine back to its starting settings.",
     "faulted": "An internal error stopped the session. Press **Restore**, then report the event log.",
 }
 
-st.title("Run orbit correction")
+st.title("Run beam tuning")
 client = connected_or_stop()
 machines = client.machines()
 if not machines:
@@ -77,7 +78,11 @@ def live(session_id: int | None) -> None:
         (st.info if status == "running" else st.warning)(header)
     elif status in ("completed", "dry-run"):
         result = session.get("result") or {}
-        st.success(f"{header} · RMS {result.get('initial_rms_mm') or 0:.2f} → {result.get('final_rms_mm') or 0:.2f} mm in {result.get('steps')} steps")
+        if "final_transmission" in result:
+            change = f"transmission {result.get('initial_transmission') or 0:.3f} → {result.get('final_transmission') or 0:.3f}"
+        else:
+            change = f"RMS {result.get('initial_rms_mm') or 0:.2f} → {result.get('final_rms_mm') or 0:.2f} mm"
+        st.success(f"{header} · {change} in {result.get('steps')} steps")
     else:
         st.error(f"{header}\n\n{NEXT_STEP.get(status, '')}")
 
@@ -98,12 +103,17 @@ def live(session_id: int | None) -> None:
     start_event = next((e for e in events if e["kind"] == "start"), None)
     start_orbit = start_event["data"]["readings"] if start_event else None
     current = steps[-1]["readings"] if steps else (start_event["data"].get("readings_after_probe") if start_event else None)
-    target = (session.get("task_config") or {}).get("target_rms_mm", 0.5)
-    st.subheader("Orbit")
-    st.altair_chart(orbit_chart(machine, start_orbit, current, target), use_container_width=False)
+    task = machine.get("task", "orbit")
+    if task == "rfq":
+        st.subheader("Beam currents")
+        st.altair_chart(currents_chart(start_orbit, current or start_orbit), use_container_width=False)
+    else:
+        target = (session.get("task_config") or {}).get("target_rms_mm", 0.5)
+        st.subheader("Orbit")
+        st.altair_chart(orbit_chart(machine, start_orbit, current, target), use_container_width=False)
     c1, c2 = st.columns(2)
     with c1:
-        st.subheader("Correctors")
+        st.subheader("Knobs")
         settings = steps[-1]["readbacks"] if steps else (start_event["data"]["settings"] if start_event else None)
         st.altair_chart(corrector_chart(machine, settings), use_container_width=True)
     with c2:
@@ -118,8 +128,8 @@ def live(session_id: int | None) -> None:
         other = [t for t in trips if not any(il in t for il in machine.get("interlocks", []))]
         for t in other:
             st.error(f"**trip** — {t}")
-    st.subheader("RMS and reward")
-    st.altair_chart(trend_chart(steps), use_container_width=False)
+    st.subheader("Transmission and reward" if task == "rfq" else "RMS and reward")
+    st.altair_chart(trend_chart(steps, task=task), use_container_width=False)
     st.subheader("Event log")
     log = pd.DataFrame([{"time (UTC)": format_time(e["time"]), "kind": e["kind"], "reason": e["reason"]} for e in events])
     st.dataframe(log if len(log) else pd.DataFrame({"time (UTC)": [], "kind": [], "reason": []}), hide_index=True, use_container_width=True)
