@@ -24,19 +24,23 @@ def test_observation_reward_and_budget(lpi):
     env = TransmissionEnv(lpi, load_injector_errors("test"))
     obs, info = env.reset(seed=4)
     history = TransmissionTask.HISTORY * 7  # per past step: 10 dT and six knob changes
-    assert obs.shape == (history + 3 + 6 + 1 + 6 + 1,)
-    assert obs[history + 2] == pytest.approx(info["transmission"], abs=1e-6)
+    readings = history + 6  # after the transmission slope over the six knobs
+    assert obs.shape == (readings + 3 + 6 + 1 + 6 + 1,)
+    assert obs[readings + 2] == pytest.approx(info["transmission"], abs=1e-6)
     assert not obs[:history].any()
     before = info["transmission"]
     action = np.zeros(6)
     action[0] = 1.0
     obs, reward, terminated, truncated, info = env.step(action)
-    assert env.plant.read_knobs()[0] == pytest.approx(0.354 + 0.02)
+    assert env.plant.read_knobs()[0] == pytest.approx(0.354 + lpi.knob_steps[0])
     assert reward == pytest.approx(info["transmission"] - 1 + 5 * (info["transmission"] - before), abs=1e-6)
     # The newest trend entry: the transmission change and the knob change (action units) behind it.
     assert obs[0] == pytest.approx(10 * (info["transmission"] - before), abs=1e-5)
     np.testing.assert_allclose(obs[1:7], action, atol=1e-6)
-    assert obs[history + 3] == pytest.approx(0.1)  # SOL1 one step (a tenth of ten) from the start
+    assert obs[readings + 3] == pytest.approx(0.1)  # SOL1 one step (a tenth of ten) from the start
+    # Two points: the slope along SOL1 is the transmission change per step (ridge-shrunk).
+    assert obs[history] == pytest.approx(10 * (info["transmission"] - before) / 1.1, abs=1e-4)
+    assert not obs[history + 1:readings].any()
     steps = 1
     while not truncated:
         *_, truncated, _ = env.step(np.zeros(6))
@@ -95,3 +99,27 @@ def test_xopt_bayesian_optimisation_spends_its_budget(lpi):
     bo = run_xopt(env, 6)
     assert len(bo.trace) == 6
     assert bo.best[0] >= 0.0
+
+
+def test_short_rfq_training_writes_a_policy_the_cli_can_evaluate(run_cli, tmp_path, lpi):
+    from controller.policy import Policy
+
+    out = tmp_path / "run"
+    proc = run_cli("train", "rfq", "--steps", "1000", "--seed", "2", "--out", str(out), "--eval-every", "500",
+                   "--eval-episodes", "2", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((out / "training.json").read_text())
+    assert [c["step"] for c in record["curves"]] == [500, 1000]
+    assert {"fraction_of_best", "steps_to_85"} <= set(record["curves"][0])
+    meta = Policy.load(out / "policy.pt", lattice=lpi).metadata
+    assert meta["task"] == "rfq" and meta["lattice"]["knob_names"] == lpi.knob_names
+    assert meta["action"]["step"] == lpi.knob_steps and meta["observation"]["size"] == 44
+    proc = run_cli("evaluate", "rfq", "--policy", str(out / "policy.pt"), "--episodes", "1", "--methods", "random",
+                   "--json", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert set(json.loads(proc.stdout)["results"]) == {"agent", "random"}
+
+
+def test_rfq_training_refuses_the_trend_image_architecture(run_cli, tmp_path):
+    proc = run_cli("train", "rfq", "--arch", "tbsac", "--out", str(tmp_path))
+    assert proc.returncode == 2 and "--arch" in proc.stderr

@@ -1,0 +1,169 @@
+"""RFQ transmission tuning deployed over real Channel Access (`tbsac ioc --lattice lpi`).
+
+The pretrained lpi agent drives the virtual injector's supplies through the safety
+layer; a transmission collapse (the IOC's beam-loss fault inside the RFQ) must trip the
+session and restore the starting settings, verified on the IOC.
+"""
+
+import json
+
+import epics
+import numpy as np
+import pytest
+import yaml
+
+from controller.policy import Policy
+from controller.session import run_session
+from hardware.epics_plant import EpicsPlant
+from hardware.machine import load_machine, load_machine_lattice
+from safety.guard import InterlockRule, read_snapshot
+from simulators.config import ConfigError
+from simulators.injector.model import load_injector
+from simulators.injector.task import InjectorSimPlant, load_injector_errors
+
+
+@pytest.fixture(scope="module")
+def agent():
+    return Policy.load("pretrained", lattice=load_injector("lpi"))
+
+
+def connect(ioc):
+    machine, path = load_machine(ioc.machine_file())
+    load_machine_lattice(machine, path)
+    return machine, EpicsPlant(machine, path).connect()
+
+
+def rules(machine):
+    return [InterlockRule(i.name, i.rule, i.threshold) for i in machine.interlocks]
+
+
+def setpoints(machine):
+    return np.array([epics.caget(c.setpoint, timeout=2) for c in machine.correctors])
+
+
+def test_zero_shot_tuning_over_channel_access(start_ioc, tmp_path, agent):
+    ioc = start_ioc(lattice="lpi", seed=2, ramp=0.02)
+    machine, plant = connect(ioc)
+    start = setpoints(machine)
+    result = run_session(plant, agent, interlocks=rules(machine), snapshot_path=tmp_path / "snap.json")
+    assert result.task == "rfq" and result.trips == []
+    assert result.steps == 30
+    assert result.final_transmission > result.initial_transmission
+    # Every step wrote the six supplies once, within the machine file's limits and steps.
+    puts = ioc.puts()
+    assert len(puts) == 6 * result.steps + (6 if result.restored else 0)
+    for c in machine.correctors:
+        values = [p["value"] for p in puts if p["pv"] == c.setpoint]
+        assert all(c.lower - 1e-9 <= v <= c.upper + 1e-9 for v in values)
+        path = np.concatenate([[start[machine.correctors.index(c)]], values[:result.steps]])
+        assert np.all(np.abs(np.diff(path)) <= c.max_step + 1e-6)
+    snap = read_snapshot(tmp_path / "snap.json")
+    assert list(snap["knobs"]) == load_injector("lpi").knob_names
+    assert result.step_records[-1].transmission == pytest.approx(result.final_transmission)
+
+
+def test_transmission_collapse_trips_and_restores(start_ioc, tmp_path, agent):
+    ioc = start_ioc(lattice="lpi", seed=4)
+    machine, plant = connect(ioc)
+    start = setpoints(machine)
+
+    def collapse(record):
+        if record.step == 2:
+            epics.caput(ioc.pv("SIM:BEAM_LOSS"), 1, wait=True)
+
+    result = run_session(plant, agent, interlocks=rules(machine), snapshot_path=tmp_path / "snap.json", on_step=collapse)
+    assert result.status == "tripped" and result.restored
+    assert any("transmission" in t and "fell below 50%" in t for t in result.trips), result.trips
+    np.testing.assert_allclose(setpoints(machine), start, atol=1e-9)
+    assert result.steps <= 4
+
+
+def test_excursion_limit_counts_each_knobs_own_steps(start_ioc, tmp_path, agent):
+    from safety.guard import SafetyConfig
+
+    ioc = start_ioc(lattice="lpi", seed=2)
+    machine, plant = connect(ioc)
+    start = setpoints(machine)
+    result = run_session(plant, agent, safety=SafetyConfig(max_excursion_steps=1.0), interlocks=rules(machine),
+                         snapshot_path=tmp_path / "snap.json")
+    steps_a = np.array([c.max_step for c in machine.correctors])
+    for p in ioc.puts():
+        i = [c.setpoint for c in machine.correctors].index(p["pv"])
+        assert abs(p["value"] - start[i]) <= steps_a[i] + 1e-6
+    assert any(e.kind == "clamp" and "excursion" in e.reason for e in result.events)
+
+
+def test_run_cli_on_the_injector(start_ioc, tmp_path, run_cli):
+    ioc = start_ioc(lattice="lpi", seed=6, ramp=0.0)
+    proc = run_cli("run", "--machine", str(ioc.machine_file()), "--json", "--snapshot", str(tmp_path / "s.json"), timeout=180)
+    assert proc.returncode in (0, 3), proc.stderr
+    out = json.loads(proc.stdout)
+    assert set(out) >= {"initial_transmission", "final_transmission", "steps", "trips", "restored"}
+    assert out["trips"] == []
+
+
+def test_orbit_policy_is_refused_on_the_injector(start_ioc, run_cli):
+    ioc = start_ioc(lattice="lpi", seed=1)
+    proc = run_cli("run", "--machine", str(ioc.machine_file()), "--policy", "controller/policies/cafe2-cm1.pt", timeout=60)
+    assert proc.returncode == 2 and "metadata.task" in proc.stderr and "'orbit'" in proc.stderr
+    assert ioc.puts() == []
+
+
+def test_rfq_policy_is_refused_on_a_cryomodule(run_cli):
+    from controller.policy import POLICY_DIR
+
+    proc = run_cli("evaluate", "orbit", "--policy", str(POLICY_DIR / "lpi.pt"), "--episodes", "1")
+    assert proc.returncode == 2 and "metadata.task" in proc.stderr
+
+
+def test_rfq_machine_file_must_have_monitors(tmp_path):
+    from hardware.machine import MACHINE_DIR
+
+    data = yaml.safe_load((MACHINE_DIR / "virtual-lpi.yaml").read_text())
+    data["monitors"] = []
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="monitors"):
+        load_machine(path)
+    data = yaml.safe_load((MACHINE_DIR / "virtual-lpi.yaml").read_text())
+    data["monitors"][0]["name"] = "BCT"
+    path.write_text(yaml.safe_dump(data))
+    machine, p = load_machine(path)
+    with pytest.raises(ConfigError, match="monitors"):
+        load_machine_lattice(machine, p)
+
+
+def test_simulated_injector_session_through_the_guard(agent):
+    plant = InjectorSimPlant(load_injector("lpi"), load_injector_errors("test"))
+    plant.reset(11)
+    start = plant.read_knobs()
+    result = run_session(plant, agent, interlocks=[InterlockRule("transmission", "min_fraction_of_start", 0.5)])
+    assert result.trips == [] and result.steps == 30
+    if result.restored:
+        np.testing.assert_allclose(plant.read_knobs(), start)
+        assert result.final_transmission <= result.initial_transmission
+    else:
+        assert result.final_transmission > result.initial_transmission
+
+
+class _Scripted:
+    """A stand-in policy with the shipped metadata that always pushes SOL2 up (detunes the match)."""
+
+    def __init__(self, agent):
+        self.metadata = agent.metadata
+
+    def act(self, obs):
+        return np.array([0.0, 0.0, 0.0, 1.0, 0.0, 0.0])
+
+
+def test_session_ending_below_its_start_restores_the_start(agent):
+    plant = InjectorSimPlant(load_injector("lpi"), load_injector_errors("test"))
+    plant.reset(5)
+    start = plant.read_knobs()
+    result = run_session(plant, _Scripted(agent))  # no interlocks: the end-of-session rule must act
+    assert result.status == "not_converged" and result.steps == 30
+    assert result.final_transmission < result.initial_transmission
+    assert result.restored and any(e.kind == "stop" and "not above the start" in e.reason for e in result.events)
+    np.testing.assert_allclose(plant.read_knobs(), start)
+    # The excursion limit (15 of SOL2's own steps) held while it pushed.
+    assert max(r.safe[3] for r in result.step_records) == pytest.approx(start[3] + 15 * load_injector("lpi").knob_steps[3])
