@@ -118,13 +118,13 @@ def main() -> None:
         s = report["simulation"]
         lines += [f"Simulation: {s['episodes']} unseen injectors ('test' errors, seeds {SEED}..), {BUDGET} steps each; "
                   f"best achievable median {s['best_achievable']['median']} (min {s['best_achievable']['min']}).", "",
-                  "| method | final T median | final T p95 | final / best median | final / best p5 | steps to 85 % median (reached) | steps to 0.9 best median (reached) |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "| method | final T median | final T p95 | final / best median | final / best p5 | steps to 85 % median (reached) | steps to 0.9 best median (reached) | injectors with a step below half the start T |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name, r in s["results"].items():
             lines.append(f"| {name} | {r['final_transmission']['median']} | {r['final_transmission']['p95']} "
                          f"| {r['fraction_of_best']['median']} | {r['fraction_of_best']['p5']} "
                          f"| {r['steps_to_85']['median']} ({r['steps_to_85']['reached']}) "
-                         f"| {r['steps_to_90pct_best']['median']} ({r['steps_to_90pct_best']['reached']}) |")
+                         f"| {r['steps_to_90pct_best']['median']} ({r['steps_to_90pct_best']['reached']}) | {r['collapses']} |")
     if "zero_shot" in report:
         z = report["zero_shot"]
         lines += ["", f"Zero-shot over Channel Access (`tbsac ioc --lattice lpi --errors test`, seeds 0..{z['sessions'] - 1}, "

@@ -123,3 +123,13 @@ def test_short_rfq_training_writes_a_policy_the_cli_can_evaluate(run_cli, tmp_pa
 def test_rfq_training_refuses_the_trend_image_architecture(run_cli, tmp_path):
     proc = run_cli("train", "rfq", "--arch", "tbsac", "--out", str(tmp_path))
     assert proc.returncode == 2 and "--arch" in proc.stderr
+
+
+def test_summary_counts_unreached_as_beyond_budget_and_collapses():
+    from controller.rfq import RfqEpisode, summarise_rfq
+
+    episodes = [RfqEpisode(1, 0.6, [0.2, 0.9], 0.9, 0.95), RfqEpisode(2, 0.6, [0.5, 0.7], 0.7, 0.95)]
+    r = summarise_rfq(episodes)
+    assert r["steps_to_85"] == {"median": None, "reached": 1}
+    assert r["collapses"] == 1  # 0.2 is below half of the starting 0.6
+    assert r["fraction_of_best"]["median"] == pytest.approx((0.9 / 0.95 + 0.7 / 0.95) / 2, abs=1e-4)
