@@ -35,6 +35,9 @@ BUDGET = 30
 
 
 def _chunk(seeds: tuple[int, int]):
+    import torch
+
+    torch.set_num_threads(1)  # one worker per core: BoTorch's threads would oversubscribe them
     from controller.policy import Policy
     from controller.rfq import RFQ_METHODS, evaluate_rfq
     from simulators.injector.model import load_injector
