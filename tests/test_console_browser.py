@@ -89,7 +89,7 @@ def test_approve_mode_orbit_correction_through_the_console(stack, browser):
     artifacts = Path(os.environ.get("TBSAC_ARTIFACTS", ROOT / "test-artifacts"))
     artifacts.mkdir(parents=True, exist_ok=True)
     browser.get(stack["console"] + "/")
-    WebDriverWait(browser, 60).until(lambda d: "Run orbit correction" in page_text(d) and "No session on this machine" in page_text(d))
+    WebDriverWait(browser, 60).until(lambda d: "Run beam tuning" in page_text(d) and "No session on this machine" in page_text(d))
     # Mode: approve (Streamlit radios are labels around hidden inputs).
     browser.find_element(By.XPATH, "//label[.//p[normalize-space(.)='approve']]").click()
     WebDriverWait(browser, 10).until(lambda d: d.find_element(By.XPATH, "//label[.//p[normalize-space(.)='approve']]//input").is_selected())
