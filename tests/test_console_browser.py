@@ -1,10 +1,11 @@
 """End to end in Debian's headless chromium: virtual IOC + control server + console.
 
-An operator corrects the orbit in approve mode by clicking through the console; the
-Run and Replay pages are saved as screenshots in ``$TBSAC_ARTIFACTS`` (default
-``test-artifacts/``).
+An operator corrects the orbit in approve mode by clicking through the console, and
+tunes the RFQ transmission of the injector in auto mode; the Run and Replay pages are
+saved as screenshots in ``$TBSAC_ARTIFACTS`` (default ``test-artifacts/``).
 """
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -39,13 +40,9 @@ def wait_http(url: str, timeout: float = 60) -> None:
     raise AssertionError(f"{url} did not come up")
 
 
-@pytest.fixture
-def stack(start_ioc, tmp_path):
-    """IOC (default PV prefix, so the shipped machine file applies), server, console."""
-    ioc = start_ioc(seed=21, ramp=0.05)
-    ioc.prefix = "VCAFE2:CM1"  # restart it under the shipped machine file's names
-    ioc.stop()
-    ioc.start()
+@contextlib.contextmanager
+def serving(ioc, tmp_path):
+    """Control server and console in front of one running IOC."""
     server_port, console_port = _free_port(), _free_port()
     env = {**os.environ, "TBSAC_DATA_DIR": str(tmp_path / "data"), "TBSAC_DATABASE_URL": f"sqlite:///{tmp_path / 'e2e.sqlite'}",
            "TBSAC_OPERATOR_TOKEN": TOKEN}
@@ -61,6 +58,28 @@ def stack(start_ioc, tmp_path):
         for proc in (console, server):
             proc.terminate()
             proc.wait(10)
+
+
+def under_shipped_names(ioc, prefix: str):
+    """Restart an IOC under the PV prefix of the shipped machine file, so the server's list applies."""
+    ioc.prefix = prefix
+    ioc.stop()
+    ioc.start()
+    return ioc
+
+
+@pytest.fixture
+def stack(start_ioc, tmp_path):
+    """Orbit: the CAFe2 cryomodule IOC, server, console."""
+    with serving(under_shipped_names(start_ioc(seed=21, ramp=0.05), "VCAFE2:CM1"), tmp_path) as s:
+        yield s
+
+
+@pytest.fixture
+def injector_stack(start_ioc, tmp_path):
+    """RFQ: the light-particle injector IOC, server, console."""
+    with serving(under_shipped_names(start_ioc(lattice="lpi", seed=2, ramp=0.02), "VLPI"), tmp_path) as s:
+        yield s
 
 
 @pytest.fixture
@@ -127,3 +146,39 @@ def test_approve_mode_orbit_correction_through_the_console(stack, browser):
     browser.save_screenshot(str(artifacts / "console-replay.png"))
     assert (artifacts / "console-run.png").stat().st_size > 20_000
     assert (artifacts / "console-replay.png").stat().st_size > 20_000
+
+
+def test_auto_mode_rfq_tuning_through_the_console(injector_stack, browser):
+    stack = injector_stack
+    artifacts = Path(os.environ.get("TBSAC_ARTIFACTS", ROOT / "test-artifacts"))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    browser.get(stack["console"] + "/")
+    WebDriverWait(browser, 60).until(lambda d: "Run beam tuning" in page_text(d))
+    # The machine is a Streamlit (react-aria) combobox: open its list, then pick the injector.
+    WebDriverWait(browser, 30).until(EC.element_to_be_clickable(
+        (By.XPATH, "//input[@aria-label='Machine']/following-sibling::button[@aria-label='Open']"))).click()
+    WebDriverWait(browser, 10).until(
+        EC.element_to_be_clickable((By.XPATH, "//*[@role='option'][contains(., 'virtual-lpi')]"))).click()
+    WebDriverWait(browser, 10).until(
+        lambda d: d.find_element(By.XPATH, "//input[@aria-label='Machine']").get_attribute("value").startswith("virtual-lpi"))
+    WebDriverWait(browser, 30).until(lambda d: "No session on this machine" in page_text(d))
+    button(browser, "Start").click()
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        sessions = httpx.get(stack["server"] + "/api/sessions").json()
+        if sessions and sessions[0]["status"] not in ("running", "paused"):
+            break
+        time.sleep(1)
+    session = httpx.get(stack["server"] + "/api/sessions").json()[0]
+    assert session["machine"] == "virtual-lpi" and session["mode"] == "auto", session
+    result = session["result"]
+    assert result["trips"] == [] and result["steps"] == 30
+    assert result["final_transmission"] > result["initial_transmission"]
+    # The operator sees the transmission change, the beam currents and the interlocks.
+    shown = f"transmission {result['initial_transmission']:.3f} → {result['final_transmission']:.3f}"
+    WebDriverWait(browser, 30).until(lambda d: shown in page_text(d))
+    text = page_text(browser)
+    assert "Beam currents" in text and "Transmission and reward" in text and "transmission" in text
+    time.sleep(1.5)  # let the charts finish drawing
+    browser.save_screenshot(str(artifacts / "console-run-rfq.png"))
+    assert (artifacts / "console-run-rfq.png").stat().st_size > 20_000

@@ -167,3 +167,13 @@ def test_session_ending_below_its_start_restores_the_start(agent):
     np.testing.assert_allclose(plant.read_knobs(), start)
     # The excursion limit (15 of SOL2's own steps) held while it pushed.
     assert max(r.safe[3] for r in result.step_records) == pytest.approx(start[3] + 15 * load_injector("lpi").knob_steps[3])
+
+
+def test_shipped_machine_file_steps_as_the_agent_was_trained():
+    """The task scales actions by the machine file's largest step, so it must equal the lattice's tuning step."""
+    from hardware.machine import MACHINE_DIR
+
+    machine, _ = load_machine(MACHINE_DIR / "virtual-lpi.yaml")
+    lattice = load_injector("lpi")
+    assert [c.name for c in machine.correctors] == lattice.knob_names
+    np.testing.assert_allclose([c.max_step / abs(c.scale) for c in machine.correctors], lattice.knob_steps)
