@@ -155,3 +155,20 @@ def test_training_page_lists_runs_evaluations_and_deployments(server, tmp_path):
     assert frames[0]["best step"].tolist() == [2000]
     assert set(frames[1]["method"]) == {"agent", "svd_model"}
     assert frames[2]["deployed on"].tolist() == ["sim-cafe2-cm3"]
+
+
+def test_knob_chart_keeps_tesla_and_mrad_on_separate_axes():
+    """An injector's solenoids (T) and steerers (mrad) get one panel each, with its own scale."""
+    from controller.manager import _injector_layout, _layout
+    from ui.console.charts import corrector_chart
+
+    injector = _injector_layout("lpi")
+    spec = corrector_chart(injector, [0.3, 0.3, 1.0, -1.0, 2.0, -2.0]).to_dict()
+    assert spec["facet"]["column"]["field"] == "unit"
+    assert spec["resolve"]["scale"]["y"] == "independent"
+    rows = next(iter(spec["datasets"].values()))
+    by_unit = {u: [r["corrector"] for r in rows if r["unit"] == u] for u in {r["unit"] for r in rows}}
+    assert by_unit == {"T": ["SOL1", "SOL2"], "mrad": ["ST1:H", "ST1:V", "ST2:H", "ST2:V"]}
+
+    orbit = corrector_chart(_layout("cafe2-cm1"), None).to_dict()
+    assert "facet" not in orbit and orbit["layer"][0]["encoding"]["y"]["title"] == "setting (simulator units)"

@@ -46,20 +46,24 @@ def currents_chart(start: list[float] | None, current: list[float] | None) -> al
 
 
 def corrector_chart(machine: dict, settings: list[float] | None) -> alt.Chart:
-    """Knob settings against their limits (simulator units, or T and mrad on an injector)."""
-    unit = "T or mrad" if machine.get("task") == "rfq" else "simulator units"
-    column = f"setting ({unit})"
-    rows = [{"corrector": c["name"], column: (settings[i] if settings else 0.0),
+    """Knob settings against their limits; one panel per unit (an injector's T and mrad don't share an axis)."""
+    rows = [{"corrector": c["name"], "setting": (settings[i] if settings else 0.0), "unit": c.get("unit", "simulator units"),
              "lower": c["lower"], "upper": c["upper"]} for i, c in enumerate(machine["correctors"])]
     data = pd.DataFrame(rows)
-    bars = alt.Chart(data).mark_bar().encode(
-        x=alt.X("corrector:N", sort=None, title="knob"),
-        y=alt.Y(f"{column}:Q", title=column),
-        tooltip=["corrector", alt.Tooltip(f"{column}:Q", format=".4f"), "lower", "upper"],
+    units = list(dict.fromkeys(data["unit"]))
+    y_title = units[0] if len(units) == 1 else None
+    x = alt.X("corrector:N", sort=None, title="knob")
+    bars = alt.Chart().mark_bar().encode(
+        x=x, y=alt.Y("setting:Q", title=f"setting ({y_title})" if y_title else "setting"),
+        tooltip=["corrector", alt.Tooltip("setting:Q", format=".4f"), "unit", "lower", "upper"],
     )
-    lo = alt.Chart(data).mark_tick(color="red", thickness=2).encode(x=alt.X("corrector:N", sort=None), y="lower:Q")
-    hi = alt.Chart(data).mark_tick(color="red", thickness=2).encode(x=alt.X("corrector:N", sort=None), y="upper:Q")
-    return (bars + lo + hi).properties(height=220)
+    lo = alt.Chart().mark_tick(color="red", thickness=2).encode(x=x, y="lower:Q")
+    hi = alt.Chart().mark_tick(color="red", thickness=2).encode(x=x, y="upper:Q")
+    if len(units) == 1:
+        return alt.layer(bars, lo, hi, data=data).properties(height=220)
+    return (alt.layer(bars, lo, hi, data=data).properties(height=200, width=90)
+            .facet(column=alt.Column("unit:N", sort=units, title=None))
+            .resolve_scale(x="independent", y="independent"))
 
 
 def transmission(readings: list[float] | None) -> float | None:
