@@ -74,6 +74,21 @@ class SessionResult:
 RFQ_MAX_EXCURSION_STEPS = 15.0
 
 
+def step_limit_warning(plant: Plant, trained_step: np.ndarray) -> SafetyEvent | None:
+    """A warning when the machine allows smaller steps than the policy was trained with.
+
+    Safe (the guard clips each step to the machine's limit) but not what the agent
+    learned: it tunes more slowly and may not reach its target in the step budget.
+    """
+    short = [(k.name, k.max_step, t) for k, t in zip(plant.knobs, trained_step) if k.max_step < t * (1 - 1e-6)]
+    if not short:
+        return None
+    listed = ", ".join(f"{name} {limit:.4g} < {trained:.4g}" for name, limit, trained in short)
+    return SafetyEvent(time.time(), "warning", f"machine's largest step below the policy's training step ({listed}, "
+                       "lattice units): steps will be clipped and tuning will be slower than trained",
+                       {"knobs": [s[0] for s in short], "max_step": [s[1] for s in short], "trained_step": [s[2] for s in short]})
+
+
 class _OrbitDriver:
     """Orbit correction: stops at the target RMS; not reaching it restores the start."""
 
@@ -89,6 +104,7 @@ class _OrbitDriver:
         )
         self.max_steps = self.config.max_steps
         self.default_safety = SafetyConfig()
+        self.trained_step = np.full(len(plant.knobs), self.config.action_scale)
 
     def nothing_to_do(self, readings) -> float | None:
         # Do not touch a machine that is already within target.
@@ -139,6 +155,7 @@ class _TransmissionDriver:
             raise ValueError(f"policy drives {len(steps)} knobs, the machine has {len(plant.knobs)}")
         # Action scaling as in training; the machine file's limits still apply.
         knobs = [KnobSpec(k.name, k.unit, k.lower, k.upper, step) for k, step in zip(plant.knobs, steps)]
+        self.trained_step = np.asarray(steps, dtype=float)
         self.task = TransmissionTask(knobs, meta["observation"]["nominal_current_ma"], self.config)
         self.max_steps = self.config.max_steps
         # Knobs in T and mrad: the excursion limit is counted in each knob's own steps.
@@ -213,6 +230,9 @@ def run_session(
 
     try:
         guard.begin()
+        warning = step_limit_warning(plant, driver.trained_step)
+        if warning:
+            guard.on_event_and_store(warning)
         already = driver.nothing_to_do(guard.read())
         if already is not None:
             initial = final = already

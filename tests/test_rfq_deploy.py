@@ -60,6 +60,7 @@ def test_zero_shot_tuning_over_channel_access(start_ioc, tmp_path, agent):
     snap = read_snapshot(tmp_path / "snap.json")
     assert list(snap["knobs"]) == load_injector("lpi").knob_names
     assert result.step_records[-1].transmission == pytest.approx(result.final_transmission)
+    assert not [e for e in result.events if e.kind == "warning"]  # the machine file steps as trained
 
 
 def test_transmission_collapse_trips_and_restores(start_ioc, tmp_path, agent):
@@ -101,6 +102,15 @@ def test_run_cli_on_the_injector(start_ioc, tmp_path, run_cli):
     assert set(out) >= {"initial_transmission", "final_transmission", "steps", "trips", "restored"}
     assert out["trips"] == []
 
+
+
+def test_run_cli_warns_when_the_machine_steps_smaller_than_training(start_ioc, run_cli):
+    ioc = start_ioc(lattice="lpi", seed=6, ramp=0.0)
+    proc = run_cli("run", "--machine", str(ioc.machine_file(max_step=0.5)), "--mode", "dry-run", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: machine's largest step below the policy's training step" in proc.stderr
+    assert "SOL1" in proc.stderr and "ST2:V" in proc.stderr
+    assert ioc.puts() == []  # dry-run writes nothing
 
 def test_orbit_policy_is_refused_on_the_injector(start_ioc, run_cli):
     ioc = start_ioc(lattice="lpi", seed=1)
@@ -170,10 +180,29 @@ def test_session_ending_below_its_start_restores_the_start(agent):
 
 
 def test_shipped_machine_file_steps_as_the_agent_was_trained():
-    """The task scales actions by the machine file's largest step, so it must equal the lattice's tuning step."""
+    """The guard clips each step to the machine file's largest step: it must not cut the agent's training step."""
     from hardware.machine import MACHINE_DIR
 
     machine, _ = load_machine(MACHINE_DIR / "virtual-lpi.yaml")
     lattice = load_injector("lpi")
     assert [c.name for c in machine.correctors] == lattice.knob_names
     np.testing.assert_allclose([c.max_step / abs(c.scale) for c in machine.correctors], lattice.knob_steps)
+
+
+def test_machine_stepping_smaller_than_training_is_logged_and_clipped(agent):
+    """A machine file that allows smaller steps than the policy learned with: safe, but the operator is told."""
+    import dataclasses
+
+    plant = InjectorSimPlant(load_injector("lpi"), load_injector_errors("test"))
+    plant.reset(11)
+    plant.knobs = [dataclasses.replace(k, max_step=k.max_step / 2) if k.name.startswith("ST1") else k for k in plant.knobs]
+    events = []
+    result = run_session(plant, agent, interlocks=[InterlockRule("transmission", "min_fraction_of_start", 0.5)],
+                         on_event=events.append)
+    warnings = [e for e in result.events if e.kind == "warning"]
+    assert len(warnings) == 1 and warnings[0] in events  # stored like every other event
+    assert warnings[0].data["knobs"] == ["ST1:H", "ST1:V"] and "clipped" in warnings[0].reason
+    limit = plant.knobs[2].max_step
+    assert any(e.kind == "clamp" for e in result.events)
+    settings = [result.step_records[0].safe] + [r.safe for r in result.step_records]
+    assert max(abs(b[2] - a[2]) for a, b in zip(settings, settings[1:])) <= limit + 1e-9

@@ -361,6 +361,12 @@ def run(
     recorder = SessionRecorder(_store(), machine_record_from_file(machine_file, path), agent, operator, mode, str(snap))
     guards = []
     signal.signal(signal.SIGINT, lambda *_: guards and guards[0].abort("operator abort (Ctrl-C)"))
+
+    def on_event(event) -> None:
+        recorder.on_event(event)
+        if event.kind == "warning":  # the operator should see it now, not only in the log
+            err_console.print(f"tbsac: warning: {event.reason}", markup=False, highlight=False, soft_wrap=True)
+
     result = run_session(
         plant, agent, mode=mode,
         safety=SafetyConfig(max_steps=max_steps, max_excursion=max_excursion,
@@ -368,7 +374,7 @@ def run(
         interlocks=[InterlockRule(i.name, i.rule, i.threshold) for i in machine_file.interlocks],
         snapshot_path=snap, snapshot_context={"machine_file": str(Path(path).resolve()), "machine": machine_file.name},
         approver=_terminal_approver(machine_file) if mode == "approve" else None,
-        guard_ready=guards.append, on_step=recorder.on_step, on_event=recorder.on_event,
+        guard_ready=guards.append, on_step=recorder.on_step, on_event=on_event,
     )
     recorder.finish(result)
     if as_json:
