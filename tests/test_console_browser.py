@@ -58,6 +58,9 @@ def serving(ioc, tmp_path):
         for proc in (console, server):
             proc.terminate()
             proc.wait(10)
+        # Stopping `tbsac console` must stop Streamlit too, not leave it serving.
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{console_port}/", timeout=2)
 
 
 def under_shipped_names(ioc, prefix: str):

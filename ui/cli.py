@@ -512,15 +512,15 @@ def console_cmd(
     host: str = typer.Option("127.0.0.1", "--host"),
 ):
     """The operator console (Streamlit), talking to the control server over HTTP."""
-    import subprocess
-
     from ui.console import __file__ as console_init
 
     app_path = Path(console_init).parent / "app.py"
     env = {**os.environ, "TBSAC_SERVER_URL": server}
     cmd = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.port", str(port), "--server.address", host,
            "--server.headless", "true", "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer"]
-    raise typer.Exit(subprocess.call(cmd, env=env))
+    sys.stdout.flush()
+    # Become Streamlit (not its parent): a stop signal must reach the server, not orphan it.
+    os.execve(sys.executable, cmd, env)
 
 
 def main() -> None:
