@@ -33,20 +33,45 @@ def session_policy(store: Store, session: SessionRow) -> Policy:
     return Policy.load(path)
 
 
+def _transmission(readings: list[float] | None) -> float | None:
+    """Cup over ACCT, as the RFQ task reads it."""
+    return readings[1] / readings[0] if readings and readings[0] > 0 else None
+
+
+def _walk_back(store: Store, session_id: int) -> dict | None:
+    """The RFQ session's return to its best measured setting, if it made one."""
+    return next((e.data for e in store.events(session_id) if e.kind == "return_to_best"), None)
+
+
 def replay(store: Store, session_id: int) -> dict:
-    """Re-run the recorded policy on every recorded observation: an audit."""
+    """Re-run the recorded policy on every recorded observation: an audit.
+
+    Steps of an RFQ session's walk back to its best measured setting were not the
+    policy's: they are recomputed from the recorded target and settings instead.
+    """
     session = load_session(store, session_id)
     policy = session_policy(store, session)
     steps = store.steps(session_id)
+    walk = _walk_back(store, session_id)
+    rfq = policy.metadata.get("task") == "rfq"
     table, mismatches = [], []
+    previous = None
     for s in steps:
-        again = policy.act(np.asarray(s.observation, dtype=np.float32))
+        by = "return to best" if walk and s.step >= walk["from_step"] else "policy"
+        if by == "policy":
+            again = policy.act(np.asarray(s.observation, dtype=np.float32))
+        elif previous is None:
+            raise ConfigError(f"session {session_id}: the walk back starts at step {s.step} with no step before it")
+        else:
+            again = np.clip((np.asarray(walk["target"]) - previous) / np.asarray(walk["step_size"]), -1.0, 1.0)
+        previous = np.asarray(s.readbacks, dtype=float) if s.readbacks else None
         diff = float(np.max(np.abs(again - np.asarray(s.action)))) if s.action else 0.0
         same = diff <= ACTION_TOLERANCE
         if not same:
             mismatches.append({"step": s.step, "max_abs_difference": diff})
         table.append({
-            "step": s.step, "rms_mm": s.rms_mm, "reward": s.reward, "reproduced": same,
+            "step": s.step, "rms_mm": s.rms_mm, "transmission": _transmission(s.readings) if rfq else None,
+            "reward": s.reward, "reproduced": same, "by": by,
             "max_change": float(np.max(np.abs(np.subtract(s.safe, s.readbacks)))) if s.safe else 0.0,
             "clamped": bool(np.any(np.abs(np.subtract(s.proposed, s.safe)) > 1e-9)),
         })

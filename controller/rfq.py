@@ -130,11 +130,15 @@ def run_xopt(env: TransmissionEnv, budget: int) -> MeasuredPlant:
 
 
 def run_agent(env: TransmissionEnv, policy, budget: int) -> list[float]:
+    """The agent's episode as a session runs it: it ends on its best measured setting (see return_action)."""
     obs = env.task.start(env.plant)
     trace = []
     for _ in range(budget):
-        obs, *_ = env.task.step(env.plant, policy.act(obs))
+        back = env.task.return_action()
+        obs, *_ = env.task.step(env.plant, policy.act(obs) if back is None else back)
         trace.append(env.plant.true_transmission())
+        if env.task.returned:
+            break
     return trace
 
 

@@ -123,6 +123,12 @@ class _OrbitDriver:
     def readings(self) -> list[float]:
         return self.task.readings.tolist()
 
+    def next_action(self, policy: Policy, obs: np.ndarray) -> tuple[np.ndarray, SafetyEvent | None]:
+        return policy.act(obs), None
+
+    def ended(self) -> bool:
+        return False
+
     def step_fields(self, info: dict) -> dict:
         return {"rms_mm": info["rms_mm"]}
 
@@ -138,7 +144,8 @@ class _OrbitDriver:
 
 
 class _TransmissionDriver:
-    """RFQ transmission: the whole step budget is used (the optimum is not known).
+    """RFQ transmission: the step budget is used (the optimum is not known), ending on the
+    best measured setting when the agent has moved away from it (``return_action``).
 
     Success is ending at or above the target transmission (85 %). Below it, the new
     settings are kept if they transmit more than the starting ones (an operator keeps
@@ -154,7 +161,7 @@ class _TransmissionDriver:
         if len(steps) != len(plant.knobs):
             raise ValueError(f"policy drives {len(steps)} knobs, the machine has {len(plant.knobs)}")
         # Action scaling as in training; the machine file's limits still apply.
-        knobs = [KnobSpec(k.name, k.unit, k.lower, k.upper, step) for k, step in zip(plant.knobs, steps)]
+        knobs = [KnobSpec(k.name, k.unit, k.lower, k.upper, step, k.tolerance) for k, step in zip(plant.knobs, steps)]
         self.trained_step = np.asarray(steps, dtype=float)
         self.task = TransmissionTask(knobs, meta["observation"]["nominal_current_ma"], self.config)
         self.max_steps = self.config.max_steps
@@ -173,6 +180,26 @@ class _TransmissionDriver:
 
     def readings(self) -> list[float]:
         return self.task.last_readings.tolist()
+
+    def next_action(self, policy: Policy, obs: np.ndarray) -> tuple[np.ndarray, SafetyEvent | None]:
+        """The policy's action, or the walk back to the best measured setting (announced once)."""
+        started = self.task.return_target is not None
+        back = self.task.return_action()
+        if back is None:
+            return policy.act(obs), None
+        if started:
+            return back, None
+        best_t, target = self.task.best_measured
+        needed = self.task.steps_to(target)
+        return back, SafetyEvent(
+            time.time(), "return_to_best",
+            f"returning to the best measured setting (transmission {best_t:.3f} at step {self.task.best_step}, "
+            f"now {self.task.transmission:.3f}): {needed} step{'s' if needed != 1 else ''}",
+            {"from_step": self.task.steps + 1, "target": target.tolist(), "best_transmission": best_t,
+             "best_step": self.task.best_step, "step_size": self.task.step_size.tolist()})
+
+    def ended(self) -> bool:
+        return self.task.returned
 
     def step_fields(self, info: dict) -> dict:
         return {"rms_mm": float("nan"), "transmission": info["transmission"]}
@@ -247,7 +274,9 @@ def run_session(
                 before_step()  # e.g. wait while an operator has paused the session
             t0 = time.perf_counter()
             seen = obs
-            action = policy.act(seen)
+            action, announcement = driver.next_action(policy, seen)
+            if announcement:
+                guard.on_event_and_store(announcement)
             proposed = task.proposed_settings(action)
             obs, reward, terminated, truncated, info = task.step(guard, action)
             record = StepRecord(
@@ -260,7 +289,7 @@ def run_session(
             if on_step:
                 on_step(record)
             final = driver.metric(info)
-            if terminated or truncated:
+            if terminated or truncated or driver.ended():
                 break
         if mode == "dry-run":
             status = "dry-run"

@@ -47,7 +47,11 @@ def test_zero_shot_tuning_over_channel_access(start_ioc, tmp_path, agent):
     start = setpoints(machine)
     result = run_session(plant, agent, interlocks=rules(machine), snapshot_path=tmp_path / "snap.json")
     assert result.task == "rfq" and result.trips == []
-    assert result.steps == 30
+    walks = [e for e in result.events if e.kind == "return_to_best"]
+    assert result.steps == 30 or walks  # the budget is used unless it ended on its best setting early
+    if walks:
+        target = np.array(walks[0].data["target"])
+        np.testing.assert_allclose(result.step_records[-1].readbacks, target, atol=1e-3)
     assert result.final_transmission > result.initial_transmission
     # Every step wrote the six supplies once, within the machine file's limits and steps.
     puts = ioc.puts()
@@ -148,7 +152,11 @@ def test_simulated_injector_session_through_the_guard(agent):
     plant.reset(11)
     start = plant.read_knobs()
     result = run_session(plant, agent, interlocks=[InterlockRule("transmission", "min_fraction_of_start", 0.5)])
-    assert result.trips == [] and result.steps == 30
+    assert result.trips == [] and result.steps <= 30
+    # Deterministic simulator: this injector ends with a walk back to the best measured setting.
+    walk = next(e for e in result.events if e.kind == "return_to_best")
+    np.testing.assert_allclose(plant.read_knobs(), walk.data["target"])
+    assert walk.data["best_transmission"] >= result.step_records[walk.data["from_step"] - 2].transmission + 0.01
     if result.restored:
         np.testing.assert_allclose(plant.read_knobs(), start)
         assert result.final_transmission <= result.initial_transmission
@@ -159,8 +167,8 @@ def test_simulated_injector_session_through_the_guard(agent):
 class _Scripted:
     """A stand-in policy with the shipped metadata that always pushes SOL2 up (detunes the match)."""
 
-    def __init__(self, agent):
-        self.metadata = agent.metadata
+    def __init__(self, agent, **task_config):
+        self.metadata = {**agent.metadata, "task_config": {**agent.metadata.get("task_config", {}), **task_config}}
 
     def act(self, obs):
         return np.array([0.0, 0.0, 0.0, 1.0, 0.0, 0.0])
@@ -170,7 +178,8 @@ def test_session_ending_below_its_start_restores_the_start(agent):
     plant = InjectorSimPlant(load_injector("lpi"), load_injector_errors("test"))
     plant.reset(5)
     start = plant.read_knobs()
-    result = run_session(plant, _Scripted(agent))  # no interlocks: the end-of-session rule must act
+    # No interlocks and no walk back to the best setting: the end-of-session rule must act.
+    result = run_session(plant, _Scripted(agent, return_margin=1.0))
     assert result.status == "not_converged" and result.steps == 30
     assert result.final_transmission < result.initial_transmission
     assert result.restored and any(e.kind == "stop" and "not above the start" in e.reason for e in result.events)
@@ -178,6 +187,27 @@ def test_session_ending_below_its_start_restores_the_start(agent):
     # The excursion limit (15 of SOL2's own steps) held while it pushed.
     assert max(r.safe[3] for r in result.step_records) == pytest.approx(start[3] + 15 * load_injector("lpi").knob_steps[3])
 
+
+
+def test_session_walks_back_to_its_best_measured_setting(agent):
+    """Pushing SOL2 away from a good start: halfway through the budget the session walks back to it."""
+    lattice = load_injector("lpi")
+    plant = InjectorSimPlant(lattice, load_injector_errors("test"))
+    plant.reset(3)  # pushing SOL2 up only loses transmission here
+    start = plant.read_knobs()
+    events = []
+    result = run_session(plant, _Scripted(agent), on_event=events.append)
+    walk = [e for e in result.events if e.kind == "return_to_best"]
+    assert len(walk) == 1 and walk[0] in events
+    # The start read best; 15 pushes away leave exactly the 15 remaining writes to come back.
+    assert walk[0].data["from_step"] == 16 and walk[0].data["best_step"] == 0
+    np.testing.assert_allclose(walk[0].data["target"], start)
+    sol2 = [start[3]] + [r.safe[3] for r in result.step_records]
+    assert np.allclose(np.diff(sol2), [lattice.knob_steps[3]] * 15 + [-lattice.knob_steps[3]] * 15)
+    np.testing.assert_allclose([r.action[3] for r in result.step_records[15:]], [-1.0] * 15)
+    np.testing.assert_allclose(plant.read_knobs(), start, atol=1e-12)
+    assert result.steps == 30 and result.trips == []
+    assert abs(result.final_transmission - result.initial_transmission) < 0.02  # same settings, another reading
 
 def test_shipped_machine_file_steps_as_the_agent_was_trained():
     """The guard clips each step to the machine file's largest step: it must not cut the agent's training step."""

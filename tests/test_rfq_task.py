@@ -8,7 +8,7 @@ from gymnasium.utils.env_checker import check_env
 
 from controller.rfq import MeasuredPlant, run_nelder_mead, run_random
 from simulators.injector.model import load_injector
-from simulators.injector.task import TransmissionEnv, TransmissionTask, load_injector_errors
+from simulators.injector.task import TransmissionEnv, TransmissionTask, TransmissionTaskConfig, load_injector_errors
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +133,35 @@ def test_summary_counts_unreached_as_beyond_budget_and_collapses():
     assert r["steps_to_85"] == {"median": None, "reached": 1}
     assert r["collapses"] == 1  # 0.2 is below half of the starting 0.6
     assert r["fraction_of_best"]["median"] == pytest.approx((0.9 / 0.95 + 0.7 / 0.95) / 2, abs=1e-4)
+
+
+def test_agent_episode_ends_on_its_best_measured_setting(lpi):
+    """Evaluation runs the agent as a session does: a late walk back to the best setting it read."""
+    from controller.policy import Policy
+    from controller.rfq import run_agent
+
+    env = TransmissionEnv(lpi, load_injector_errors("test"), TransmissionTaskConfig(max_steps=30))
+    env.reset(seed=11)
+    trace = run_agent(env, Policy.load("pretrained", lattice=lpi), 30)
+    target = env.task.return_target
+    assert target is not None and len(trace) <= 30
+    np.testing.assert_allclose(env.plant.read_knobs(), target)
+    assert env.task.steps_to(target) == 0 and env.task.returned
+    # Without the walk (margin above any gain) the agent would have used all 30 steps and ended elsewhere.
+    env.reset(seed=11)
+    env.task.config = TransmissionTaskConfig(max_steps=30, return_margin=1.0)
+    assert len(run_agent(env, Policy.load("pretrained", lattice=lpi), 30)) == 30 and env.task.return_target is None
+
+
+def test_walk_back_counts_a_knob_within_its_readback_tolerance_as_there(lpi):
+    import dataclasses
+
+    env = TransmissionEnv(lpi, load_injector_errors("test"))
+    env.reset(seed=4)
+    knobs = [dataclasses.replace(k, tolerance=0.1 * k.max_step) for k in env.plant.knobs]
+    task = TransmissionTask(knobs, lpi.beam.current_ma)
+    task.start(env.plant)
+    step = task.step_size
+    assert task.steps_to(task.settings + 0.05 * step) == 0
+    assert task.steps_to(task.settings + 0.5 * step) == 1
+    assert task.steps_to(task.settings - np.array([0, 0, 0, 2.5, 0, 0]) * step) == 3

@@ -124,6 +124,33 @@ def test_replay_detects_a_tampered_action(store):
     assert report["reproduced"] == report["steps"] - 1 and report["mismatches"][0]["step"] == 1
 
 
+
+def test_replay_audits_an_rfq_walk_back_to_the_best_setting(store):
+    """The walk back is not the policy's: replay recomputes it from the recorded target and settings."""
+    from simulators.injector.model import load_injector
+    from simulators.injector.task import InjectorSimPlant, load_injector_errors
+
+    lattice = load_injector("lpi")
+    plant = InjectorSimPlant(lattice, load_injector_errors("test"))
+    plant.reset(11)  # this injector ends with a walk back
+    policy = Policy.load("pretrained", lattice=lattice)
+    recorder = SessionRecorder(store, machine_record_simulated("lpi", "test", 11), policy, "alice", "auto", None)
+    result = run_session(plant, policy, on_step=recorder.on_step, on_event=recorder.on_event)
+    recorder.finish(result)
+    sid = recorder.session_id
+    report = replay(store, sid)
+    walk = next(e for e in store.events(sid) if e.kind == "return_to_best").data
+    assert [r["by"] for r in report["table"]] == ["policy"] * (walk["from_step"] - 1) + ["return to best"] * (
+        result.steps - walk["from_step"] + 1)
+    assert report["reproduced"] == report["steps"] == result.steps
+    assert report["table"][-1]["transmission"] == pytest.approx(result.final_transmission)
+    with store.engine.begin() as conn:  # a walk step that did not head for the target is caught
+        conn.execute(text("update steps set action = :a where session_id = :s and step = :k"),
+                     {"a": "[0.5, 0.5, 0.5, 0.5, 0.5, 0.5]", "s": sid, "k": result.steps})
+    report = replay(store, sid)
+    assert [m["step"] for m in report["mismatches"]] == [result.steps]
+    assert report["reproduced"] == report["steps"] - 1
+
 def test_export_csv_and_parquet(store, tmp_path):
     import pyarrow.parquet as pq
 

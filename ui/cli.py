@@ -459,10 +459,12 @@ def replay_cmd(
         print(json.dumps(report))
     else:
         table = Table(title=f"session {report['session']} ({report['status']}), policy {report['policy']}")
-        for col in ("step", "RMS (mm)", "reward", "clamped by safety", "action reproduced"):
+        rfq = any(r["transmission"] is not None for r in report["table"])
+        for col in ("step", "transmission" if rfq else "RMS (mm)", "reward", "action by", "clamped by safety", "action reproduced"):
             table.add_column(col, justify="right")
         for r in report["table"]:
-            table.add_row(str(r["step"]), f"{r['rms_mm']:.3f}" if r["rms_mm"] is not None else "-", f"{r['reward']:.2f}",
+            metric = r["transmission"] if rfq else r["rms_mm"]
+            table.add_row(str(r["step"]), f"{metric:.3f}" if metric is not None else "-", f"{r['reward']:.2f}", r["by"],
                           "yes" if r["clamped"] else "no", "yes" if r["reproduced"] else "NO")
         console.print(table)
         console.print(f"{report['reproduced']} of {report['steps']} actions reproduced")

@@ -43,3 +43,16 @@ def call(fn, *args, **kwargs):
     except ServerUnreachable as exc:
         st.error(f"Control server unreachable: {exc}. Start it with `tbsac serve`.")
     return None
+
+
+def event_log(events: list[dict]) -> None:
+    """The session's events as a table whose reason column gets the room (operators read it)."""
+    import pandas as pd
+
+    from ui.console.client import format_time
+
+    rows = [{"time (UTC)": format_time(e["time"]), "kind": e["kind"], "reason": e["reason"]} for e in events]
+    st.dataframe(pd.DataFrame(rows or {"time (UTC)": [], "kind": [], "reason": []}), hide_index=True, use_container_width=True,
+                 column_config={"time (UTC)": st.column_config.TextColumn(width="medium"),
+                                "kind": st.column_config.TextColumn(width="small"),
+                                "reason": st.column_config.TextColumn(width="large")})

@@ -5,7 +5,7 @@ import streamlit as st
 
 from ui.console.charts import compare_chart, corrector_chart, currents_chart, orbit_chart, transmission, trend_chart
 from ui.console.client import format_time
-from ui.console.common import call, connected_or_stop
+from ui.console.common import call, connected_or_stop, event_log
 
 STATUSES = ["running", "paused", "completed", "not_converged", "tripped", "aborted", "rejected", "dry-run", "interrupted", "faulted"]
 
@@ -64,8 +64,7 @@ if k > 0:
                f"step time {step['latency_s'] * 1e3:.1f} ms (includes any wait for approval)")
 upto = steps[k - 1]["time"] if k > 0 else (start_event["time"] if start_event else None)
 shown = [e for e in events if upto is None or e["time"] <= upto] if k < len(steps) else events
-st.dataframe(pd.DataFrame([{"time (UTC)": format_time(e["time"]), "kind": e["kind"], "reason": e["reason"]} for e in shown]
-                          or [{"time (UTC)": "", "kind": "", "reason": ""}]), hide_index=True, use_container_width=True)
+event_log(shown)
 
 a, b = st.columns(2)
 if a.button("Replay audit", key="h-replay"):

@@ -5,7 +5,7 @@ import streamlit as st
 
 from ui.console.charts import corrector_chart, currents_chart, orbit_chart, trend_chart
 from ui.console.client import format_time
-from ui.console.common import call, connected_or_stop, operator
+from ui.console.common import call, connected_or_stop, event_log, operator
 
 NEXT_STEP = {
     "tripped": "The safety layer stopped the session. Read the reason in the event log; "
@@ -131,8 +131,7 @@ def live(session_id: int | None) -> None:
     st.subheader("Transmission and reward" if task == "rfq" else "RMS and reward")
     st.altair_chart(trend_chart(steps, task=task), use_container_width=False)
     st.subheader("Event log")
-    log = pd.DataFrame([{"time (UTC)": format_time(e["time"]), "kind": e["kind"], "reason": e["reason"]} for e in events])
-    st.dataframe(log if len(log) else pd.DataFrame({"time (UTC)": [], "kind": [], "reason": []}), hide_index=True, use_container_width=True)
+    event_log(events)
 
 
 live(session_id)
