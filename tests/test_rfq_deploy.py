@@ -100,11 +100,17 @@ def test_excursion_limit_counts_each_knobs_own_steps(start_ioc, tmp_path, agent)
 
 def test_run_cli_on_the_injector(start_ioc, tmp_path, run_cli):
     ioc = start_ioc(lattice="lpi", seed=6, ramp=0.0)
-    proc = run_cli("run", "--machine", str(ioc.machine_file()), "--json", "--snapshot", str(tmp_path / "s.json"), timeout=180)
+    store = {"TBSAC_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.sqlite'}"}
+    proc = run_cli("run", "--machine", str(ioc.machine_file()), "--json", "--snapshot", str(tmp_path / "s.json"),
+                   timeout=180, env=store)
     assert proc.returncode in (0, 3), proc.stderr
     out = json.loads(proc.stdout)
     assert set(out) >= {"initial_transmission", "final_transmission", "steps", "trips", "restored"}
     assert out["trips"] == []
+    # The recorded session replays: every step reproduced, the transmission per step shown.
+    proc = run_cli("replay", "1", env=store, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "transmission" in proc.stdout and f"{out['steps']} of {out['steps']} actions reproduced" in proc.stdout
 
 
 
