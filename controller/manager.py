@@ -8,23 +8,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hardware.machine import MACHINE_DIR, RFQ_MONITORS, load_machine, load_machine_lattice
-from safety.guard import MODES, GuardedPlant, InterlockRule, read_snapshot, restore_snapshot
-from simulators.beamline.errors import load_error_model
-from simulators.beamline.lattice import load_lattice, shipped_lattices
-from simulators.config import ConfigError
-from simulators.injector.model import load_injector, shipped_injectors
-from simulators.plant import Plant, PlantFault
+from core.config import ConfigError
+from core.plant import Plant, PlantFault
+from safety.guard import MODES, GuardedPlant, read_snapshot, restore_snapshot
 
+from .machines import SIM_PREFIX, Machine, open_machine
 from .paths import snapshot_dir
 from .policy import Policy
-from .recording import SessionRecorder, machine_record_from_file, machine_record_simulated
+from .recording import SessionRecorder
 from .session import run_session
 from .store import SessionRow, Store
 
 log = logging.getLogger(__name__)
 
-SIM_PREFIX = "sim-"
 
 
 class Conflict(RuntimeError):
@@ -53,53 +49,6 @@ class ActiveSession:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-def _injector_layout(lattice_name: str) -> dict:
-    """An injector has no BPMs: its knobs (T, mrad) and the two current monitors."""
-    lattice = load_injector(lattice_name)
-    return {
-        "task": "rfq", "bpms": [],
-        "correctors": [{"name": n, "lower": lo, "upper": hi, "unit": "T" if ":" not in n else "mrad"}
-                       for n, (lo, hi) in zip(lattice.knob_names, lattice.knob_limits)],
-        "readings": list(RFQ_MONITORS),
-    }
-
-
-def _layout(lattice_name: str, knob_limits: list[tuple[float, float]] | None = None) -> dict:
-    """What a console needs to draw a machine: BPM positions, corrector limits (units)."""
-    from .evaluation import bpm_positions
-
-    lattice = load_lattice(lattice_name)
-    limits = knob_limits or [(-lattice.corrector_limit, lattice.corrector_limit)] * lattice.n_correctors
-    return {
-        "task": "orbit",
-        "bpms": [{"name": n, "s_m": round(float(s), 5)} for n, s in zip(lattice.bpm_names, bpm_positions(lattice))],
-        "correctors": [{"name": n, "lower": lo, "upper": hi, "unit": "simulator units"}
-                       for n, (lo, hi) in zip(lattice.corrector_names, limits)],
-        "readings": lattice.reading_names,
-    }
-
-
-def list_machines() -> list[dict]:
-    """Shipped machine files (EPICS) and one simulated machine per shipped lattice."""
-    out = []
-    for p in sorted(MACHINE_DIR.iterdir(), key=lambda p: p.name):
-        if p.name.endswith(".yaml"):
-            machine, _ = load_machine(Path(str(p)))
-            limits = [tuple(sorted((c.lower / c.scale, c.upper / c.scale))) for c in machine.correctors]
-            layout = _injector_layout(machine.lattice) if machine.task == "rfq" else _layout(machine.lattice, limits)
-            out.append({"name": machine.name, "kind": "epics", "lattice": machine.lattice, "description": machine.description,
-                        "interlocks": [i.name for i in machine.interlocks], **layout})
-    for name in shipped_lattices():
-        out.append({"name": SIM_PREFIX + name, "kind": "simulated", "lattice": name,
-                    "description": f"{name} in simulation (hidden errors drawn from a seed)",
-                    "interlocks": ["beam_current"], **_layout(name)})
-    for name in shipped_injectors():
-        out.append({"name": SIM_PREFIX + name, "kind": "simulated", "lattice": name,
-                    "description": f"{name} injector in simulation (hidden errors drawn from a seed)",
-                    "interlocks": ["transmission"], **_injector_layout(name)})
-    return out
-
-
 class SessionManager:
     """Starts sessions in background threads and relays operator commands to them."""
 
@@ -111,51 +60,27 @@ class SessionManager:
         self.lock = threading.Lock()
 
     # -- starting ------------------------------------------------------------------
-    def _plant_for(self, machine: str, seed: int, errors: str):
-        if machine.startswith(SIM_PREFIX) and machine[len(SIM_PREFIX):] in shipped_injectors():
-            from simulators.injector.task import InjectorSimPlant, load_injector_errors
-
-            lattice = load_injector(machine[len(SIM_PREFIX):])
-            plant = InjectorSimPlant(lattice, load_injector_errors(errors))
-            plant.reset(seed)
-            rules = [InterlockRule("transmission", "min_fraction_of_start", 0.5)]
-            return plant, lattice, machine_record_simulated(lattice.name, errors, seed), rules
-        if machine.startswith(SIM_PREFIX):
-            from simulators.beamline.plant import OrbitSimPlant
-
-            lattice = load_lattice(machine[len(SIM_PREFIX):])
-            plant = OrbitSimPlant(lattice, load_error_model(errors))
-            plant.reset(seed)
-            rules = [InterlockRule("beam_current", "min_fraction_of_start", 0.8)]
-            return plant, lattice, machine_record_simulated(lattice.name, errors, seed), rules
-        from hardware.epics_plant import EpicsPlant
-
-        machine_file, path = load_machine(machine)
-        lattice = load_machine_lattice(machine_file, path)
-        plant = EpicsPlant(machine_file, path).connect()
-        rules = [InterlockRule(i.name, i.rule, i.threshold) for i in machine_file.interlocks]
-        return plant, lattice, machine_record_from_file(machine_file, path), rules
-
     def start(self, machine: str, policy: str, mode: str, operator: str, seed: int = 0, errors: str = "test") -> int:
         if mode not in MODES:
             raise ConfigError(f"mode: unknown mode {mode!r}; expected one of {', '.join(MODES)}")
         with self.lock:
             if any(a.machine == machine and not a.done.is_set() for a in self.active.values()):
                 raise Conflict(f"machine {machine} already has an active session")
-            plant, lattice, machine_record, rules = self._plant_for(machine, seed, errors)
-            agent = Policy.load(policy, lattice=lattice)
-            snapshot = snapshot_dir() / f"{machine}-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**6}.json"
-            recorder = SessionRecorder(self.store, machine_record, agent, operator, mode, str(snapshot))
-            active = ActiveSession(recorder.session_id, machine, mode, recorder, plant)
+            opened = open_machine(machine, seed, errors)
+            agent = Policy.load(policy, opened.definition, opened.setup)
+            snapshot = snapshot_dir() / f"{opened.name}-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**6}.json"
+            recorder = SessionRecorder(self.store, opened.record, agent, operator, mode, str(snapshot), opened.plant)
+            active = ActiveSession(recorder.session_id, machine, mode, recorder, opened.plant)
             active.running.set()
-            context = {"machine": machine, "machine_file": machine_record.get("path"), "session": recorder.session_id}
+            context = {"machine": machine, "machine_file": opened.record.get("path"), "session": recorder.session_id}
             active.thread = threading.Thread(
-                target=self._run, args=(active, agent, rules, snapshot, context), name=f"session-{recorder.session_id}", daemon=True)
+                target=self._run, args=(active, agent, opened, snapshot, context), name=f"session-{recorder.session_id}",
+                daemon=True)
             self.active[active.session_id] = active
         active.thread.start()
         return active.session_id
 
-    def _run(self, active: ActiveSession, agent: Policy, rules, snapshot: Path, context: dict) -> None:
+    def _run(self, active: ActiveSession, agent: Policy, machine: Machine, snapshot: Path, context: dict) -> None:
         def before_step() -> None:
             while not active.running.wait(0.05):
                 if active.guard and active.guard.abort_requested.is_set():
@@ -177,7 +102,8 @@ class SessionManager:
 
         try:
             result = run_session(
-                active.plant, agent, mode=active.mode, interlocks=rules, snapshot_path=snapshot, snapshot_context=context,
+                active.plant, agent, mode=active.mode, interlocks=machine.interlocks, snapshot_path=snapshot,
+                snapshot_context=context,
                 approver=approver if active.mode == "approve" else None,
                 on_step=active.recorder.on_step, on_event=active.recorder.on_event,
                 guard_ready=lambda g: setattr(active, "guard", g), before_step=before_step,
@@ -252,7 +178,7 @@ class SessionManager:
         if plant is None:
             if str(snap.get("machine", "")).startswith(SIM_PREFIX):
                 raise Conflict(f"session {session_id} ran on a simulated machine that no longer exists")
-            plant, *_ = self._plant_for(snap.get("machine_file") or snap["machine"], 0, "test")
+            plant = open_machine(snap.get("machine_file") or snap["machine"]).plant
         try:
             restore_snapshot(plant, snap)
         except (PlantFault, ValueError) as exc:

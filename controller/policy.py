@@ -3,8 +3,8 @@
 A policy file is a small ``torch.save`` archive (loaded with ``weights_only=True``, so
 loading cannot execute code) holding the actor's weights and metadata: task, lattice
 fingerprint, error model, observation layout, action scaling, training run and package
-versions. Loading against a lattice with other BPMs or correctors is refused with a
-one-line :class:`ConfigError`.
+versions. Loading for another task, or for a setup with other knobs or readings, is
+refused with a one-line :class:`ConfigError`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from stable_baselines3.sac.policies import SACPolicy
 
-from simulators.config import ConfigError
+from core.config import ConfigError
+from core.task import TaskDefinition
 
 from .agents import policy_kwargs
 
@@ -47,8 +48,6 @@ def _spaces(meta: dict) -> tuple[gym.spaces.Box, gym.spaces.Box]:
 class Policy:
     """A trained agent's deterministic policy, ready for inference."""
 
-    name = "agent"
-
     def __init__(self, sac_policy: SACPolicy, metadata: dict, path: Path | None = None):
         self.sac_policy = sac_policy.eval()
         self.metadata = metadata
@@ -66,9 +65,9 @@ class Policy:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, lattice=None) -> "Policy":
-        """Load a policy file; with `lattice`, refuse one trained for another layout."""
-        path = resolve_policy_path(path, lattice)
+    def load(cls, path: str | Path, definition: TaskDefinition | None = None, setup=None) -> "Policy":
+        """Load a policy file; with a task (and setup), refuse one trained for another task or layout."""
+        path = resolve_policy_path(path, setup)
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for a bad archive
@@ -76,8 +75,8 @@ class Policy:
         meta = blob.get("metadata") if isinstance(blob, dict) else None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ConfigError(f"{path}: field 'metadata.format': expected {FORMAT!r}")
-        if lattice is not None:
-            check_compatible(meta, lattice, path)
+        if definition is not None:
+            check_compatible(meta, definition, setup, path)
         obs_space, act_space = _spaces(meta)
         # float32 whatever the process default is (importing Xopt/BoTorch makes it float64)
         sac_policy = SACPolicy(obs_space, act_space, lambda _: 0.0, **policy_kwargs(meta["arch"])).float()
@@ -100,43 +99,25 @@ class Policy:
         return action[0] if single else action
 
 
-def check_compatible(meta: dict, lattice, path: Path) -> None:
-    """Raise ConfigError if the policy's task or lattice layout differs from `lattice`'s."""
-    from simulators.injector.model import InjectorLattice
-
-    task = meta.get("task", "orbit")
-    wanted = "rfq" if isinstance(lattice, InjectorLattice) else "orbit"
-    if task != wanted:
-        raise ConfigError(f"{path}: field 'metadata.task': policy is for task {task!r}, lattice {lattice.name} is for {wanted!r}")
-    trained = meta.get("lattice", {})
-    if task == "rfq":
-        if trained.get("knob_names") != lattice.knob_names:
-            raise ConfigError(f"{path}: field 'metadata.lattice.knob_names': policy expects {trained.get('knob_names')}, "
-                              f"lattice {lattice.name} has {lattice.knob_names}")
-        return
-    mine = lattice.fingerprint()
-    for key, what in (("n_bpm", "BPMs"), ("n_correctors", "correctors")):
-        if trained.get(key) != mine[key]:
-            raise ConfigError(
-                f"{path}: field 'metadata.lattice.{key}': policy was trained for "
-                f"{trained.get(key)} {what} ({trained.get('name')}), lattice {lattice.name} has {mine[key]}"
-            )
-    for key in ("bpm_names", "corrector_names"):
-        if trained.get(key) != mine[key]:
-            raise ConfigError(
-                f"{path}: field 'metadata.lattice.{key}': policy expects {trained.get(key)}, "
-                f"lattice {lattice.name} has {mine[key]}"
-            )
+def check_compatible(meta: dict, definition: TaskDefinition, setup, path: Path) -> None:
+    """Raise ConfigError if the policy's task or layout differs from `setup`'s."""
+    task = meta.get("task", "orbit")  # policies from before the registry were all orbit
+    if task != definition.name:
+        where = f"lattice {setup.name} is" if setup is not None else "the machine is"
+        raise ConfigError(f"{path}: field 'metadata.task': policy is for task {task!r}, {where} for {definition.name!r}")
+    problem = definition.check_policy(meta, setup) if setup is not None else None
+    if problem:
+        raise ConfigError(f"{path}: {problem}")
 
 
-def resolve_policy_path(path: str | Path, lattice=None) -> Path:
-    """`pretrained` -> the shipped policy for the lattice; otherwise a file path."""
+def resolve_policy_path(path: str | Path, setup=None) -> Path:
+    """`pretrained` -> the shipped policy for the setup (lattice); otherwise a file path."""
     if str(path) == "pretrained":
-        if lattice is None:
+        if setup is None:
             raise ConfigError("--policy pretrained needs a lattice to choose the shipped policy")
-        shipped = POLICY_DIR / f"{lattice.name}.pt"
+        shipped = POLICY_DIR / f"{setup.name}.pt"
         if not shipped.is_file():
-            raise ConfigError(f"no pretrained policy ships for lattice {lattice.name!r}")
+            raise ConfigError(f"no pretrained policy ships for lattice {setup.name!r}")
         return Path(str(shipped))
     p = Path(path)
     if not p.is_file():

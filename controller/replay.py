@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from simulators.config import ConfigError
+from core.config import ConfigError
+from core.task import walk_action
 
 from .policy import Policy, file_sha256
 from .store import PolicyRow, SessionRow, Store, row_dict
@@ -33,79 +34,91 @@ def session_policy(store: Store, session: SessionRow) -> Policy:
     return Policy.load(path)
 
 
-def _transmission(readings: list[float] | None) -> float | None:
-    """Cup over ACCT, as the RFQ task reads it."""
-    return readings[1] / readings[0] if readings and readings[0] > 0 else None
+def _walk(store: Store, session_id: int) -> tuple[str, dict] | None:
+    """A task-level walk to a target setting the session made (e.g. an RFQ session's
+    return to its best measured setting): (event kind, its data), if any."""
+    return next(((e.kind, e.data) for e in store.events(session_id)
+                 if {"from_step", "target", "step_size"} <= set(e.data or {})), None)
 
 
-def _walk_back(store: Store, session_id: int) -> dict | None:
-    """The RFQ session's return to its best measured setting, if it made one."""
-    return next((e.data for e in store.events(session_id) if e.kind == "return_to_best"), None)
+def _ordered(values: dict | list | None, names: list[str]) -> list:
+    """Step values in layout order (steps are keyed by name)."""
+    if isinstance(values, dict):
+        return [values.get(n) for n in names]
+    return list(values or [])
 
 
 def replay(store: Store, session_id: int) -> dict:
     """Re-run the recorded policy on every recorded observation: an audit.
 
-    Steps of an RFQ session's walk back to its best measured setting were not the
-    policy's: they are recomputed from the recorded target and settings instead.
+    Steps of a task-level walk to a target setting were not the policy's: they are
+    recomputed from the recorded target and the settings read back before each step.
     """
     session = load_session(store, session_id)
     policy = session_policy(store, session)
+    layout = session.layout or {}
+    knobs = [k["name"] for k in layout.get("knobs", [])]
+    metric = (layout.get("metrics") or [{"name": None}])[0]["name"]
     steps = store.steps(session_id)
-    walk = _walk_back(store, session_id)
-    rfq = policy.metadata.get("task") == "rfq"
+    walk = _walk(store, session_id)
     table, mismatches = [], []
     previous = None
     for s in steps:
-        by = "return to best" if walk and s.step >= walk["from_step"] else "policy"
+        by = walk[0].replace("_", " ") if walk and s.step >= walk[1]["from_step"] else "policy"
+        action = np.asarray(_ordered(s.action, knobs), dtype=float)
         if by == "policy":
             again = policy.act(np.asarray(s.observation, dtype=np.float32))
         elif previous is None:
             raise ConfigError(f"session {session_id}: the walk back starts at step {s.step} with no step before it")
         else:
-            again = np.clip((np.asarray(walk["target"]) - previous) / np.asarray(walk["step_size"]), -1.0, 1.0)
-        previous = np.asarray(s.readbacks, dtype=float) if s.readbacks else None
-        diff = float(np.max(np.abs(again - np.asarray(s.action)))) if s.action else 0.0
+            again = walk_action(np.asarray(walk[1]["target"]), previous, np.asarray(walk[1]["step_size"]))
+        readbacks = np.asarray(_ordered(s.readbacks, knobs), dtype=float)
+        safe = np.asarray(_ordered(s.safe, knobs), dtype=float)
+        proposed = np.asarray(_ordered(s.proposed, knobs), dtype=float)
+        previous = readbacks if len(readbacks) else None
+        diff = float(np.max(np.abs(again - action))) if len(action) else 0.0
         same = diff <= ACTION_TOLERANCE
         if not same:
             mismatches.append({"step": s.step, "max_abs_difference": diff})
         table.append({
-            "step": s.step, "rms_mm": s.rms_mm, "transmission": _transmission(s.readings) if rfq else None,
-            "reward": s.reward, "reproduced": same, "by": by,
-            "max_change": float(np.max(np.abs(np.subtract(s.safe, s.readbacks)))) if s.safe else 0.0,
-            "clamped": bool(np.any(np.abs(np.subtract(s.proposed, s.safe)) > 1e-9)),
+            "step": s.step, "metrics": s.metrics or {}, "reward": s.reward, "reproduced": same, "by": by,
+            "max_change": float(np.max(np.abs(safe - readbacks))) if len(safe) else 0.0,
+            "clamped": bool(np.any(np.abs(proposed - safe) > 1e-9)),
         })
     reproduced = sum(r["reproduced"] for r in table)
     return {
         "session": session.id,
         "status": session.status,
+        "task": session.task,
+        "metric": metric,
         "policy": policy.path.name if policy.path else None,
         "steps": len(table),
         "reproduced": reproduced,
         "reproduced_fraction": reproduced / len(table) if table else 1.0,
         "mismatches": mismatches,
-        "rms_mm": [r["rms_mm"] for r in table],
+        "metric_trace": [r["metrics"].get(metric) for r in table],
         "table": table,
         "result": session.result,
     }
 
 
 def step_rows(store: Store, session_id: int) -> list[dict]:
-    """One flat row per step, columns named after correctors and readings."""
+    """One flat row per step, columns named after knobs, readings (with units) and metrics."""
     session = load_session(store, session_id)
-    meta = store.get(PolicyRow, session.policy_id).meta
-    lattice = meta.get("lattice", {})
-    knobs = lattice.get("corrector_names") or lattice.get("knob_names", [])
-    readings = meta.get("observation", {}).get("readings", [])
-    reading_label = "reading_mA" if meta.get("task") == "rfq" else "reading_mm"
+    layout = session.layout or {}
+    knobs = [k["name"] for k in layout.get("knobs", [])]
+    readings = layout.get("readings", [])
     rows = []
     for s in store.steps(session_id):
         d = row_dict(s)
-        row = {"session": session_id, "step": s.step, "time": d["time"], "reward": s.reward, "rms_mm": s.rms_mm, "latency_s": s.latency_s}
-        for label, values, names in (("action", s.action, knobs), ("proposed", s.proposed, knobs), ("safe", s.safe, knobs),
-                                     ("readback", s.readbacks, knobs), (reading_label, s.readings, readings)):
-            for i, v in enumerate(values):
-                row[f"{label}:{names[i] if i < len(names) else i}"] = v
+        row = {"session": session_id, "step": s.step, "time": d["time"], "reward": s.reward, "latency_s": s.latency_s, "by": s.by}
+        for m in layout.get("metrics", []):
+            row[f"{m['name']} ({m['unit']})"] = (s.metrics or {}).get(m["name"])
+        for label in ("action", "proposed", "safe", "readbacks"):
+            for name, v in zip(knobs, _ordered(getattr(s, label), knobs)):
+                row[f"{label}:{name}"] = v
+        for r, v in zip(readings, _ordered(s.readings, [r["name"] for r in readings])):
+            row[f"reading:{r['name']} ({r['unit']})"] = v
         for name, v in (s.interlocks or {}).items():
             row[f"interlock:{name}"] = v
         rows.append(row)

@@ -98,6 +98,9 @@ class SessionRow(Base):
     started: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     ended: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     snapshot: Mapped[str | None] = mapped_column(Text)
+    task: Mapped[str | None] = mapped_column(String(50))
+    # knob, reading and metric names and units, as the steps are keyed
+    layout: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     task_config: Mapped[dict[str, Any]] = mapped_column(default=dict)
     result: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
@@ -107,15 +110,17 @@ class StepRow(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     session_id: Mapped[int] = mapped_column(ForeignKey("sessions.id"), index=True)
     step: Mapped[int] = mapped_column(Integer)
+    # Knob values, readings and metrics are keyed by the names in the session's layout.
     observation: Mapped[list[Any]] = mapped_column()  # what the policy saw
-    action: Mapped[list[Any]] = mapped_column()  # what it answered, in [-1, 1]
-    proposed: Mapped[list[Any]] = mapped_column()  # settings it asked for
-    safe: Mapped[list[Any]] = mapped_column()  # settings after the safety layer (written)
-    readbacks: Mapped[list[Any]] = mapped_column()
-    readings: Mapped[list[Any]] = mapped_column()  # BPM readings after the step, mm
+    action: Mapped[dict[str, Any]] = mapped_column(JSON)  # what it answered, in [-1, 1]
+    proposed: Mapped[dict[str, Any]] = mapped_column(JSON)  # settings it asked for
+    safe: Mapped[dict[str, Any]] = mapped_column(JSON)  # settings after the safety layer (written)
+    readbacks: Mapped[dict[str, Any]] = mapped_column(JSON)
+    readings: Mapped[dict[str, Any]] = mapped_column(JSON)  # readings after the step
     interlocks: Mapped[dict[str, Any]] = mapped_column(default=dict)
     reward: Mapped[float] = mapped_column(Float)
-    rms_mm: Mapped[float | None] = mapped_column(Float)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the task's metrics after the step
+    by: Mapped[str | None] = mapped_column(String(40))  # who chose the action
     latency_s: Mapped[float] = mapped_column(Float)
     time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
 
@@ -216,10 +221,11 @@ class Store:
             return row
 
     # -- sessions ------------------------------------------------------------------
-    def start_session(self, machine_id: int, policy_id: int, operator: str, mode: str, snapshot: str | None, task_config: dict) -> SessionRow:
+    def start_session(self, machine_id: int, policy_id: int, operator: str, mode: str, snapshot: str | None, task_config: dict,
+                      task: str | None = None, layout: dict | None = None) -> SessionRow:
         with self.Session.begin() as s:
             row = SessionRow(machine_id=machine_id, policy_id=policy_id, operator=operator, mode=mode,
-                             status="running", snapshot=snapshot, task_config=task_config)
+                             status="running", snapshot=snapshot, task_config=task_config, task=task, layout=layout)
             s.add(row)
             s.flush()
             return row

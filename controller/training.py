@@ -12,41 +12,12 @@ import numpy as np
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
-from simulators.beamline.errors import ErrorModel
-from simulators.beamline.lattice import Lattice
-from simulators.beamline.plant import OrbitSimPlant
-from simulators.beamline.task import OrbitEnv, OrbitTaskConfig
+from core.task import TaskDefinition, TaskEnv
 
 from .agents import make_sac
-from .evaluation import run_episode, summarise
 from .policy import Policy
 
 log = logging.getLogger(__name__)
-
-# Training-time evaluation machines; far from the seeds documented for `evaluate`.
-EVAL_SEED_BASE = 5_000_000
-
-
-@dataclass
-class Bar:
-    """The acceptance bar a checkpoint must meet."""
-
-    success_rate: float = 0.99
-    final_rms_p95_mm: float = 0.5
-    median_steps: float = 6.0
-
-    def met(self, summary: dict) -> bool:
-        p95 = summary["final_rms_mm"]["p95"]
-        return (
-            summary["success_rate"] >= self.success_rate
-            and p95 is not None and p95 <= self.final_rms_p95_mm
-            and summary["steps"]["median"] <= self.median_steps
-        )
-
-
-def _score(summary: dict) -> tuple:
-    """Higher is better: success first, then fewer steps, then lower RMS."""
-    return (summary["success_rate"], -summary["steps"]["median"], -(summary["final_rms_mm"]["p95"] or 1e9))
 
 
 @dataclass
@@ -127,165 +98,69 @@ def _learn(model, callback: PolicyEvalCallback, steps: int, out: Path, progress:
     return result
 
 
-def orbit_metadata(lattice: Lattice, error_model: ErrorModel, config: OrbitTaskConfig, arch: str, training: dict) -> dict:
-    n = lattice.n_readings
-    return {
-        "task": "orbit",
-        "arch": arch,
-        "lattice": lattice.fingerprint(),
-        "error_model": error_model.model_dump(),
-        "observation": {
-            "size": 3 * n,
-            "layout": "[dB_{t-1}, dB_t, B_t], each over readings in mm",
-            "readings": lattice.reading_names,
-        },
-        "action": {"size": lattice.n_correctors, "scale": config.action_scale, "unit": "simulator units per step"},
-        "task_config": config.__dict__,
-        "training": training,
-    }
+def _path(summary: dict, keys: tuple[str, ...]):
+    """A value in a nested summary, e.g. ("steps", "median")."""
+    for k in keys:
+        summary = summary[k]
+    return summary
 
 
-def train_orbit(
-    lattice: Lattice,
-    error_model: ErrorModel,
+def train(
+    definition: TaskDefinition,
+    setup,
+    errors,
     steps: int,
     seed: int,
     out: Path,
-    arch: str = "tbsac",
-    eval_error_model: ErrorModel | None = None,
-    eval_every: int = 1000,
-    eval_episodes: int = 100,
-    config: OrbitTaskConfig | None = None,
-    progress: bool = True,
-    stop_at_bar: bool = False,
-) -> TrainResult:
-    """Train an orbit-correction agent; writes checkpoints, TensorBoard logs and policy.pt."""
-    torch.set_num_threads(1)  # two threads on two busy cores made SAC up to 100x slower
-    config = config or OrbitTaskConfig()
-    out.mkdir(parents=True, exist_ok=True)
-    env = OrbitEnv(lattice, error_model, config, plant=OrbitSimPlant(lattice, error_model))
-    env.reset(seed=seed)
-    eval_model = eval_error_model or error_model
-    eval_env = OrbitEnv(lattice, eval_model, config)
-    model = make_sac(env, arch=arch, seed=seed, tensorboard_log=str(out / "tensorboard"))
-    training = {"steps": steps, "seed": seed, "errors": error_model.name, "eval_errors": eval_model.name}
-
-    def make_policy(step: int) -> Policy:
-        meta = orbit_metadata(lattice, error_model, config, arch, dict(training, checkpoint_step=step))
-        return Policy.from_sac(model.policy, meta)
-
-    bar = Bar()
-
-    def evaluate(policy: Policy) -> dict:
-        return summarise([run_episode(eval_env, policy, EVAL_SEED_BASE + i) for i in range(eval_episodes)])
-
-    scalars = {
-        "eval/success_rate": lambda m: m["success_rate"],
-        "eval/median_steps": lambda m: m["steps"]["median"],
-        "eval/final_rms_p95_mm": lambda m: m["final_rms_mm"]["p95"],
-    }
-    callback = PolicyEvalCallback(make_policy, evaluate, _score, bar.met, scalars, out, eval_every, stop_at_bar)
-    return _learn(model, callback, steps, out, progress, {
-        "lattice": lattice.name, "errors": error_model.name, "eval_errors": eval_model.name, "arch": arch, "seed": seed})
-
-
-def rfq_metadata(lattice, error_model, config, arch: str, knobs, training: dict) -> dict:
-    """Policy metadata for the RFQ transmission task (see :class:`TransmissionTask`)."""
-    from simulators.injector.task import TransmissionTask
-
-    task = TransmissionTask(knobs, lattice.beam.current_ma, config)
-    return {
-        "task": "rfq",
-        "arch": arch,
-        "lattice": {"name": lattice.name, "knob_names": lattice.knob_names},
-        "error_model": error_model.model_dump(),
-        "observation": {
-            "size": task.observation_space.shape[0],
-            "layout": "see simulators.injector.task.TransmissionTask",
-            "readings": ["ACCT", "FC"],
-            "nominal_current_ma": lattice.beam.current_ma,
-        },
-        "action": {"size": len(knobs), "step": [k.max_step for k in knobs], "unit": [k.unit for k in knobs]},
-        "task_config": config.__dict__,
-        "training": training,
-    }
-
-
-# Training-time evaluation injectors; far from the seeds documented for `evaluate rfq`.
-RFQ_EVAL_SEED_BASE = 7_000_000
-
-
-@dataclass
-class RfqBar:
-    """The RFQ acceptance bar: median final / best achievable and median steps to 85 %."""
-
-    fraction_of_best: float = 0.95
-    steps_to_85: float = 15.0
-
-    def met(self, summary: dict) -> bool:
-        steps = summary["steps_to_85"]["median"]
-        return summary["fraction_of_best"]["median"] >= self.fraction_of_best and steps is not None and steps <= self.steps_to_85
-
-
-def _rfq_score(summary: dict) -> tuple:
-    steps = summary["steps_to_85"]["median"]
-    return (summary["fraction_of_best"]["median"], -(steps if steps is not None else 1e9))
-
-
-def train_rfq(
-    lattice,
-    error_model,
-    steps: int,
-    seed: int,
-    out: Path,
-    arch: str = "mlp",
-    eval_error_model=None,
-    eval_every: int = 5000,
-    eval_episodes: int = 20,
+    arch: str | None = None,
+    eval_errors=None,
+    eval_every: int | None = None,
+    eval_episodes: int | None = None,
     config=None,
     progress: bool = True,
     stop_at_bar: bool = False,
     sac_overrides: dict | None = None,
 ) -> TrainResult:
-    """Train an RFQ transmission agent; writes checkpoints, TensorBoard logs and policy.pt."""
-    from simulators.injector.task import TransmissionEnv, TransmissionTaskConfig
+    """Train an agent on any registered task; writes checkpoints, TensorBoard logs and policy.pt.
 
-    from .rfq import RfqEpisode, best_achievable, run_agent, summarise_rfq
-
-    torch.set_num_threads(1)
-    config = config or TransmissionTaskConfig()
+    The periodic evaluation runs the deterministic policy through the one episode loop
+    on machines ``definition.eval_seed_base + i`` (never the documented test seeds) and
+    keeps the checkpoint the task scores best.
+    """
+    torch.set_num_threads(1)  # two threads on two busy cores made SAC up to 100x slower
+    arch = arch or definition.default_arch
+    eval_every = eval_every or definition.train_defaults["eval_every"]
+    eval_episodes = eval_episodes or definition.train_defaults["eval_episodes"]
+    overrides = {**definition.sac_overrides, **(sac_overrides or {})}
+    config = config or definition.config_model()()
     out.mkdir(parents=True, exist_ok=True)
-    env = TransmissionEnv(lattice, error_model, config)
+
+    def environment(error_model) -> TaskEnv:
+        plant = definition.sim_plant(setup, error_model)
+        return TaskEnv(plant, definition.make_task(setup, plant.knobs, plant.readings, config))
+
+    env = environment(errors)
     env.reset(seed=seed)
-    eval_model = eval_error_model or error_model
-    eval_env = TransmissionEnv(lattice, eval_model, config)
-    machines = []
-    for i in range(eval_episodes):
-        eval_env.reset(seed=RFQ_EVAL_SEED_BASE + i)
-        best = best_achievable(eval_env.plant.model, lattice, [eval_env.plant.read_knobs()])
-        machines.append((RFQ_EVAL_SEED_BASE + i, eval_env.plant.true_transmission(), best))
-    model = make_sac(env, arch=arch, seed=seed, tensorboard_log=str(out / "tensorboard"), **(sac_overrides or {}))
-    training = {"steps": steps, "seed": seed, "errors": error_model.name, "eval_errors": eval_model.name,
-                "sac_overrides": sac_overrides or {}}
+    eval_model = eval_errors or errors
+    eval_env = environment(eval_model)
+    seeds = [definition.eval_seed_base + i for i in range(eval_episodes)]
+    context = definition.evaluation_context(setup, eval_model, seeds)
+    model = make_sac(env, arch=arch, seed=seed, tensorboard_log=str(out / "tensorboard"), **overrides)
+    training = {"steps": steps, "seed": seed, "errors": errors.name, "eval_errors": eval_model.name}
+    if overrides:
+        training["sac_overrides"] = overrides
+    base_meta = {"task": definition.name, "arch": arch, **definition.policy_metadata(setup, errors, config, env.task),
+                 "error_model": errors.model_dump(), "task_config": config.model_dump()}
 
     def make_policy(step: int) -> Policy:
-        meta = rfq_metadata(lattice, error_model, config, arch, env.plant.knobs, dict(training, checkpoint_step=step))
-        return Policy.from_sac(model.policy, meta)
+        return Policy.from_sac(model.policy, dict(base_meta, training=dict(training, checkpoint_step=step)))
 
     def evaluate(policy: Policy) -> dict:
-        episodes = []
-        for machine, initial, best in machines:
-            eval_env.reset(seed=machine)
-            trace = run_agent(eval_env, policy, config.max_steps)
-            episodes.append(RfqEpisode(machine, initial, trace, trace[-1], max(best, *trace)))
-        return summarise_rfq(episodes)
+        episodes = [definition.run_evaluation_episode(eval_env, policy, s) for s in seeds]
+        return definition.summarise(episodes, context)
 
-    scalars = {
-        "eval/fraction_of_best_median": lambda m: m["fraction_of_best"]["median"],
-        "eval/final_transmission_median": lambda m: m["final_transmission"]["median"],
-        "eval/steps_to_85_median": lambda m: m["steps_to_85"]["median"],
-    }
-    callback = PolicyEvalCallback(make_policy, evaluate, _rfq_score, RfqBar().met, scalars, out, eval_every, stop_at_bar)
+    scalars = {name: (lambda m, keys=keys: _path(m, keys)) for name, keys in definition.scalars.items()}
+    callback = PolicyEvalCallback(make_policy, evaluate, definition.score, definition.bar_met, scalars, out, eval_every, stop_at_bar)
     return _learn(model, callback, steps, out, progress, {
-        "task": "rfq", "lattice": lattice.name, "errors": error_model.name, "eval_errors": eval_model.name,
+        "task": definition.name, "lattice": setup.name, "errors": errors.name, "eval_errors": eval_model.name,
         "arch": arch, "seed": seed})

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from simulators.config import ConfigError
-from simulators.plant import ConnectionLost, KnobSpec, Plant, PlantFault, ReadingSpec, Readings
+from core.config import ConfigError
+from core.plant import ConnectionLost, KnobSpec, Plant, PlantFault, ReadingSpec, Readings
 
 from .machine import MachineFile
 
@@ -61,17 +61,21 @@ def _no_repeater_complaint():
 
 
 class EpicsPlant(Plant):
-    """Knobs (in simulator units) and BPMs (mm) or current monitors of a machine file."""
+    """Knobs (in simulator units), BPMs (mm) and scalar monitors of a machine file.
 
-    def __init__(self, machine: MachineFile, path: Path | str = "machine file"):
+    `knob_units` names the simulator unit of every knob (the setup's; default "unit").
+    """
+
+    def __init__(self, machine: MachineFile, path: Path | str = "machine file", knob_units: list[str] | None = None):
         self.machine = machine
         self.path = str(path)
-        self.correctors = machine.correctors
-        self.scale = np.array([c.scale for c in machine.correctors])
+        self.correctors = machine.knobs
+        self.scale = np.array([c.scale for c in machine.knobs])
         self.knobs = []
-        for c in machine.correctors:
+        units = knob_units or ["unit"] * len(machine.knobs)
+        for c, unit in zip(machine.knobs, units):
             lo, hi = sorted((c.lower / c.scale, c.upper / c.scale))
-            self.knobs.append(KnobSpec(c.name, "unit", lo, hi, c.max_step / abs(c.scale), c.tolerance / abs(c.scale)))
+            self.knobs.append(KnobSpec(c.name, unit, lo, hi, c.max_step / abs(c.scale), c.tolerance / abs(c.scale)))
         self.readings = [
             ReadingSpec(f"{b.name}:{p}", "mm", -b.range_mm, b.range_mm) for b in machine.bpms for p in ("x", "y")
         ] + [ReadingSpec(m.name, m.unit, m.lower, m.upper) for m in machine.monitors]
@@ -110,7 +114,7 @@ class EpicsPlant(Plant):
             for field, value, ok in (("lower", c.lower, c.lower >= drvl), ("upper", c.upper, c.upper <= drvh)):
                 if not ok:
                     raise ConfigError(
-                        f"{self.path}: field 'correctors[{i}]({c.name}).{field}': {value} {c.unit} is beyond the "
+                        f"{self.path}: field 'knobs[{i}]({c.name}).{field}': {value} {c.unit} is beyond the "
                         f"IOC's drive limits [{drvl}, {drvh}] of {c.setpoint}"
                     )
 

@@ -1,10 +1,12 @@
 """Machine files: the contract between the software and a real machine.
 
+The task the machine is tuned for (a registered task name) and its setup (lattice);
 PV names, units, the signed scale from simulator units to engineering units
 (polarity and the sim-to-real factor; the TBSAC paper used 1.85 A per unit), limits,
-largest change per step, read-back tolerance and settle time for every knob (corrector,
-steerer or solenoid supply); the X/Y PVs of every BPM (orbit task) or the PVs of the
-current monitors (RFQ task); interlock channels with their trip rules.
+largest change per step, read-back tolerance and settle time for every knob (a
+corrector, steerer, solenoid or any other supply); the readings: X/Y PVs of BPMs
+and/or scalar monitors (current monitors, sensors); interlock channels with their
+trip rules. Every number must be finite.
 """
 
 from __future__ import annotations
@@ -13,17 +15,18 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
-from simulators.config import ConfigError, load_yaml_model
+from core.config import ConfigError, load_yaml_model
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN or infinity in a limit or a threshold would switch its check off.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-class CorrectorChannel(_Strict):
-    """One magnet power supply the agent drives (corrector, steerer or solenoid)."""
+class KnobChannel(_Strict):
+    """One supply the agent drives (a corrector, steerer or solenoid; a heater...)."""
 
     name: str
     setpoint: str
@@ -37,7 +40,7 @@ class CorrectorChannel(_Strict):
     settle_timeout_s: PositiveFloat = 10.0
 
     @model_validator(mode="after")
-    def _check(self) -> "CorrectorChannel":
+    def _check(self) -> "KnobChannel":
         if self.scale == 0:
             raise ValueError("scale must not be zero")
         if self.lower >= self.upper:
@@ -57,7 +60,7 @@ class BpmChannel(_Strict):
 
 
 class MonitorChannel(_Strict):
-    """One scalar beam monitor read by the RFQ task (e.g. a current transformer, a Faraday cup)."""
+    """One scalar reading (e.g. a current transformer, a Faraday cup, a thermometer)."""
 
     name: str
     pv: str
@@ -83,11 +86,12 @@ class Interlock(_Strict):
 class MachineFile(_Strict):
     """A whole machine as the software sees it."""
 
-    name: str
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100,
+                      description="letters, digits, '.', '_' and '-' (it names files in the data directory)")
     description: str = ""
-    task: Literal["orbit", "rfq"] = Field("orbit", description="what the machine is tuned for")
-    lattice: str = Field(description="shipped lattice (beamline for orbit, injector for rfq) or path")
-    correctors: list[CorrectorChannel] = Field(min_length=1)
+    task: str = Field(description="the registered task the machine is tuned for (`tbsac info` lists them)")
+    lattice: str = Field(description="the task's shipped setup (lattice) or a path to one")
+    knobs: list[KnobChannel] = Field(min_length=1, validation_alias=AliasChoices("knobs", "correctors"))
     bpms: list[BpmChannel] = Field(default_factory=list)
     monitors: list[MonitorChannel] = Field(default_factory=list)
     interlocks: list[Interlock] = Field(default_factory=list)
@@ -98,11 +102,9 @@ class MachineFile(_Strict):
 
     @model_validator(mode="after")
     def _unique(self) -> "MachineFile":
-        if self.task == "orbit" and (not self.bpms or self.monitors):
-            raise ValueError("an orbit machine needs bpms (at least one) and no monitors")
-        if self.task == "rfq" and (self.bpms or not self.monitors):
-            raise ValueError("an rfq machine needs monitors (at least one) and no bpms")
-        names = [c.name for c in self.correctors] + [b.name for b in self.bpms] + [m.name for m in self.monitors]
+        if not self.bpms and not self.monitors:
+            raise ValueError("a machine needs readings: bpms or monitors (at least one)")
+        names = [c.name for c in self.knobs] + [b.name for b in self.bpms] + [m.name for m in self.monitors]
         names += [i.name for i in self.interlocks]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
@@ -110,7 +112,7 @@ class MachineFile(_Strict):
         return self
 
     def all_pvs(self) -> list[str]:
-        pvs = [p for c in self.correctors for p in (c.setpoint, c.readback)]
+        pvs = [p for c in self.knobs for p in (c.setpoint, c.readback)]
         pvs += [p for b in self.bpms for p in (b.x, b.y, b.status) if p]
         pvs += [m.pv for m in self.monitors]
         pvs += [i.pv for i in self.interlocks]
@@ -131,33 +133,3 @@ def load_machine(name_or_path: str | Path) -> tuple[MachineFile, Path]:
         shipped = sorted(p.name[:-5] for p in MACHINE_DIR.iterdir() if p.name.endswith(".yaml"))
         raise ConfigError(f"machine {str(name_or_path)!r}: no such file (shipped: {', '.join(shipped)})")
     return load_yaml_model(MachineFile, path), path
-
-
-def load_machine_lattice(machine: MachineFile, path: Path):
-    """The machine's lattice (beamline or injector, by task), checked against the machine."""
-    if machine.task == "rfq":
-        from simulators.injector.model import load_injector
-
-        lattice = load_injector(machine.lattice)
-    else:
-        from simulators.beamline.lattice import load_lattice
-
-        lattice = load_lattice(machine.lattice)
-    check_matches_lattice(machine, path, lattice)
-    return lattice
-
-
-RFQ_MONITORS = ["ACCT", "FC"]  # the transmission is FC / ACCT
-
-
-def check_matches_lattice(machine: MachineFile, path: Path, lattice) -> None:
-    """The machine's knob and monitor names must be the lattice's, in the same order."""
-    if machine.task == "rfq":
-        pairs = (("correctors", [c.name for c in machine.correctors], lattice.knob_names),
-                 ("monitors", [m.name for m in machine.monitors], RFQ_MONITORS))
-    else:
-        pairs = (("correctors", [c.name for c in machine.correctors], lattice.corrector_names),
-                 ("bpms", [b.name for b in machine.bpms], lattice.bpm_names))
-    for field, mine, theirs in pairs:
-        if mine != theirs:
-            raise ConfigError(f"{path}: field '{field}': names {mine} do not match lattice {lattice.name} {theirs}")

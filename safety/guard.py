@@ -17,14 +17,14 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
-from simulators.plant import ConnectionLost, Plant, PlantFault, Readings
+from core.plant import ConnectionLost, Event, Plant, PlantFault, Readings, knob_bounds, knob_steps, knob_tolerances
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +69,7 @@ class InterlockRule:
         return ""
 
 
-@dataclass
-class SafetyEvent:
-    time: float
-    kind: str  # clamp, delay, proposal, approved, rejected, trip, restore, abort
-    reason: str
-    data: dict = field(default_factory=dict)
+SafetyEvent = Event  # clamp, delay, proposal, approved, rejected, trip, restore, abort, ...
 
 
 class SafetyTrip(RuntimeError):
@@ -120,13 +115,12 @@ def restore_snapshot(plant: Plant, snapshot: dict, record: Callable[[SafetyEvent
     if missing:
         raise ValueError(f"snapshot has no value for {', '.join(missing)}")
     values = np.array([snapshot["knobs"][n] for n in names])
-    lower = np.array([k.lower for k in plant.knobs])
-    upper = np.array([k.upper for k in plant.knobs])
+    lower, upper = knob_bounds(plant.knobs)
     if not np.all(np.isfinite(values)) or np.any(values < lower) or np.any(values > upper):
         raise ValueError("snapshot values are outside the machine's limits; refusing to write them")
     plant.write_knobs(values)
     after = plant.read_knobs()
-    tol = np.array([k.tolerance for k in plant.knobs])
+    tol = knob_tolerances(plant.knobs)
     bad = [f"{n}: {a:.4g} != {v:.4g}" for n, a, v, t in zip(names, after, values, tol) if abs(a - v) > t]
     if bad:
         raise PlantFault("restore not verified: " + "; ".join(bad))
@@ -162,9 +156,8 @@ class GuardedPlant(Plant):
         self._abort_reason = "operator abort"
         self.tripped: SafetyTrip | None = None
         self.writes = 0
-        self.lower = np.array([k.lower for k in plant.knobs])
-        self.upper = np.array([k.upper for k in plant.knobs])
-        self.max_step = np.array([k.max_step for k in plant.knobs])
+        self.lower, self.upper = knob_bounds(plant.knobs)
+        self.max_step = knob_steps(plant.knobs)
         self.snapshot: np.ndarray | None = None
         self.last_readings: Readings | None = None
         self.settings: np.ndarray | None = None

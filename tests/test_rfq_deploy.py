@@ -17,7 +17,7 @@ from controller.session import run_session
 from hardware.epics_plant import EpicsPlant
 from hardware.machine import load_machine, load_machine_lattice
 from safety.guard import InterlockRule, read_snapshot
-from simulators.config import ConfigError
+from core.config import ConfigError
 from simulators.injector.model import load_injector
 from simulators.injector.task import InjectorSimPlant, load_injector_errors
 

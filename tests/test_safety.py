@@ -11,7 +11,7 @@ from safety.guard import (
 from simulators.beamline.errors import load_error_model
 from simulators.beamline.lattice import load_lattice
 from simulators.beamline.plant import OrbitSimPlant
-from simulators.plant import ConnectionLost, Readings
+from core.plant import ConnectionLost, Readings
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def test_snapshot_is_on_disk_before_any_write(plant, tmp_path):
 
 
 def test_out_of_range_reading_trips(plant, tmp_path):
-    from simulators.plant import ReadingSpec
+    from core.plant import ReadingSpec
 
     plant.readings = [ReadingSpec(r.name, r.unit, -0.1, 0.1) for r in plant.readings]
     g = GuardedPlant(plant, snapshot_path=tmp_path / "snap.json")

@@ -13,7 +13,7 @@ from controller.store import SessionRow, Store
 from simulators.beamline.errors import load_error_model
 from simulators.beamline.lattice import load_lattice
 from simulators.beamline.plant import OrbitSimPlant
-from simulators.config import ConfigError
+from core.config import ConfigError
 
 
 def record_sim_session(store, seed=3, mode="auto", on_step=None, **kwargs):

@@ -1,4 +1,7 @@
-"""The ``tbsac`` command line."""
+"""The ``tbsac`` command line: a thin shell over :mod:`controller.api`.
+
+Every command dispatches through the task registry: ``tbsac info`` lists the tasks.
+"""
 
 from __future__ import annotations
 
@@ -13,83 +16,59 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from simulators.config import ConfigError
+from core.config import ConfigError
 
 app = typer.Typer(
-    help="Safe RL beam tuning: train, evaluate and deploy trend-based SAC agents.",
+    help="Safe RL tuning: train, evaluate and deploy trend-based SAC agents on any registered task.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-train_app = typer.Typer(help="Train an agent in simulation.", no_args_is_help=True)
-evaluate_app = typer.Typer(help="Evaluate an agent against the baselines.", no_args_is_help=True)
-app.add_typer(train_app, name="train")
-app.add_typer(evaluate_app, name="evaluate")
 
 # Pipes get a wide console so tables are not truncated in logs and captured output.
 console = Console(width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True)
 
-RFQ_GAMMA = 0.8  # short horizon: improvements are paid at once; 0.8 beat 0.95 in validation
-LatticeOpt = typer.Option("cafe2-cm1", "--lattice", "-l", help="Shipped lattice name or path to a lattice YAML.")
-ErrorsOpt = typer.Option("test", "--errors", "-e", help="Error preset (train, test, hard) or path to an error-model YAML.")
+DEMO_MACHINE = "virtual-cafe2-cm1"  # the embedded default of `tbsac demo`
+TaskArg = typer.Argument(..., help="Registered task (`tbsac info` lists them).")
+LatticeOpt = typer.Option(None, "--lattice", "-l", help="Shipped lattice name or path (default: the task's first).")
 
 
-def _load(lattice: str, errors: str):
-    from simulators.beamline.errors import load_error_model
-    from simulators.beamline.lattice import load_lattice
-
-    return load_lattice(lattice), load_error_model(errors)
+def _error(message: str) -> None:
+    err_console.print(f"tbsac: {message}", markup=False, highlight=False, soft_wrap=True)
 
 
-@train_app.command("orbit")
-def train_orbit_cmd(
-    lattice: str = LatticeOpt,
+def _table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+@app.command()
+def train(
+    task: str = TaskArg,
+    lattice: Optional[str] = LatticeOpt,
     errors: str = typer.Option("train", "--errors", "-e", help="Error preset or YAML used for training."),
     eval_errors: str = typer.Option("test", "--eval-errors", help="Error preset for the periodic evaluation."),
-    steps: int = typer.Option(20_000, "--steps", min=1000, help="Environment steps."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1000, help="Environment steps (default: the task's)."),
     seed: int = typer.Option(0, "--seed"),
-    out: Path = typer.Option(Path("runs/orbit"), "--out", help="Output directory."),
-    arch: str = typer.Option("tbsac", "--arch", help="tbsac (trend convolutions) or mlp (ablation)."),
-    eval_every: int = typer.Option(1000, "--eval-every", min=100),
-    eval_episodes: int = typer.Option(100, "--eval-episodes", min=1),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default runs/<task>)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Network (default: the task's; orbit: tbsac or the mlp ablation)."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", min=100),
+    eval_episodes: Optional[int] = typer.Option(None, "--eval-episodes", min=1),
+    gamma: Optional[float] = typer.Option(None, "--gamma", min=0.0, max=1.0, help="Discount factor (default: the task's)."),
     stop_at_bar: bool = typer.Option(False, "--stop-at-bar", help="Stop at the first evaluation meeting the acceptance bar."),
 ):
-    """Train TBSAC on orbit correction; writes policy.pt, checkpoints/, tensorboard/ and training.json."""
-    from controller.agents import ARCHITECTURES
-    from controller.training import train_orbit
+    """Train an agent in simulation; writes policy.pt, checkpoints/, tensorboard/ and training.json."""
+    from controller import api
 
-    if arch not in ARCHITECTURES:
-        raise ConfigError(f"--arch: unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
-    lat, em = _load(lattice, errors)
-    _, eval_em = _load(lattice, eval_errors)
-    _train_recorded("orbit", lat, em, eval_em, arch, steps, seed, out, eval_every, eval_episodes, lambda: train_orbit(
-        lat, em, steps, seed, out, arch=arch, eval_error_model=eval_em, eval_every=eval_every,
-        eval_episodes=eval_episodes, stop_at_bar=stop_at_bar,
-    ))
-
-
-def _train_recorded(task, lat, em, eval_em, arch, steps, seed, out, eval_every, eval_episodes, train, config=None):
-    """Run `train()` as a training run recorded in the store; register its policy."""
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("controller.training").setLevel(logging.INFO)  # one line per evaluation
-    store = _store()
-    run_row = store.start_training_run(
-        task=task, lattice=lat.name, errors=em.name, arch=arch, steps=steps, seed=seed, out_dir=str(out.resolve()),
-        config={"eval_errors": eval_em.name, "eval_every": eval_every, "eval_episodes": eval_episodes, **(config or {})},
-    )
-    try:
-        result = train()
-    except BaseException:
-        store.finish_training_run(run_row.id, "failed", {}, [])
-        raise
-    from controller.policy import Policy, file_sha256
-
-    store.finish_training_run(run_row.id, "completed", {
-        "best_step": result.best_step, "best": result.best_summary, "first_bar_step": result.first_bar_step,
-        "first_bar_seconds": result.first_bar_seconds, "wall_seconds": result.wall_seconds}, result.curves)
-    trained = Policy.load(result.policy_path)
-    store.add_policy(result.policy_path, file_sha256(result.policy_path), trained.metadata, training_run_id=run_row.id)
+    result = api.train(task, lattice, errors, eval_errors, steps, seed, out or Path("runs") / task, arch, eval_every,
+                       eval_episodes, stop_at_bar, {"gamma": gamma} if gamma is not None else None)
     console.print(f"best checkpoint: step {result.best_step}: {json.dumps(result.best_summary)}")
     if result.first_bar_step is not None:
         console.print(f"acceptance bar first met at step {result.first_bar_step} after {result.first_bar_seconds} s")
@@ -98,130 +77,34 @@ def _train_recorded(task, lat, em, eval_em, arch, steps, seed, out, eval_every, 
     console.print(f"wall time {result.wall_seconds} s; policy: {result.policy_path}")
 
 
-def _store():
-    """The session store (TBSAC_DATABASE_URL or SQLite in the data directory)."""
-    from sqlalchemy.exc import ArgumentError, OperationalError
-
-    from controller.store import Store
-
-    try:
-        return Store()
-    except (ArgumentError, OperationalError) as exc:
-        raise ConfigError(f"session store: cannot open database ({str(exc).splitlines()[0]})") from None
-
-
-def _results_table(summary: dict) -> Table:
-    table = Table(title=f"{summary['task']} on {summary['lattice']}, errors '{summary['errors']}', "
-                  f"{summary['episodes']} machines from seed {summary['seed']}")
-    for col in ("method", "success", "final RMS median (mm)", "final RMS p95 (mm)", "steps median", "steps p95", "initial RMS median (mm)", "beam lost"):
-        table.add_column(col, justify="right")
-    for name, r in summary["results"].items():
-        table.add_row(
-            name, f"{r['success_rate']:.0%}", str(r["final_rms_mm"]["median"]), str(r["final_rms_mm"]["p95"]),
-            str(r["steps"]["median"]), str(r["steps"]["p95"]), str(r["initial_rms_mm"]["median"]), str(r["beam_lost"]),
-        )
-    return table
-
-
-@train_app.command("rfq")
-def train_rfq_cmd(
-    lattice: str = typer.Option("lpi", "--lattice", "-l", help="Injector lattice name or path."),
-    errors: str = typer.Option("train", "--errors", "-e", help="Injector error preset used for training."),
-    eval_errors: str = typer.Option("test", "--eval-errors", help="Error preset for the periodic evaluation."),
-    steps: int = typer.Option(150_000, "--steps", min=1000, help="Environment steps."),
-    seed: int = typer.Option(0, "--seed"),
-    out: Path = typer.Option(Path("runs/rfq"), "--out", help="Output directory."),
-    arch: str = typer.Option("mlp", "--arch", help="mlp (the transmission trend is a vector, not a BPM image)."),
-    eval_every: int = typer.Option(5000, "--eval-every", min=100),
-    eval_episodes: int = typer.Option(20, "--eval-episodes", min=1),
-    gamma: float = typer.Option(RFQ_GAMMA, "--gamma", min=0.0, max=1.0, help="Discount factor."),
-    stop_at_bar: bool = typer.Option(False, "--stop-at-bar", help="Stop at the first evaluation meeting the acceptance bar."),
-):
-    """Train an agent on RFQ transmission tuning; writes policy.pt, checkpoints/, tensorboard/ and training.json."""
-    from controller.training import train_rfq
-    from simulators.injector.model import load_injector
-    from simulators.injector.task import load_injector_errors
-
-    if arch != "mlp":
-        raise ConfigError(f"--arch: {arch!r} is not available for the RFQ task; use mlp")
-    lat, em, eval_em = load_injector(lattice), load_injector_errors(errors), load_injector_errors(eval_errors)
-    _train_recorded("rfq", lat, em, eval_em, arch, steps, seed, out, eval_every, eval_episodes, lambda: train_rfq(
-        lat, em, steps, seed, out, arch, eval_em, eval_every, eval_episodes, stop_at_bar=stop_at_bar,
-        sac_overrides={"gamma": gamma},
-    ), config={"gamma": gamma})
-
-
-@evaluate_app.command("orbit")
-def evaluate_orbit_cmd(
-    lattice: str = LatticeOpt,
-    policy: str = typer.Option("pretrained", "--policy", "-p", help="Policy file, or 'pretrained' for the shipped one."),
+@app.command()
+def evaluate(
+    task: str = TaskArg,
+    lattice: Optional[str] = LatticeOpt,
+    policy: str = typer.Option("pretrained", "--policy", "-p", help="Policy file, 'pretrained' (shipped) or 'none' (baselines only)."),
     episodes: int = typer.Option(100, "--episodes", "-n", min=1),
     seed: int = typer.Option(1000, "--seed"),
-    errors: str = ErrorsOpt,
+    errors: str = typer.Option("test", "--errors", "-e", help="Error preset or YAML."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated baselines (default: the task's; '' for none)."),
+    budget: Optional[int] = typer.Option(None, "--budget", min=2, max=200, help="Steps each method may spend (default: the task's)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object and nothing else."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG path (default orbit-<lattice>-<errors>.png)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG path (default <task>-<lattice>-<errors>.png, if the task plots)."),
 ):
-    """Run the agent and every baseline on the same machines and compare them."""
-    from controller.evaluation import evaluate_orbit, plot_orbit_evaluation
-    from controller.policy import Policy
-    from simulators.beamline.task import OrbitTaskConfig
+    """Run the agent and the task's baselines on the same simulated machines and compare them."""
+    from controller import api
 
-    lat, em = _load(lattice, errors)
-    agent = Policy.load(policy, lattice=lat)
-    config = OrbitTaskConfig(**agent.metadata.get("task_config", {}))
-    summary, runs = evaluate_orbit(lat, em, agent, episodes, seed, config)
-    from controller.recording import register_policy
-
-    store = _store()
-    store.add_evaluation(register_policy(store, agent), summary)
+    chosen = None if methods is None else tuple(m.strip() for m in methods.split(",") if m.strip())
+    ev = api.evaluate(task, lattice, None if policy == "none" else policy, episodes, seed, errors, chosen, budget)
     if as_json:
-        print(json.dumps(summary))
+        print(json.dumps(ev.summary))
         return
-    console.print(_results_table(summary))
-    path = plot or Path(f"orbit-{lat.name}-{em.name}.png")
-    plot_orbit_evaluation(lat, runs, path, f"{lat.name}, errors '{em.name}'")
-    console.print(f"plot written to {path}")
-
-
-@evaluate_app.command("rfq")
-def evaluate_rfq_cmd(
-    lattice: str = typer.Option("lpi", "--lattice", "-l", help="Injector lattice name or path."),
-    policy: Optional[str] = typer.Option(None, "--policy", "-p", help="Agent policy file or 'pretrained' (without it: baselines only)."),
-    episodes: int = typer.Option(100, "--episodes", "-n", min=1),
-    seed: int = typer.Option(1000, "--seed"),
-    errors: str = typer.Option("test", "--errors", "-e", help="train or test"),
-    budget: int = typer.Option(30, "--budget", min=2, max=200, help="Steps each method may spend."),
-    methods: str = typer.Option("nelder_mead,xopt_bo,random", "--methods", help="Comma-separated baselines to run."),
-    as_json: bool = typer.Option(False, "--json"),
-):
-    """RFQ transmission: agent and optimisers (Nelder-Mead, Xopt BO, random) on the same injectors."""
-    from controller.rfq import RFQ_METHODS, evaluate_rfq
-    from simulators.injector.model import load_injector
-    from simulators.injector.task import load_injector_errors
-
-    chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
-    unknown = [m for m in chosen if m not in RFQ_METHODS or m == "agent"]
-    if unknown:
-        raise ConfigError(f"--methods: unknown {unknown}; choose from nelder_mead, xopt_bo, random")
-    lat, em = load_injector(lattice), load_injector_errors(errors)
-    agent = None
-    if policy:
-        from controller.policy import Policy
-
-        agent = Policy.load(policy, lattice=lat)  # refuses an orbit policy or other knobs
-    summary, _ = evaluate_rfq(lat, em, agent, episodes, seed, budget, (("agent",) if agent else ()) + chosen)
-    if as_json:
-        print(json.dumps(summary))
-        return
-    table = Table(title=f"RFQ transmission on {lat.name}, errors '{em.name}', {episodes} injectors from seed {seed}, "
-                        f"{budget} steps; best achievable median {summary['best_achievable']['median']}")
-    for col in ("method", "final T median", "final / best median", "steps to 85 % (reached)", "steps to 0.9 best (reached)"):
-        table.add_column(col, justify="right")
-    for name, r in summary["results"].items():
-        table.add_row(name, str(r["final_transmission"]["median"]), str(r["fraction_of_best"]["median"]),
-                      f"{r['steps_to_85']['median']} ({r['steps_to_85']['reached']})",
-                      f"{r['steps_to_90pct_best']['median']} ({r['steps_to_90pct_best']['reached']})")
-    console.print(table)
+    columns, rows = ev.definition.results_table(ev.summary)
+    console.print(_table(f"{task} on {ev.setup.name}, errors '{ev.errors.name}', {episodes} machines from seed {seed}",
+                         columns, rows))
+    path = ev.definition.plot_evaluation(ev.setup, ev.runs, plot or Path(f"{task}-{ev.setup.name}-{ev.errors.name}.png"),
+                                         f"{ev.setup.name}, errors '{ev.errors.name}'")
+    if path:
+        console.print(f"plot written to {path}")
 
 
 @app.command()
@@ -229,101 +112,71 @@ def demo(
     seed: int = typer.Option(7, "--seed", help="Which mis-steered machine to draw."),
     plot: Path = typer.Option(Path("tbsac-demo.png"), "--plot"),
 ):
-    """Zero-shot orbit correction of a virtual cafe2-cm1 over EPICS, behind the safety layer.
+    """Zero-shot tuning of a virtual machine (default cafe2-cm1) over EPICS, behind the safety layer.
 
     Starts the virtual IOC (hidden 'test' errors) in the background, runs the pretrained
     agent over Channel Access through the safety layer, prints before/after, stops the
-    IOC; then compares agent and SVD on the same machine in simulation and plots it.
+    IOC; then compares agent and baselines on the same machine in simulation and plots it.
     """
     import tempfile
 
-    from controller.evaluation import evaluate_orbit, plot_orbit_evaluation
-    from controller.policy import Policy
-    from controller.session import run_session
-    from hardware.ioc import free_port, loopback_environment, start_virtual_ioc
-    from safety.guard import InterlockRule
-    from simulators.beamline.task import OrbitTaskConfig
+    from controller import api
 
-    lat, em = _load("cafe2-cm1", "test")
-    agent = Policy.load("pretrained", lattice=lat)
-    port = free_port()
-    os.environ.update(loopback_environment(port))
+    task, lattice = api.machine_task(DEMO_MACHINE)
+    port = api.free_port()
+    os.environ.update(api.loopback_environment(port))
     work = Path(tempfile.mkdtemp(prefix="tbsac-demo-"))
-    console.print(f"starting the virtual cafe2-cm1 IOC on 127.0.0.1:{port} (hidden errors: 'test', seed {seed})")
-    ioc_proc = start_virtual_ioc("cafe2-cm1", seed, "test", port, put_log=work / "puts.jsonl")
+    console.print(f"starting the virtual {lattice} IOC on 127.0.0.1:{port} (hidden errors: 'test', seed {seed})")
+    ioc_proc = api.start_virtual_ioc(lattice, seed, "test", port, put_log=work / "puts.jsonl")
     try:
-        machine, path, _, plant = _connect("virtual-cafe2-cm1")
-        result = run_session(
-            plant, agent, interlocks=[InterlockRule(i.name, i.rule, i.threshold) for i in machine.interlocks],
-            snapshot_path=work / "snapshot.json",
-            snapshot_context={"machine_file": str(Path(str(path)).resolve()), "machine": machine.name},
-        )
+        result, session_id, opened = api.run_on_machine(DEMO_MACHINE, "pretrained", "auto", os.environ.get("USER", "operator"),
+                                                        snapshot=work / "snapshot.json")
     finally:
         ioc_proc.terminate()
         ioc_proc.wait(10)
-    table = Table(title="over EPICS Channel Access, through the safety layer")
-    for col in ("machine", "RMS before (mm)", "RMS after (mm)", "steps", "wall time (s)", "safety trips", "status"):
-        table.add_column(col, justify="right")
-    table.add_row(machine.name, f"{result.initial_rms_mm:.2f}", f"{result.final_rms_mm:.2f}", str(result.steps),
-                  f"{result.wall_s:.1f}", str(len(result.trips)), result.status)
-    console.print(table)
-
-    config = OrbitTaskConfig(**agent.metadata.get("task_config", {}))
-    summary, runs = evaluate_orbit(lat, em, agent, 1, seed, config)
-    table = Table(title=f"in simulation: the same machine (seed {seed}), every method")
-    for col in ("method", "RMS before (mm)", "RMS after (mm)", "steps", "corrected"):
-        table.add_column(col, justify="right")
-    for name, eps in runs.items():
-        ep = eps[0]
-        table.add_row(name, f"{ep.initial_rms_mm:.2f}", f"{ep.final_rms_mm:.2f}", str(ep.steps), "yes" if ep.success else "no")
-    console.print(table)
-    plot_orbit_evaluation(lat, runs, plot, f"tbsac demo: cafe2-cm1, machine seed {seed}")
-    console.print(f"plot written to {plot}")
+    metric = opened.definition.metrics[0]
+    console.print(_table("over EPICS Channel Access, through the safety layer",
+                         ["machine", f"{metric.title} before", f"{metric.title} after", "steps", "wall time (s)", "safety trips", "status"],
+                         [[opened.name, f"{result.initial:.3f}", f"{result.final:.3f}", str(result.steps), f"{result.wall_s:.1f}",
+                           str(len(result.trips)), result.status]]))
+    ev = api.evaluate(task, lattice, "pretrained", 1, seed, "test")
+    columns, rows = ev.definition.results_table(ev.summary)
+    console.print(_table(f"in simulation: the same machine (seed {seed}), every method", columns, rows))
+    if ev.definition.plot_evaluation(ev.setup, ev.runs, plot, f"tbsac demo: {lattice}, machine seed {seed}"):
+        console.print(f"plot written to {plot}")
     if result.status != "completed":
         raise typer.Exit(3)
 
 
 @app.command()
 def ioc(
-    lattice: str = LatticeOpt,
+    lattice: str = typer.Option(..., "--lattice", "-l", help="Lattice (setup) name or file of any registered task."),
+    task: Optional[str] = typer.Option(None, "--task", help="Registered task (default: the one the lattice belongs to)."),
     seed: int = typer.Option(0, "--seed", help="Which hidden machine errors to draw."),
-    errors: str = ErrorsOpt,
+    errors: str = typer.Option("test", "--errors", "-e", help="Error preset of the task."),
     port: int = typer.Option(5064, "--port", help="Channel Access server port (loopback only)."),
-    ramp: float = typer.Option(0.2, "--ramp", min=0.0, help="Magnet ramp time in s; puts complete when it ends."),
+    ramp: float = typer.Option(0.2, "--ramp", min=0.0, help="Supply ramp time in s; puts complete when it ends."),
     put_log: Optional[Path] = typer.Option(None, "--put-log", help="JSON-lines file recording every put received."),
-    prefix: Optional[str] = typer.Option(None, "--prefix", help="PV prefix (default VCAFE2:CMk)."),
+    prefix: Optional[str] = typer.Option(None, "--prefix", help="PV prefix (default V + the lattice name, e.g. VCAFE2:CM1)."),
 ):
-    """Serve a simulated cryomodule or injector with hidden errors as a real EPICS IOC (softioc)."""
-    from hardware.ioc import is_injector_lattice, serve
+    """Serve a simulated machine with hidden errors as a real EPICS IOC (softioc)."""
+    from controller import api
 
-    # Fail with a clear message before starting EPICS.
-    if is_injector_lattice(lattice):
-        from simulators.injector.model import load_injector
-        from simulators.injector.task import load_injector_errors
-
-        load_injector(lattice), load_injector_errors(errors)
-    else:
-        _load(lattice, errors)
-    serve(lattice, seed, errors, port, ramp, put_log, prefix)
-
-
-def _connect(machine_arg: str):
-    """Load a machine file, its lattice, and connect to it."""
-    from hardware.epics_plant import EpicsPlant
-    from hardware.machine import load_machine, load_machine_lattice
-
-    machine, path = load_machine(machine_arg)
-    lattice = load_machine_lattice(machine, path)
-    return machine, path, lattice, EpicsPlant(machine, path).connect()
+    api.serve_virtual_machine(lattice, seed, errors, port, ramp, put_log, prefix, task)
 
 
 def _terminal_approver(machine):
+    """Approve mode on a terminal: show every proposed change in engineering units."""
+    knobs = machine.machine_file.knobs if machine.machine_file else None
+
     def approve(current, proposed, names) -> bool:
         table = Table(title="proposed step")
-        for col in ("knob", "now (A)", "proposed (A)", "change (A)"):
+        unit = knobs[0].unit if knobs else "units"
+        for col in ("knob", f"now ({unit})", f"proposed ({unit})", f"change ({unit})"):
             table.add_column(col, justify="right")
-        for c, now, new in zip(machine.correctors, current, proposed):
-            table.add_row(c.name, f"{now * c.scale:+.3f}", f"{new * c.scale:+.3f}", f"{(new - now) * c.scale:+.3f}")
+        scales = [k.scale for k in knobs] if knobs else [1.0] * len(names)
+        for name, scale, now, new in zip(names, scales, current, proposed):
+            table.add_row(name, f"{now * scale:+.4g}", f"{new * scale:+.4g}", f"{(new - now) * scale:+.4g}")
         err_console.print(table)
         return typer.confirm("apply this step?", default=False, err=True)
 
@@ -337,57 +190,36 @@ def run(
     mode: str = typer.Option("auto", "--mode", help="auto, approve (confirm every step) or dry-run (never writes)."),
     as_json: bool = typer.Option(False, "--json"),
     max_steps: int = typer.Option(60, "--max-steps", min=1, help="Safety limit on writes."),
-    max_excursion: float = typer.Option(10.0, "--max-excursion", help="Orbit: largest change of any corrector from its start, simulator units."),
-    max_excursion_steps: Optional[float] = typer.Option(None, "--max-excursion-steps", min=0.1, help="RFQ: largest change of any knob from its start, in its largest steps (default 15)."),
+    max_excursion: Optional[float] = typer.Option(None, "--max-excursion", min=1e-9, help="Largest change of any knob from its start, simulator units (default: the task's)."),
+    max_excursion_steps: Optional[float] = typer.Option(None, "--max-excursion-steps", min=0.1, help="Largest change of any knob from its start, in its largest steps (default: the task's)."),
     snapshot: Optional[Path] = typer.Option(None, "--snapshot", help="Where to keep the starting settings (default in the data directory)."),
     operator: str = typer.Option(os.environ.get("USER", "operator"), "--operator", help="Who runs the session (recorded)."),
 ):
-    """Tune a machine over EPICS with a policy, through the safety layer (orbit or RFQ, by machine file)."""
+    """Tune a machine over EPICS with a policy, through the safety layer (the task comes from the machine file)."""
     import signal
-    import time as _time
 
-    from controller.paths import snapshot_dir
-    from controller.policy import Policy
-    from controller.session import RFQ_MAX_EXCURSION_STEPS, run_session
-    from safety.guard import MODES, InterlockRule, SafetyConfig
+    from controller import api
 
-    if mode not in MODES:
-        raise ConfigError(f"--mode: unknown mode {mode!r}; expected one of {', '.join(MODES)}")
-    from controller.recording import SessionRecorder, machine_record_from_file
-
-    machine_file, path, lattice, plant = _connect(machine)
-    agent = Policy.load(policy, lattice=lattice)
-    snap = snapshot or snapshot_dir() / f"{machine_file.name}-{_time.strftime('%Y%m%dT%H%M%S')}.json"
-    recorder = SessionRecorder(_store(), machine_record_from_file(machine_file, path), agent, operator, mode, str(snap))
     guards = []
     signal.signal(signal.SIGINT, lambda *_: guards and guards[0].abort("operator abort (Ctrl-C)"))
 
     def on_event(event) -> None:
-        recorder.on_event(event)
         if event.kind == "warning":  # the operator should see it now, not only in the log
-            err_console.print(f"tbsac: warning: {event.reason}", markup=False, highlight=False, soft_wrap=True)
+            _error(f"warning: {event.reason}")
 
-    result = run_session(
-        plant, agent, mode=mode,
-        safety=SafetyConfig(max_steps=max_steps, max_excursion=max_excursion,
-                            max_excursion_steps=(max_excursion_steps or RFQ_MAX_EXCURSION_STEPS) if machine_file.task == "rfq" else None),
-        interlocks=[InterlockRule(i.name, i.rule, i.threshold) for i in machine_file.interlocks],
-        snapshot_path=snap, snapshot_context={"machine_file": str(Path(path).resolve()), "machine": machine_file.name},
-        approver=_terminal_approver(machine_file) if mode == "approve" else None,
-        guard_ready=guards.append, on_step=recorder.on_step, on_event=on_event,
-    )
-    recorder.finish(result)
+    result, session_id, opened = api.run_on_machine(
+        machine, policy, mode, operator, max_steps, max_excursion, max_excursion_steps, snapshot,
+        approver_for=_terminal_approver, on_event=on_event, guard_ready=guards.append)
     if as_json:
         print(json.dumps({k: v for k, v in result.summary().items() if k != "status"}))
     else:
-        change = (f"transmission {result.initial_transmission} -> {result.final_transmission}" if result.task == "rfq"
-                  else f"RMS {result.initial_rms_mm} -> {result.final_rms_mm} mm")
-        console.print(f"session {recorder.session_id} on {machine_file.name}: {result.status}; {change} "
-                      f"in {result.steps} steps ({result.wall_s} s); snapshot {result.snapshot}")
+        metric = opened.definition.metrics[0]
+        console.print(f"session {session_id} on {opened.name}: {result.status}; {metric.label or metric.name} "
+                      f"{result.initial} -> {result.final} ({metric.unit}) in {result.steps} steps ({result.wall_s} s); "
+                      f"snapshot {result.snapshot}")
     if result.status not in ("completed", "dry-run"):
         why = result.trips[-1] if result.trips else result.status.replace("_", " ")
-        err_console.print(f"tbsac: session {result.status}: {why}; restored: {'yes' if result.restored else 'NO'}; "
-                          f"snapshot: {result.snapshot}", markup=False, highlight=False, soft_wrap=True)
+        _error(f"session {result.status}: {why}; restored: {'yes' if result.restored else 'NO'}; snapshot: {result.snapshot}")
         if any("connection lost" in t for t in result.trips):
             # libca's context teardown at exit blocks on the TCP circuit of a frozen
             # IOC; everything is recorded and the snapshot is on disk, so leave now.
@@ -403,47 +235,32 @@ def restore(
     machine: Optional[str] = typer.Option(None, "--machine", "-m", help="Machine file (default: the one recorded in the snapshot)."),
 ):
     """Put a machine back to the settings recorded in a snapshot, and verify them."""
-    from safety.guard import read_snapshot, restore_snapshot
-    from simulators.plant import PlantFault
+    from controller import api
 
     try:
-        blob = read_snapshot(snapshot)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{snapshot}: not a readable snapshot ({exc})") from None
-    machine_arg = machine or blob.get("machine_file")
-    if not machine_arg:
-        raise ConfigError(f"{snapshot}: field 'machine_file' missing; pass --machine")
-    _, _, _, plant = _connect(machine_arg)
-    try:
-        restore_snapshot(plant, blob)
-    except (PlantFault, ValueError) as exc:
-        err_console.print(f"tbsac: restore failed: {exc}", markup=False, highlight=False, soft_wrap=True)
+        n = api.restore(snapshot, machine)
+    except (api.PlantFault, ValueError) as exc:
+        _error(f"restore failed: {exc}")
         raise typer.Exit(3)
-    console.print(f"restored {len(blob['knobs'])} settings from {snapshot} and verified them by read-back")
+    console.print(f"restored {n} settings from {snapshot} and verified them by read-back")
 
 
 @app.command()
 def info():
-    """Shipped lattices, error presets and pretrained policies."""
-    from controller.policy import POLICY_DIR
-    from simulators.beamline.errors import preset_names
-    from simulators.beamline.lattice import shipped_lattices
+    """Registered tasks with their lattices and error presets, machine files and pretrained policies."""
+    from controller import api
 
-    from controller.paths import data_dir
-    from controller.store import default_url
-    from hardware.machine import MACHINE_DIR
-
-    console.print(f"data directory: {data_dir()}")
-    console.print(f"session store: {default_url()}")
-    console.print(f"machine files: {', '.join(sorted(p.name[:-5] for p in MACHINE_DIR.iterdir() if p.name.endswith('.yaml')))}")
-    from simulators.injector.model import shipped_injectors
-    from simulators.injector.task import INJECTOR_PRESETS
-
-    console.print(f"lattices: {', '.join(shipped_lattices())}")
-    console.print(f"error presets: {', '.join(preset_names())}")
-    console.print(f"injector lattices (RFQ task): {', '.join(shipped_injectors())}; "
-                  f"injector error presets: {', '.join(INJECTOR_PRESETS)}")
-    console.print(f"pretrained policies: {', '.join(sorted(p.name for p in POLICY_DIR.iterdir() if p.name.endswith('.pt')))}")
+    d = api.describe()
+    console.print(f"data directory: {d['data_dir']}")
+    console.print(f"session store: {d['store']}")
+    table = Table(title="registered tasks")
+    for col in ("task", "description", "lattices", "error presets", "baselines"):
+        table.add_column(col)
+    for name, t in d["tasks"].items():
+        table.add_row(name, t["description"], ", ".join(t["lattices"]), ", ".join(t["error_presets"]), ", ".join(t["baselines"]))
+    console.print(table)
+    console.print(f"machine files: {', '.join(d['machines'])}")
+    console.print(f"pretrained policies: {', '.join(d['policies'])}")
 
 
 @app.command("replay")
@@ -452,21 +269,18 @@ def replay_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Audit a recorded session: re-run its policy on every recorded observation."""
-    from controller.replay import replay
+    from controller import api
 
-    report = replay(_store(), session)
+    report = api.replay(api.open_store(), session)
     if as_json:
         print(json.dumps(report))
     else:
-        table = Table(title=f"session {report['session']} ({report['status']}), policy {report['policy']}")
-        rfq = any(r["transmission"] is not None for r in report["table"])
-        for col in ("step", "transmission" if rfq else "RMS (mm)", "reward", "action by", "clamped by safety", "action reproduced"):
-            table.add_column(col, justify="right")
-        for r in report["table"]:
-            metric = r["transmission"] if rfq else r["rms_mm"]
-            table.add_row(str(r["step"]), f"{metric:.3f}" if metric is not None else "-", f"{r['reward']:.2f}", r["by"],
-                          "yes" if r["clamped"] else "no", "yes" if r["reproduced"] else "NO")
-        console.print(table)
+        metric = report["metric"] or "metric"
+        rows = [[str(r["step"]), f"{r['metrics'].get(metric):.3f}" if r["metrics"].get(metric) is not None else "-",
+                 f"{r['reward']:.2f}", r["by"], "yes" if r["clamped"] else "no", "yes" if r["reproduced"] else "NO"]
+                for r in report["table"]]
+        console.print(_table(f"session {report['session']} ({report['status']}), policy {report['policy']}",
+                             ["step", metric, "reward", "action by", "clamped by safety", "action reproduced"], rows))
         console.print(f"{report['reproduced']} of {report['steps']} actions reproduced")
     if report["reproduced"] != report["steps"]:
         raise typer.Exit(1)
@@ -479,9 +293,9 @@ def export_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Output file (default session-N.csv/.parquet)."),
 ):
     """Export a session's steps (one row per step, named columns)."""
-    from controller.replay import export
+    from controller import api
 
-    path = export(_store(), session, fmt, out or Path(f"session-{session}.{fmt}"))
+    path = api.export(api.open_store(), session, fmt, out or Path(f"session-{session}.{fmt}"))
     console.print(f"written {path}")
 
 
@@ -497,6 +311,7 @@ def serve(
 
     import uvicorn
 
+    from controller.api import open_store
     from ui.server import create_app
 
     # A control loop waking from network I/O gets the GIL back sooner (default 5 ms).
@@ -504,7 +319,7 @@ def serve(
     if not token:
         token = secrets.token_urlsafe(16)
         err_console.print(f"operator token: {token}", markup=False, highlight=False)
-    uvicorn.run(create_app(_store(), token, sim_step_interval=sim_step_interval), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(open_store(), token, sim_step_interval=sim_step_interval), host=host, port=port, log_level="warning")
 
 
 @app.command("console")

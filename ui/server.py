@@ -19,11 +19,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
-from controller.manager import Conflict, NotFound, SessionManager, list_machines
+from controller.machines import list_machines
+from controller.manager import Conflict, NotFound, SessionManager
 from controller.policy import POLICY_DIR
 from controller.replay import load_session, replay, step_rows
 from controller.store import EvaluationRow, PolicyRow, SessionRow, Store, TrainingRunRow, row_dict
-from simulators.config import ConfigError
+from core.config import ConfigError
 
 SessionStatus = Literal["running", "paused", "completed", "not_converged", "tripped", "aborted", "rejected", "dry-run", "interrupted", "faulted"]
 

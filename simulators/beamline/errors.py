@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat
 
-from simulators.config import ConfigError, load_yaml_model, parse_model, read_yaml
+from core.config import ConfigError, load_yaml_model, parse_model, read_yaml
 
 from .lattice import Lattice, Solenoid, Cavity
 

@@ -14,7 +14,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
 
-from simulators.config import ConfigError, load_yaml_model
+from core.config import ConfigError, load_yaml_model
 
 AMU_MEV = 931.49410242
 ELECTRON_MASS_MEV = 0.51099895

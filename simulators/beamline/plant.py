@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from simulators.plant import KnobSpec, ReadingSpec, Readings, SimulatedPlant
+from core.plant import KnobSpec, ReadingSpec, Readings, SimulatedPlant
 
 from .errors import ErrorModel, MachineErrors
 from .lattice import Lattice
@@ -13,6 +13,7 @@ from .model import BeamlineModel, Response
 # The beam starts to scrape when its centroid comes within this distance of an
 # aperture (about 3 sigma of a 1 mm rms beam); transmission falls linearly to zero.
 SCRAPING_MARGIN_MM = 3.0
+BPM_RANGE_MM = 20.0  # BPM electronics saturate here
 
 
 def transmission(response: Response, settings: np.ndarray) -> np.ndarray:
@@ -31,13 +32,16 @@ class OrbitSimPlant(SimulatedPlant):
     transmitted fraction of the beam.
     """
 
+    faults = ("BEAM_LOSS",)  # 1: 80 % of the beam is scraped off downstream
+
     def __init__(self, lattice: Lattice, error_model: ErrorModel, model: BeamlineModel | None = None):
+        self._beam_loss = False
         self.lattice = lattice
         self.error_model = error_model
         self.model = model or BeamlineModel(lattice)
         limit = lattice.corrector_limit
         self.knobs = [KnobSpec(n, "unit", -limit, limit, np.inf) for n in lattice.corrector_names]
-        self.readings = [ReadingSpec(n, "mm", -50.0, 50.0) for n in lattice.reading_names]
+        self.readings = [ReadingSpec(n, "mm", -BPM_RANGE_MM, BPM_RANGE_MM) for n in lattice.reading_names]
         self.errors: MachineErrors | None = None
         self.response: Response | None = None
         self._settings = np.zeros(lattice.n_correctors)
@@ -66,10 +70,15 @@ class OrbitSimPlant(SimulatedPlant):
         assert self.response is not None, "reset() first"
         return float(transmission(self.response, self._settings[None])[0])
 
+    def set_fault(self, name: str, value: int) -> None:
+        if name != "BEAM_LOSS":
+            super().set_fault(name, value)
+        self._beam_loss = bool(value)
+
     def read(self) -> Readings:
         assert self.errors is not None, "reset() first"
         values = self.true_orbit() + self._rng.normal(0.0, self.errors.bpm_noise_mm, self.lattice.n_readings)
         current = self.beam_current()
         valid = np.full(values.shape, current > 0.0)
         values = np.where(valid, values, np.nan)
-        return Readings(values, self.now(len(values)), valid, {"beam_current": current})
+        return Readings(values, self.now(len(values)), valid, {"beam_current": current * (0.2 if self._beam_loss else 1.0)})

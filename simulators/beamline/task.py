@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
+from pydantic import BaseModel, ConfigDict, NonNegativeFloat, PositiveFloat, PositiveInt
 
-from simulators.plant import Plant, PlantFault
+from core.plant import Plant, PlantFault
+from core.task import MetricSpec, Outcome, Task, TaskEnv
 
 from .errors import ErrorModel
 from .lattice import Lattice
@@ -27,17 +28,22 @@ from .plant import OrbitSimPlant
 BEAM_LOSS_PENALTY = 100.0
 
 
-@dataclass(frozen=True)
-class OrbitTaskConfig:
+class OrbitTaskConfig(BaseModel):
     """Task parameters; the defaults follow the paper."""
 
-    target_rms_mm: float = 0.5
-    max_steps: int = 50
-    action_scale: float = 1.0
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    target_rms_mm: PositiveFloat = 0.5
+    max_steps: PositiveInt = 50
+    action_scale: PositiveFloat = 1.0
     initial_probe: float = 0.3
-    trend_weight: float = 0.4
-    success_bonus: float = 50.0
-    bonus_per_step_left: float = 3.0
+    trend_weight: NonNegativeFloat = 0.4
+    success_bonus: NonNegativeFloat = 50.0
+    bonus_per_step_left: NonNegativeFloat = 3.0
+
+
+def rms_metric(target_mm: float) -> MetricSpec:
+    return MetricSpec("rms_mm", "mm", higher_is_better=False, target=target_mm, label="orbit RMS")
 
 
 def rms(b: np.ndarray) -> np.ndarray:
@@ -65,7 +71,7 @@ def orbit_reward(
 
 
 @dataclass
-class OrbitTask:
+class OrbitTask(Task):
     """Turns BPM readings into trend observations and rewards, actions into settings."""
 
     n_readings: int
@@ -86,9 +92,33 @@ class OrbitTask:
     def __post_init__(self) -> None:
         self.observation_space = spaces.Box(-np.inf, np.inf, (3 * self.n_readings,), np.float32)
         self.action_space = spaces.Box(-1.0, 1.0, (len(self.knob_lower),), np.float32)
+        self.metrics = (rms_metric(self.config.target_rms_mm),)
+        self.max_steps = self.config.max_steps
+        self.trained_step = np.full(len(self.knob_lower), self.config.action_scale)
         self.steps = 0
         self.settings = np.zeros(len(self.knob_lower))
         self._b = self._db = np.zeros(self.n_readings)
+        self.initial_readings = self._b
+        self.beam_lost = False
+
+    def measure(self, readings: np.ndarray) -> dict[str, float]:
+        return {"rms_mm": float(rms(np.asarray(readings, dtype=float)[: self.n_readings]))}
+
+    def metric_values(self) -> dict[str, float]:
+        return {"rms_mm": float("nan")} if self.beam_lost else self.measure(self._b)
+
+    @property
+    def last_readings(self) -> np.ndarray:
+        return self._b.copy()
+
+    def untouched(self, readings: np.ndarray) -> bool:
+        # Do not touch a machine that is already within target.
+        return self.metrics[0].reached(self.measure(readings)["rms_mm"])
+
+    def outcome(self, initial: float, final: float, info: dict | None) -> Outcome:
+        if info and info.get("success"):
+            return Outcome(True, "completed")
+        return Outcome(False, "not_converged", restore_reason=f"target RMS not reached in {self.steps} steps")
 
     def _read(self, plant: Plant) -> np.ndarray:
         r = plant.read()
@@ -99,6 +129,7 @@ class OrbitTask:
     def start(self, plant: Plant) -> np.ndarray:
         """Paper's reset: read at the starting settings, then with every corrector +probe."""
         self.steps = 0
+        self.beam_lost = False
         base = plant.read_knobs()
         b_before = self._read(plant)
         self.settings = self.clip(base + self.config.initial_probe)
@@ -128,6 +159,7 @@ class OrbitTask:
             b = self._read(plant)
         except PlantFault:
             obs = trend_observation(self._db, prev_b, prev_b)
+            self.beam_lost = True
             info = {"rms_mm": float("nan"), "success": False, "beam_lost": True}
             return obs, -BEAM_LOSS_PENALTY, True, False, info
         reward, success = orbit_reward(prev_b, b, self.steps, self.config)
@@ -142,10 +174,8 @@ class OrbitTask:
         return self._b.copy()
 
 
-class OrbitEnv(gym.Env):
+class OrbitEnv(TaskEnv):
     """Gymnasium environment: :class:`OrbitTask` on a simulated cryomodule."""
-
-    metadata = {"render_modes": []}
 
     def __init__(
         self,
@@ -156,23 +186,11 @@ class OrbitEnv(gym.Env):
     ):
         self.lattice = lattice
         self.error_model = error_model
-        self.plant = plant or OrbitSimPlant(lattice, error_model)
-        self.task = OrbitTask.for_lattice(lattice, config)
-        self.observation_space = self.task.observation_space
-        self.action_space = self.task.action_space
-        self._seeds = np.random.default_rng()
+        super().__init__(plant or OrbitSimPlant(lattice, error_model), OrbitTask.for_lattice(lattice, config))
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
-        super().reset(seed=seed)
-        if seed is not None:
-            self._seeds = np.random.default_rng(seed)
-        machine_seed = seed if seed is not None else int(self._seeds.integers(2**63))
-        self.plant.reset(machine_seed)
-        obs = self.task.start(self.plant)
+        obs, _ = super().reset(seed=seed, options=options)
         return obs, {"rms_mm": float(rms(self.task.readings)), "initial_rms_mm": float(rms(self.task.initial_readings))}
-
-    def step(self, action):
-        return self.task.step(self.plant, action)
 
 
 class BatchedOrbitEnv:

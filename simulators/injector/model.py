@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
 from simulators.beamline.lattice import Species, rigidity
 from simulators.beamline.model import DTYPE, cheetah_species
-from simulators.config import ConfigError, load_yaml_model
+from core.config import ConfigError, load_yaml_model
 
 
 class _Strict(BaseModel):

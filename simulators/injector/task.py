@@ -15,14 +15,15 @@ The paper does not publish knobs, observation or reward for this task; the choic
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
-import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt
 
-from simulators.plant import KnobSpec, Plant, ReadingSpec, Readings, SimulatedPlant
+from core.plant import Event, KnobSpec, Plant, ReadingSpec, Readings, SimulatedPlant, knob_bounds, knob_steps, knob_tolerances
+from core.task import MetricSpec, Outcome, Task, TaskEnv, walk_action
 
 from .model import InjectorLattice, InjectorModel, SourceErrors
 
@@ -30,7 +31,7 @@ from .model import InjectorLattice, InjectorModel, SourceErrors
 class InjectorErrorModel(BaseModel):
     """Source and LEBT imperfections, redrawn at every reset (half-widths of uniforms)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = "custom"
     # Calibrated so untuned injectors start like the paper's (median transmission ~0.65).
@@ -59,26 +60,32 @@ INJECTOR_PRESETS = {
 
 
 def load_injector_errors(name: str) -> InjectorErrorModel:
-    from simulators.config import ConfigError
+    from core.config import ConfigError
 
+    if isinstance(name, InjectorErrorModel):
+        return name
     if name not in INJECTOR_PRESETS:
         raise ConfigError(f"injector error model {name!r}: expected one of {', '.join(INJECTOR_PRESETS)}")
     return INJECTOR_PRESETS[name]
 
 
+MONITOR_FULL_SCALE_MA = 20.0  # ACCT and cup saturate here
 DESIGN_SOLENOIDS_T = (0.354, 0.303)  # best settings for the design beam (Nelder-Mead)
 
 
 class InjectorSimPlant(SimulatedPlant):
     """A simulated injector: knobs are the LEBT settings, readings ACCT and cup (mA)."""
 
+    faults = ("BEAM_LOSS",)  # 1: 80 % of the beam is lost inside the RFQ
+
     def __init__(self, lattice: InjectorLattice, errors: InjectorErrorModel):
         self.lattice, self.error_model = lattice, errors
+        self._beam_loss = False
         self.knobs = [
             KnobSpec(n, "T" if ":" not in n else "mrad", lo, hi, step)
             for n, (lo, hi), step in zip(lattice.knob_names, lattice.knob_limits, lattice.knob_steps)
         ]
-        self.readings = [ReadingSpec("ACCT", "mA", 0.0, 100.0), ReadingSpec("FC", "mA", 0.0, 100.0)]
+        self.readings = [ReadingSpec("ACCT", "mA", 0.0, MONITOR_FULL_SCALE_MA), ReadingSpec("FC", "mA", 0.0, MONITOR_FULL_SCALE_MA)]
         self.model: InjectorModel | None = None
         self._settings = self.initial_settings()
         self._rng = np.random.default_rng()
@@ -107,26 +114,38 @@ class InjectorSimPlant(SimulatedPlant):
     def true_transmission(self, settings: np.ndarray | None = None) -> float:
         return self.model.currents(self._settings if settings is None else settings).transmission
 
+    def set_fault(self, name: str, value: int) -> None:
+        if name != "BEAM_LOSS":
+            super().set_fault(name, value)
+        self._beam_loss = bool(value)
+
     def read(self) -> Readings:
         c = self.model.currents(self._settings)
         noise = 1.0 + self._rng.normal(0.0, self.error_model.reading_noise, 2)
-        values = np.array([c.acct_ma, c.cup_ma]) * noise
-        transmission = values[1] / values[0] if values[0] > 0 else 0.0
-        return Readings(values, self.now(2), np.ones(2, dtype=bool), {"transmission": float(transmission)})
+        values = np.array([c.acct_ma, c.cup_ma * (0.2 if self._beam_loss else 1.0)]) * noise
+        return Readings(values, self.now(2), np.ones(2, dtype=bool),
+                        {"transmission": transmission(values), "lebt_current": float(values[0])})
 
 
-@dataclass(frozen=True)
-class TransmissionTaskConfig:
-    max_steps: int = 30
-    improvement_weight: float = 5.0
-    target_transmission: float = 0.85  # reported (steps to 85 %), not an episode end
+def transmission(readings: np.ndarray) -> float:
+    """Faraday cup over ACCT: the fraction of the beam through the RFQ (the one definition)."""
+    acct, cup = float(readings[0]), float(readings[1])
+    return cup / acct if acct > 0 else 0.0
+
+
+class TransmissionTaskConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    max_steps: PositiveInt = 30
+    improvement_weight: NonNegativeFloat = 5.0
+    target_transmission: float = Field(0.85, gt=0, le=1, description="reported (steps to 85 %), not an episode end")
     # End on the best measured setting when it read this much more than the present one
     # (about 1.5 sigma of the difference of two readings at 0.5 % noise on ACCT and cup).
-    return_margin: float = 0.01
+    return_margin: NonNegativeFloat = 0.01
 
 
 @dataclass
-class TransmissionTask:
+class TransmissionTask(Task):
     """Readings -> trend observation and reward; actions -> knob settings.
 
     A transmission reading is one number, so unlike the orbit task the state must
@@ -149,21 +168,28 @@ class TransmissionTask:
 
     def __post_init__(self) -> None:
         n = len(self.knobs)
-        self.lower = np.array([k.lower for k in self.knobs])
-        self.upper = np.array([k.upper for k in self.knobs])
-        self.step_size = np.array([k.max_step for k in self.knobs])
-        self.tolerance = np.array([k.tolerance for k in self.knobs])
+        self.lower, self.upper = knob_bounds(self.knobs)
+        self.step_size = self.trained_step = knob_steps(self.knobs)
+        self.tolerance = knob_tolerances(self.knobs)
+        self.max_steps = self.config.max_steps
+        self.metrics = (self.metric(self.config.target_transmission),)
         size = self.HISTORY * (1 + n) + n + 3 + n + 1 + n + 1
         self.observation_space = spaces.Box(-np.inf, np.inf, (size,), np.float32)
         self.action_space = spaces.Box(-1.0, 1.0, (n,), np.float32)
         self.steps = 0
 
+    @staticmethod
+    def metric(target: float) -> MetricSpec:
+        return MetricSpec("transmission", "1", higher_is_better=True, target=target, label="transmission")
+
+    def measure(self, readings: np.ndarray) -> dict[str, float]:
+        return {"transmission": transmission(readings)}
+
     def _r(self, plant: Plant) -> np.ndarray:
         r = plant.read()
         self.last_readings = r.values[:2].copy()
         acct, cup = r.values[:2]
-        t = cup / acct if acct > 0 else 0.0
-        return np.array([acct / self.nominal_current_ma, cup / self.nominal_current_ma, t])
+        return np.array([acct / self.nominal_current_ma, cup / self.nominal_current_ma, transmission(r.values)])
 
     # Offsets are in units of 10 steps, transmission changes in units of 0.1: both O(1).
     def _offset(self, settings: np.ndarray) -> np.ndarray:
@@ -188,6 +214,7 @@ class TransmissionTask:
         self.steps = 0
         self.settings = self.start_settings = plant.read_knobs()
         self._r_now = self._r(plant)
+        self.initial_readings = self.last_readings.copy()
         n = len(self.knobs)
         self._history = [(0.0, np.zeros(n))] * self.HISTORY
         self._best = (float(self._r_now[2]), self.settings.copy())
@@ -230,7 +257,38 @@ class TransmissionTask:
             if needed == 0 or needed < remaining - 1 or self._best[0] - self.transmission <= self.config.return_margin:
                 return None
             self.return_target = self._best[1].copy()
-        return np.clip((self.return_target - self.settings) / self.step_size, -1.0, 1.0)
+        return walk_action(self.return_target, self.settings, self.step_size)
+
+    def next_action(self, policy, obs: np.ndarray) -> tuple[np.ndarray, Event | None, str]:
+        """The policy's action, or the walk back to the best measured setting (announced once)."""
+        started = self.return_target is not None
+        back = self.return_action()
+        if back is None:
+            return policy(obs), None, "policy"
+        if started:
+            return back, None, "return to best"
+        best_t, target = self.best_measured
+        needed = self.steps_to(target)
+        return back, Event(
+            time.time(), "return_to_best",
+            f"returning to the best measured setting (transmission {best_t:.3f} at step {self.best_step}, "
+            f"now {self.transmission:.3f}): {needed} step{'s' if needed != 1 else ''}",
+            {"from_step": self.steps + 1, "target": target.tolist(), "best_transmission": best_t,
+             "best_step": self.best_step, "step_size": self.step_size.tolist()}), "return to best"
+
+    @property
+    def ended(self) -> bool:
+        return self.returned
+
+    def outcome(self, initial: float, final: float, info: dict | None) -> Outcome:
+        """At or above the target: success. Below it, an improvement is kept (an operator
+        keeps one) and anything else restores the start."""
+        if final >= self.config.target_transmission:
+            return Outcome(True, "completed")
+        if final <= initial:
+            return Outcome(False, "not_converged", restore_reason=f"transmission {final:.3f} not above the start {initial:.3f}")
+        return Outcome(False, "not_converged", note=f"transmission {initial:.3f} -> {final:.3f}, below "
+                       f"{self.config.target_transmission:.2f}: improved settings kept")
 
     @property
     def returned(self) -> bool:
@@ -259,24 +317,9 @@ class TransmissionTask:
         return self._obs(), float(reward), False, truncated, {"transmission": float(t)}
 
 
-class TransmissionEnv(gym.Env):
+class TransmissionEnv(TaskEnv):
     """Gymnasium environment: :class:`TransmissionTask` on a simulated injector."""
 
-    metadata = {"render_modes": []}
-
     def __init__(self, lattice: InjectorLattice, errors: InjectorErrorModel, config: TransmissionTaskConfig | None = None):
-        self.plant = InjectorSimPlant(lattice, errors)
-        self.task = TransmissionTask(self.plant.knobs, lattice.beam.current_ma, config or TransmissionTaskConfig())
-        self.observation_space, self.action_space = self.task.observation_space, self.task.action_space
-        self._seeds = np.random.default_rng()
-
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
-        super().reset(seed=seed)
-        if seed is not None:
-            self._seeds = np.random.default_rng(seed)
-        self.plant.reset(seed if seed is not None else int(self._seeds.integers(2**63)))
-        obs = self.task.start(self.plant)
-        return obs, {"transmission": self.task.transmission}
-
-    def step(self, action):
-        return self.task.step(self.plant, action)
+        plant = InjectorSimPlant(lattice, errors)
+        super().__init__(plant, TransmissionTask(plant.knobs, lattice.beam.current_ma, config or TransmissionTaskConfig()))

@@ -1,8 +1,9 @@
 """The plant interface: anything with knobs and readings.
 
-A task drives a plant; a simulated plant (here), an EPICS plant (``hardware``) and a
-guarded plant (``safety``) all implement this same small interface, so deployment is
-literally swapping the plant under the same task code.
+A task drives a plant; a simulated plant (``simulators``), an EPICS plant
+(``hardware``) and a guarded plant (``safety``) all implement this same small
+interface, so deployment is literally swapping the plant under the same task code.
+Imports nothing from the project: every room builds on it.
 """
 
 from __future__ import annotations
@@ -51,6 +52,16 @@ class Readings:
         return bool(self.valid.all())
 
 
+@dataclass
+class Event:
+    """Something worth recording in a session: a clamp, a trip, a task's own decision..."""
+
+    time: float
+    kind: str  # clamp, delay, proposal, approved, rejected, trip, restore, abort, start, ...
+    reason: str
+    data: dict = field(default_factory=dict)
+
+
 class PlantFault(RuntimeError):
     """The plant cannot be trusted any more (lost connection, write not verified...)."""
 
@@ -82,13 +93,36 @@ class Plant(ABC):
 
     def clip_to_limits(self, values: np.ndarray) -> np.ndarray:
         """Values limited to every knob's range (what a power supply does)."""
-        lower = np.array([k.lower for k in self.knobs])
-        upper = np.array([k.upper for k in self.knobs])
+        lower, upper = knob_bounds(self.knobs)
         return np.clip(np.asarray(values, dtype=float), lower, upper)
 
 
+def knob_bounds(knobs: list[KnobSpec]) -> tuple[np.ndarray, np.ndarray]:
+    """(lower, upper) limit arrays of `knobs`, in their order."""
+    return np.array([k.lower for k in knobs], dtype=float), np.array([k.upper for k in knobs], dtype=float)
+
+
+def knob_steps(knobs: list[KnobSpec]) -> np.ndarray:
+    """Largest change per step of every knob."""
+    return np.array([k.max_step for k in knobs], dtype=float)
+
+
+def knob_tolerances(knobs: list[KnobSpec]) -> np.ndarray:
+    """Read-back tolerance of every knob."""
+    return np.array([k.tolerance for k in knobs], dtype=float)
+
+
 class SimulatedPlant(Plant):
-    """A plant backed by a simulator: ``reset(seed)`` draws a new machine."""
+    """A plant backed by a simulator: ``reset(seed)`` draws a new machine.
+
+    ``faults`` names the faults the simulator can inject (the virtual IOC serves one
+    ``SIM:<name>`` PV for each); ``set_fault`` switches one on (non-zero) or off.
+    """
+
+    faults: tuple[str, ...] = ()
+
+    def set_fault(self, name: str, value: int) -> None:
+        raise KeyError(f"{type(self).__name__} has no fault {name!r}")
 
     @abstractmethod
     def reset(self, seed: int | None = None) -> None:

@@ -15,8 +15,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import minimize
 
-from simulators.injector.model import InjectorLattice, InjectorModel
-from simulators.injector.task import InjectorErrorModel, TransmissionEnv, TransmissionTaskConfig
+from core.plant import knob_bounds, knob_steps
+from core.task import run_episode
+
+from .model import InjectorLattice, InjectorModel
+from .task import InjectorErrorModel, TransmissionEnv, TransmissionTaskConfig, transmission
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +44,9 @@ class BudgetExhausted(Exception):
     pass
 
 
-class MeasuredPlant:
-    """Counts steps, remembers the best measured setting, records the true trace."""
+class MeasurementBudget:
+    """An optimiser's access to the injector: counts steps, remembers the best measured
+    setting, records the true trace."""
 
     def __init__(self, env: TransmissionEnv, budget: int):
         self.env, self.budget = env, budget
@@ -54,8 +58,7 @@ class MeasuredPlant:
             raise BudgetExhausted
         plant = self.env.plant
         plant.write_knobs(settings)
-        r = plant.read()
-        measured = r.values[1] / r.values[0] if r.values[0] > 0 else 0.0
+        measured = transmission(plant.read().values)
         self.trace.append(plant.true_transmission())
         if measured > self.best[0]:
             self.best = (measured, plant.read_knobs())
@@ -65,14 +68,13 @@ class MeasuredPlant:
 def _box(env: TransmissionEnv) -> tuple[np.ndarray, np.ndarray]:
     plant = env.plant
     x0 = plant.read_knobs()
-    step = np.array([k.max_step for k in plant.knobs])
-    lo = np.maximum([k.lower for k in plant.knobs], x0 - SEARCH_HALF_WIDTH_STEPS * step)
-    hi = np.minimum([k.upper for k in plant.knobs], x0 + SEARCH_HALF_WIDTH_STEPS * step)
-    return lo, hi
+    step = knob_steps(plant.knobs)
+    lower, upper = knob_bounds(plant.knobs)
+    return np.maximum(lower, x0 - SEARCH_HALF_WIDTH_STEPS * step), np.minimum(upper, x0 + SEARCH_HALF_WIDTH_STEPS * step)
 
 
-def run_nelder_mead(env: TransmissionEnv, budget: int) -> MeasuredPlant:
-    m = MeasuredPlant(env, budget)
+def run_nelder_mead(env: TransmissionEnv, budget: int) -> MeasurementBudget:
+    m = MeasurementBudget(env, budget)
     lo, hi = _box(env)
     x0 = env.plant.read_knobs()
     scale = (hi - lo) / 2
@@ -85,8 +87,8 @@ def run_nelder_mead(env: TransmissionEnv, budget: int) -> MeasuredPlant:
     return m
 
 
-def run_random(env: TransmissionEnv, budget: int, rng: np.random.Generator) -> MeasuredPlant:
-    m = MeasuredPlant(env, budget)
+def run_random(env: TransmissionEnv, budget: int, rng: np.random.Generator) -> MeasurementBudget:
+    m = MeasurementBudget(env, budget)
     lo, hi = _box(env)
     try:
         m.measure(env.plant.read_knobs())
@@ -97,7 +99,7 @@ def run_random(env: TransmissionEnv, budget: int, rng: np.random.Generator) -> M
     return m
 
 
-def run_xopt(env: TransmissionEnv, budget: int) -> MeasuredPlant:
+def run_xopt(env: TransmissionEnv, budget: int) -> MeasurementBudget:
     import pandas as pd
     import torch
 
@@ -108,7 +110,7 @@ def run_xopt(env: TransmissionEnv, budget: int) -> MeasuredPlant:
 
     torch.set_default_dtype(dtype)  # importing Xopt switches the whole process to float64
 
-    m = MeasuredPlant(env, budget)
+    m = MeasurementBudget(env, budget)
     lo, hi = _box(env)
     names = [f"k{i}" for i in range(len(lo))]
     vocs = VOCS(variables={n: [float(a), float(b)] for n, a, b in zip(names, lo, hi)}, objectives={"T": "MAXIMIZE"})
@@ -130,15 +132,10 @@ def run_xopt(env: TransmissionEnv, budget: int) -> MeasuredPlant:
 
 
 def run_agent(env: TransmissionEnv, policy, budget: int) -> list[float]:
-    """The agent's episode as a session runs it: it ends on its best measured setting (see return_action)."""
-    obs = env.task.start(env.plant)
-    trace = []
-    for _ in range(budget):
-        back = env.task.return_action()
-        obs, *_ = env.task.step(env.plant, policy.act(obs) if back is None else back)
-        trace.append(env.plant.true_transmission())
-        if env.task.returned:
-            break
+    """The agent's episode as a session runs it (the one episode loop, including the walk
+    back to the best measured setting); the true transmission after every step."""
+    trace: list[float] = []
+    run_episode(env.task, env.plant, policy.act, max_steps=budget, on_step=lambda _: trace.append(env.plant.true_transmission()))
     return trace
 
 

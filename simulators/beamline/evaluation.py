@@ -1,99 +1,82 @@
-"""Evaluate the agent and the baselines on the same machines, seeds and step limit."""
+"""Orbit correction: the agent and the baselines on the same machines, seeds and step limit.
+
+Every method runs through the one episode loop (:func:`core.task.run_episode`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from simulators.beamline.errors import ErrorModel
-from simulators.beamline.lattice import Lattice, Bpm
-from simulators.beamline.plant import OrbitSimPlant
-from simulators.beamline.task import OrbitEnv, OrbitTaskConfig, rms
+from core.task import EpisodeResult
 
-from .baselines import Controller, DoNothing, SvdMeasured, SvdModel
+from .baselines import BaselineController, DoNothing, SvdMeasured, SvdModel
+from .errors import ErrorModel
+from .lattice import Bpm, Lattice
+from .plant import OrbitSimPlant
+from .task import OrbitEnv, OrbitTaskConfig
 
 METHODS = ("agent", "svd_model", "svd_measured", "nothing")
 
 
-@dataclass
-class Episode:
-    """One controller on one machine."""
-
-    seed: int
-    initial_rms_mm: float
-    final_rms_mm: float
-    steps: int
-    success: bool
-    beam_lost: bool
-    rms_trace: list[float] = field(default_factory=list)
-    initial_orbit: np.ndarray | None = None
-    final_orbit: np.ndarray | None = None
-
-
-def run_episode(env: OrbitEnv, controller: Controller, seed: int) -> Episode:
+def run_episode(env: OrbitEnv, controller: BaselineController, seed: int) -> EpisodeResult:
     """Reset `env` to machine `seed` and let `controller` correct it."""
-    obs, info = env.reset(seed=seed)
+    env.plant.reset(seed)
     controller.begin()
-    initial = env.task.initial_readings.copy()
-    trace = [info["rms_mm"]]
-    success = lost = False
-    while True:
-        obs, _, terminated, truncated, info = env.step(controller.act(obs))
-        trace.append(info["rms_mm"])
-        if terminated or truncated:
-            success, lost = info["success"], info["beam_lost"]
-            break
-    final = env.task.readings
-    return Episode(
-        seed=seed,
-        initial_rms_mm=float(rms(initial)),
-        final_rms_mm=float("nan") if lost else float(rms(final)),
-        steps=env.task.steps,
-        success=bool(success),
-        beam_lost=bool(lost),
-        rms_trace=trace,
-        initial_orbit=initial,
-        final_orbit=final,
-    )
+    from core.task import run_episode as loop
+
+    return loop(env.task, env.plant, controller.act, seed=seed)
 
 
-def summarise(episodes: list[Episode]) -> dict:
+def beam_lost(e: EpisodeResult) -> bool:
+    return bool(e.info.get("beam_lost", False))
+
+
+def rms_trace(e: EpisodeResult) -> list[float]:
+    """Orbit RMS after the start (probe) and after every step, mm."""
+    return [e.start["rms_mm"]] + [t["rms_mm"] for t in e.trace]
+
+
+def summarise(episodes: list[EpisodeResult]) -> dict:
     """The JSON summary of one method over a set of episodes."""
-    finals = np.array([e.final_rms_mm for e in episodes if not e.beam_lost])
+    finals = np.array([e.final["rms_mm"] for e in episodes if not beam_lost(e)])
     steps = np.array([e.steps for e in episodes])
 
     def pct(a: np.ndarray, q: float) -> float | None:
         return round(float(np.percentile(a, q)), 4) if len(a) else None
 
     return {
-        "success_rate": round(float(np.mean([e.success for e in episodes])), 4),
+        "success_rate": round(float(np.mean([bool(e.info.get("success")) for e in episodes])), 4),
         "final_rms_mm": {"median": pct(finals, 50), "p95": pct(finals, 95)},
         "steps": {"median": pct(steps, 50), "p95": pct(steps, 95)},
-        "initial_rms_mm": {"median": pct(np.array([e.initial_rms_mm for e in episodes]), 50)},
-        "beam_lost": int(sum(e.beam_lost for e in episodes)),
+        "initial_rms_mm": {"median": pct(np.array([e.initial["rms_mm"] for e in episodes]), 50)},
+        "beam_lost": int(sum(beam_lost(e) for e in episodes)),
     }
 
 
-def controllers_for(lattice: Lattice, agent: Controller | None, config: OrbitTaskConfig) -> dict[str, Controller]:
-    found: dict[str, Controller] = {}
+def controllers_for(lattice: Lattice, agent, config: OrbitTaskConfig, methods=METHODS) -> dict:
+    found: dict = {}
     if agent is not None:
         found["agent"] = agent
-    found["svd_model"] = SvdModel(lattice, config.action_scale)
-    found["svd_measured"] = SvdMeasured(lattice, config.action_scale)
-    found["nothing"] = DoNothing(lattice.n_correctors)
+    makers = {"svd_model": lambda: SvdModel(lattice, config.action_scale),
+              "svd_measured": lambda: SvdMeasured(lattice, config.action_scale),
+              "nothing": lambda: DoNothing(lattice.n_correctors)}
+    for name in methods:
+        if name in makers:
+            found[name] = makers[name]()
     return found
 
 
 def evaluate_orbit(
     lattice: Lattice,
     error_model: ErrorModel,
-    agent: Controller | None,
+    agent,
     episodes: int,
     seed: int,
     config: OrbitTaskConfig | None = None,
-) -> tuple[dict, dict[str, list[Episode]]]:
+    methods: tuple[str, ...] = METHODS,
+) -> tuple[dict, dict[str, list[EpisodeResult]]]:
     """Run every method on machines ``seed .. seed + episodes - 1``.
 
     Returns the JSON-ready summary and the episodes per method (for plots).
@@ -101,8 +84,8 @@ def evaluate_orbit(
     config = config or OrbitTaskConfig()
     plant = OrbitSimPlant(lattice, error_model)
     env = OrbitEnv(lattice, error_model, config, plant=plant)
-    runs: dict[str, list[Episode]] = {}
-    for name, controller in controllers_for(lattice, agent, config).items():
+    runs: dict[str, list[EpisodeResult]] = {}
+    for name, controller in controllers_for(lattice, agent, config, methods).items():
         runs[name] = [run_episode(env, controller, seed + i) for i in range(episodes)]
     summary = {
         "task": "orbit",
@@ -137,10 +120,10 @@ def plot_orbit_evaluation(lattice: Lattice, runs: dict[str, list[Episode]], path
     first = {name: eps[0] for name, eps in runs.items()}
     any_ep = next(iter(first.values()))
     for ax, plane, offset in ((axes[0], "x", 0), (axes[1], "y", 1)):
-        ax.plot(s, any_ep.initial_orbit[offset::2], "k--o", label="before")
+        ax.plot(s, any_ep.initial_readings[offset::2], "k--o", label="before")
         for name, ep in first.items():
             if name != "nothing":
-                ax.plot(s, ep.final_orbit[offset::2], "-o", label=f"after {name} ({ep.steps} steps)")
+                ax.plot(s, ep.final_readings[offset::2], "-o", label=f"after {name} ({ep.steps} steps)")
         ax.axhspan(-0.5, 0.5, color="green", alpha=0.1, label="±0.5 mm")
         ax.set_xlabel("position s (m)")
         ax.set_ylabel(f"{plane} (mm)")
@@ -148,8 +131,9 @@ def plot_orbit_evaluation(lattice: Lattice, runs: dict[str, list[Episode]], path
         ax.legend(fontsize=7)
     ax = axes[2]
     for name, eps in runs.items():
-        longest = max(len(e.rms_trace) for e in eps)
-        padded = np.array([e.rms_trace + [e.rms_trace[-1]] * (longest - len(e.rms_trace)) for e in eps])
+        traces = [rms_trace(e) for e in eps]
+        longest = max(len(t) for t in traces)
+        padded = np.array([t + [t[-1]] * (longest - len(t)) for t in traces])
         ax.plot(np.arange(longest), np.nanmedian(padded, axis=0), label=name)
     ax.axhline(0.5, color="green", ls=":", label="target 0.5 mm")
     ax.set_xlabel("step")

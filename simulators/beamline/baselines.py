@@ -16,10 +16,8 @@ from simulators.beamline.lattice import Lattice
 from simulators.beamline.model import BeamlineModel
 
 
-class Controller(ABC):
+class BaselineController(ABC):
     """Chooses an action from an observation; ``begin`` is called at each episode start."""
-
-    name: str
 
     def begin(self) -> None:
         """Forget everything about the previous machine."""
@@ -41,9 +39,7 @@ def truncated_pinv(r: np.ndarray, rcond: float = 1e-2) -> np.ndarray:
     return np.linalg.pinv(r, rcond=rcond)
 
 
-class DoNothing(Controller):
-    name = "nothing"
-
+class DoNothing(BaselineController):
     def __init__(self, n_actions: int):
         self.n_actions = n_actions
 
@@ -51,10 +47,8 @@ class DoNothing(Controller):
         return np.zeros(self.n_actions)
 
 
-class SvdModel(Controller):
+class SvdModel(BaselineController):
     """Iterative SVD orbit correction with the response matrix of the nominal model."""
-
-    name = "svd_model"
 
     def __init__(self, lattice: Lattice, action_scale: float = 1.0, gain: float = 1.0):
         model = BeamlineModel(lattice)
@@ -69,15 +63,13 @@ class SvdModel(Controller):
         return fit_to_step(-self.gain * self.inverse @ b, self.action_scale)
 
 
-class SvdMeasured(Controller):
+class SvdMeasured(BaselineController):
     """SVD correction with a response matrix measured on the machine itself.
 
     Each corrector is probed in turn by ``probe`` units (one step each, undoing the
     previous probe in the same step); the probe steps count as steps. Then iterative
     SVD correction with the measured matrix.
     """
-
-    name = "svd_measured"
 
     def __init__(self, lattice: Lattice, action_scale: float = 1.0, gain: float = 1.0, probe: float = 1.0):
         self.n_readings = lattice.n_readings

@@ -1,0 +1,196 @@
+"""The use cases, for the command line and the control server (ui/ talks only to this room).
+
+train, evaluate, serve a virtual machine, open a machine, run a session, restore,
+replay, export: each dispatches through the task registry, so none names a task.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from core.config import ConfigError
+from core.plant import PlantFault
+from core.registry import get_task, task_for_setup, task_names
+from core.task import TaskDefinition
+from safety.guard import MODES, GuardedPlant, SafetyConfig, SafetyEvent, read_snapshot, restore_snapshot
+
+from .machines import Machine, list_machines, open_machine
+from .paths import data_dir, snapshot_dir
+from .policy import POLICY_DIR, Policy, file_sha256
+from .recording import SessionRecorder, register_policy
+from .replay import export, replay
+from .session import SessionResult, default_safety, run_session
+from .store import Store, default_url
+
+__all__ = ["describe", "train", "evaluate", "serve_virtual_machine", "open_machine", "run_on_machine", "restore",
+           "replay", "export", "list_machines", "open_store", "task_names"]
+
+log = logging.getLogger(__name__)
+
+
+def open_store() -> Store:
+    """The session store (TBSAC_DATABASE_URL or SQLite in the data directory)."""
+    from sqlalchemy.exc import ArgumentError, OperationalError
+
+    try:
+        return Store()
+    except (ArgumentError, OperationalError) as exc:
+        raise ConfigError(f"session store: cannot open database ({str(exc).splitlines()[0]})") from None
+
+
+def describe() -> dict:
+    """What is installed: data directory, store, tasks with their setups, error presets, machines, policies."""
+    from hardware.machine import MACHINE_DIR
+
+    return {
+        "data_dir": str(data_dir()), "store": default_url(),
+        "tasks": {n: {"description": get_task(n).description, "lattices": get_task(n).shipped_setups(),
+                      "error_presets": get_task(n).error_presets(), "baselines": list(get_task(n).baselines)}
+                  for n in task_names()},
+        "machines": sorted(p.name[:-5] for p in MACHINE_DIR.iterdir() if p.name.endswith(".yaml")),
+        "policies": sorted(p.name for p in POLICY_DIR.iterdir() if p.name.endswith(".pt")),
+    }
+
+
+def _setup(task: str, lattice: str | None) -> tuple[TaskDefinition, object]:
+    definition = get_task(task)
+    return definition, definition.load_setup(lattice or definition.default_setup())
+
+
+def train(task: str, lattice: str | None, errors: str, eval_errors: str, steps: int | None, seed: int, out: Path,
+          arch: str | None = None, eval_every: int | None = None, eval_episodes: int | None = None,
+          stop_at_bar: bool = False, sac_overrides: dict | None = None, progress: bool = True):
+    """Train an agent on `task`, recorded in the store as a training run; registers its policy."""
+    from .training import train as train_task
+
+    definition, setup = _setup(task, lattice)
+    arch = arch or definition.default_arch
+    if arch not in definition.architectures:
+        raise ConfigError(f"--arch: {arch!r} is not available for task {task}; expected one of {', '.join(definition.architectures)}")
+    em, eval_em = definition.load_errors(errors), definition.load_errors(eval_errors)
+    steps = steps or definition.train_defaults["steps"]
+    eval_every = eval_every or definition.train_defaults["eval_every"]
+    eval_episodes = eval_episodes or definition.train_defaults["eval_episodes"]
+    store = open_store()
+    overrides = {**definition.sac_overrides, **(sac_overrides or {})}
+    run_row = store.start_training_run(
+        task=task, lattice=setup.name, errors=em.name, arch=arch, steps=steps, seed=seed, out_dir=str(out.resolve()),
+        config={"eval_errors": eval_em.name, "eval_every": eval_every, "eval_episodes": eval_episodes, **overrides})
+    try:
+        result = train_task(definition, setup, em, steps, seed, out, arch, eval_em, eval_every, eval_episodes,
+                            progress=progress, stop_at_bar=stop_at_bar, sac_overrides=sac_overrides)
+    except BaseException:
+        store.finish_training_run(run_row.id, "failed", {}, [])
+        raise
+    store.finish_training_run(run_row.id, "completed", {
+        "best_step": result.best_step, "best": result.best_summary, "first_bar_step": result.first_bar_step,
+        "first_bar_seconds": result.first_bar_seconds, "wall_seconds": result.wall_seconds}, result.curves)
+    trained = Policy.load(result.policy_path)
+    store.add_policy(result.policy_path, file_sha256(result.policy_path), trained.metadata, training_run_id=run_row.id)
+    return result
+
+
+@dataclass
+class Evaluation:
+    definition: TaskDefinition
+    setup: object
+    errors: object
+    summary: dict
+    runs: dict
+
+
+def evaluate(task: str, lattice: str | None, policy: str | None, episodes: int, seed: int, errors: str,
+             methods: tuple[str, ...] | None = None, budget: int | None = None) -> Evaluation:
+    """The agent (unless `policy` is None) and the task's baselines on the same machines; recorded."""
+    definition, setup = _setup(task, lattice)
+    chosen = definition.default_baselines if methods is None else methods
+    unknown = [m for m in chosen if m not in definition.baselines]
+    if unknown:
+        raise ConfigError(f"--methods: unknown {unknown}; task {task} has {', '.join(definition.baselines) or 'no baselines'}")
+    em = definition.load_errors(errors)
+    agent = Policy.load(policy, definition, setup) if policy else None
+    summary, runs = definition.evaluate(setup, em, agent, episodes, seed, tuple(chosen), budget)
+    store = open_store()
+    store.add_evaluation(register_policy(store, agent) if agent else None, summary)
+    return Evaluation(definition, setup, em, summary, runs)
+
+
+def serve_virtual_machine(lattice: str, seed: int, errors: str, port: int, ramp: float, put_log: Path | None,
+                          prefix: str | None, task: str | None = None) -> None:
+    """Serve a simulated machine of any task as a real EPICS IOC until stopped."""
+    from hardware.ioc import resolve, serve
+
+    resolve(lattice, errors, task)  # fail with a clear message before starting EPICS
+    serve(lattice, seed, errors, port, ramp, put_log, prefix, task)
+
+
+def run_on_machine(machine: str, policy: str, mode: str, operator: str, max_steps: int | None = None,
+                   max_excursion: float | None = None, max_excursion_steps: float | None = None,
+                   snapshot: Path | None = None, approver_for: Callable[[Machine], Callable] | None = None,
+                   on_event: Callable[[SafetyEvent], None] | None = None,
+                   guard_ready: Callable[[GuardedPlant], None] | None = None) -> tuple[SessionResult, int, Machine]:
+    """Open `machine`, load `policy` for it, run a recorded session through the safety layer."""
+    if mode not in MODES:
+        raise ConfigError(f"--mode: unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    opened = open_machine(machine)
+    agent = Policy.load(policy, opened.definition, opened.setup)
+    limits = default_safety(agent).model_dump()
+    for key, value in (("max_steps", max_steps), ("max_excursion", max_excursion), ("max_excursion_steps", max_excursion_steps)):
+        if value is not None:
+            limits[key] = value
+    safety = SafetyConfig(**limits)
+    snap = snapshot or snapshot_dir() / f"{opened.name}-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    recorder = SessionRecorder(open_store(), opened.record, agent, operator, mode, str(snap), opened.plant)
+
+    def record_event(event: SafetyEvent) -> None:
+        recorder.on_event(event)
+        if on_event:
+            on_event(event)
+
+    result = run_session(
+        opened.plant, agent, mode=mode, safety=safety, interlocks=opened.interlocks, snapshot_path=snap,
+        snapshot_context={"machine_file": str(Path(opened.path).resolve()) if opened.path else None, "machine": opened.name},
+        approver=approver_for(opened) if approver_for and mode == "approve" else None,
+        guard_ready=guard_ready, on_step=recorder.on_step, on_event=record_event,
+    )
+    recorder.finish(result)
+    return result, recorder.session_id, opened
+
+
+def restore(snapshot: Path, machine: str | None = None) -> int:
+    """Write a snapshot back to its machine and verify it; the number of knobs restored.
+
+    Raises PlantFault (or ValueError) if the restore cannot be verified.
+    """
+    try:
+        blob = read_snapshot(snapshot)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{snapshot}: not a readable snapshot ({exc})") from None
+    machine_arg = machine or blob.get("machine_file")
+    if not machine_arg:
+        raise ConfigError(f"{snapshot}: field 'machine_file' missing; pass --machine")
+    restore_snapshot(open_machine(machine_arg).plant, blob)
+    return len(blob["knobs"])
+
+
+def machine_task(machine: str) -> tuple[str, str]:
+    """(task, lattice) of a machine file, by shipped name or path."""
+    from hardware.machine import load_machine
+
+    machine_file, _ = load_machine(machine)
+    return machine_file.task, machine_file.lattice
+
+
+def setup_task(lattice: str) -> str:
+    """The registered task a setup (lattice) belongs to."""
+    return task_for_setup(lattice)[0].name
+
+
+# Virtual machines (the demo, benchmarks): start one in the background on a loopback port.
+from hardware.ioc import free_port, loopback_environment, start_virtual_ioc  # noqa: E402
+
+__all__ += ["Evaluation", "PlantFault", "free_port", "loopback_environment", "machine_task", "setup_task", "start_virtual_ioc"]

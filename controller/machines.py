@@ -1,0 +1,155 @@
+"""Opening a machine (the one place that does): a machine file over EPICS, or a simulated
+machine ``sim-<lattice>`` of any registered task; and the generic layout consoles draw.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from core.config import ConfigError
+from core.plant import Plant, SimulatedPlant
+from core.registry import get_task, task_names
+from core.task import TaskDefinition
+from hardware.machine import MACHINE_DIR, MachineFile, load_machine
+from safety.guard import InterlockRule
+
+SIM_PREFIX = "sim-"
+
+
+@dataclass
+class Machine:
+    """An opened machine: its task, setup, plant and interlock rules."""
+
+    name: str
+    kind: str  # epics or simulated
+    definition: TaskDefinition
+    setup: object
+    plant: Plant
+    interlocks: list[InterlockRule]
+    record: dict  # what the store keeps of it (name, kind, content, path)
+    path: Path | None = None
+    machine_file: MachineFile | None = None
+
+
+def _default_errors(definition: TaskDefinition) -> str:
+    presets = definition.error_presets()
+    return "test" if "test" in presets else presets[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _reference_plant(task: str, setup_name: str, setup_path: str | None = None) -> SimulatedPlant:
+    """The simulated plant of a setup: its knob and reading specs are the reference every
+    machine file of that setup must match (cached: building a model can take a while)."""
+    definition = get_task(task)
+    setup = definition.load_setup(setup_path or setup_name)
+    return definition.sim_plant(setup, definition.load_errors(_default_errors(definition)))
+
+
+def machine_setup(machine: MachineFile, path: Path) -> tuple[TaskDefinition, object, SimulatedPlant]:
+    """The machine's task, its setup and the setup's simulated plant, checked against the machine file."""
+    try:
+        definition = get_task(machine.task)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: field 'task': {exc}") from None
+    lattice = machine.lattice
+    if lattice not in definition.shipped_setups() and not Path(lattice).is_absolute():
+        beside = Path(path).parent / lattice
+        lattice = str(beside) if beside.is_file() else lattice
+    setup = definition.load_setup(lattice)
+    reference = _reference_plant(definition.name, setup.name, None if lattice in definition.shipped_setups() else lattice)
+    from hardware.epics_plant import EpicsPlant
+
+    epics = EpicsPlant(machine, path)
+    for field, mine, theirs in (("knobs", [k.name for k in epics.knobs], [k.name for k in reference.knobs]),
+                                ("readings (bpms, monitors)", [r.name for r in epics.readings],
+                                 [r.name for r in reference.readings])):
+        if mine != theirs:
+            raise ConfigError(f"{path}: field '{field}': names {mine} do not match lattice {setup.name} {theirs}")
+    return definition, setup, reference
+
+
+def epics_plant(machine: MachineFile, path: Path, reference: SimulatedPlant):
+    """The machine's EPICS plant (not connected), its knobs in the setup's units."""
+    from hardware.epics_plant import EpicsPlant
+
+    return EpicsPlant(machine, path, knob_units=[k.unit for k in reference.knobs])
+
+
+def machine_record_from_file(machine: MachineFile, path: Path) -> dict:
+    return {"name": machine.name, "kind": "epics", "content": Path(path).read_text(), "path": str(Path(path).resolve())}
+
+
+def _simulated_setup(name: str) -> tuple[TaskDefinition, str] | None:
+    if not name.startswith(SIM_PREFIX):
+        return None
+    setup = name[len(SIM_PREFIX):]
+    for task in task_names():
+        definition = get_task(task)
+        if setup in definition.shipped_setups():
+            return definition, setup
+    return None
+
+
+def open_machine(name_or_path: str, seed: int = 0, errors: str | None = None, connect: bool = True) -> Machine:
+    """A simulated machine ``sim-<lattice>`` (hidden errors drawn from `seed`) or a machine
+    file by shipped name or path, connected over EPICS."""
+    simulated = _simulated_setup(name_or_path)
+    if simulated:
+        definition, setup_name = simulated
+        setup = definition.load_setup(setup_name)
+        errors = errors or _default_errors(definition)
+        plant = definition.sim_plant(setup, definition.load_errors(errors))
+        plant.reset(seed)
+        rules = [InterlockRule(**rule) for rule in definition.sim_interlocks]
+        record = {"name": name_or_path, "kind": "simulated", "path": None,
+                  "content": yaml.safe_dump({"task": definition.name, "lattice": setup_name, "errors": errors, "seed": seed})}
+        return Machine(name_or_path, "simulated", definition, setup, plant, rules, record)
+    machine, path = load_machine(name_or_path)
+    definition, setup, reference = machine_setup(machine, path)
+    plant = epics_plant(machine, path, reference)
+    if connect:
+        plant.connect()
+    rules = [InterlockRule(i.name, i.rule, i.threshold) for i in machine.interlocks]
+    return Machine(machine.name, "epics", definition, setup, plant, rules, machine_record_from_file(machine, path),
+                   path, machine)
+
+
+def _layout(definition: TaskDefinition, setup, plant: Plant) -> dict:
+    """What a console needs to draw a machine: knobs (units, limits), readings, metrics, panels."""
+    return {
+        "task": definition.name,
+        "knobs": [{"name": k.name, "unit": k.unit, "lower": k.lower, "upper": k.upper} for k in plant.knobs],
+        "readings": [{"name": r.name, "unit": r.unit} for r in plant.readings],
+        "metrics": [dataclasses.asdict(m) for m in definition.metrics],
+        "panels": definition.panels(setup),
+    }
+
+
+@functools.lru_cache(maxsize=1)
+def list_machines() -> tuple[dict, ...]:
+    """Shipped machine files (EPICS) and one simulated machine per shipped setup of every task.
+
+    Cached: the layout does not change while a server runs.
+    """
+    out = []
+    for p in sorted(MACHINE_DIR.iterdir(), key=lambda p: p.name):
+        if p.name.endswith(".yaml"):
+            machine, path = load_machine(Path(str(p)))
+            definition, setup, reference = machine_setup(machine, path)
+            out.append({"name": machine.name, "kind": "epics", "lattice": machine.lattice, "description": machine.description,
+                        "interlocks": [i.name for i in machine.interlocks],
+                        **_layout(definition, setup, epics_plant(machine, path, reference))})
+    for task in task_names():
+        definition = get_task(task)
+        for name in definition.shipped_setups():
+            setup = definition.load_setup(name)
+            out.append({"name": SIM_PREFIX + name, "kind": "simulated", "lattice": name,
+                        "description": f"{name} in simulation ({definition.description}; hidden errors drawn from a seed)",
+                        "interlocks": [r["name"] for r in definition.sim_interlocks],
+                        **_layout(definition, setup, _reference_plant(task, name))})
+    return tuple(out)

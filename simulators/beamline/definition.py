@@ -1,0 +1,144 @@
+"""Orbit correction as a registered task (``tbsac train orbit``, machine files ``task: orbit``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.plant import KnobSpec, ReadingSpec, knob_bounds
+from core.task import EpisodeResult, TaskDefinition
+
+from .errors import load_error_model, preset_names
+from .lattice import Lattice, load_lattice, shipped_lattices
+from .plant import OrbitSimPlant
+from .task import OrbitTask, OrbitTaskConfig, rms_metric
+
+# The virtual cryomodules' wiring (as 'measured'): 1.85 A per simulator unit, like the
+# machine in the TBSAC paper, with every third corrector (from the second) reversed.
+AMPS_PER_UNIT = 1.85
+
+
+def corrector_polarity(index: int) -> int:
+    """Wiring polarity of corrector `index` on the virtual machines."""
+    return -1 if index % 3 == 1 else 1
+
+
+@dataclass
+class OrbitBar:
+    """The acceptance bar a checkpoint must meet."""
+
+    success_rate: float = 0.99
+    final_rms_p95_mm: float = 0.5
+    median_steps: float = 6.0
+
+    def met(self, summary: dict) -> bool:
+        p95 = summary["final_rms_mm"]["p95"]
+        return (
+            summary["success_rate"] >= self.success_rate
+            and p95 is not None and p95 <= self.final_rms_p95_mm
+            and summary["steps"]["median"] <= self.median_steps
+        )
+
+
+class OrbitDefinition(TaskDefinition):
+    """Orbit correction of a cryomodule: correctors as knobs, BPM x/y readings in mm."""
+
+    name = "orbit"
+    description = "orbit correction of a superconducting cryomodule (steering correctors, BPMs)"
+    metrics = (rms_metric(0.5),)
+    default_arch = "tbsac"
+    architectures = ("tbsac", "mlp")
+    train_defaults = {"steps": 20_000, "eval_every": 1000, "eval_episodes": 100}
+    baselines = ("svd_model", "svd_measured", "nothing")
+    default_baselines = baselines
+    sim_interlocks = [{"name": "beam_current", "rule": "min_fraction_of_start", "threshold": 0.8}]
+    summary_keys = ("success_rate", "final_rms_mm", "steps", "initial_rms_mm", "beam_lost")
+    scalars = {"eval/success_rate": ("success_rate",), "eval/median_steps": ("steps", "median"),
+               "eval/final_rms_p95_mm": ("final_rms_mm", "p95")}
+    eval_seed_base = 5_000_000
+
+    def shipped_setups(self) -> list[str]:
+        return shipped_lattices()
+
+    def load_setup(self, name_or_path):
+        return load_lattice(name_or_path)
+
+    def error_presets(self) -> list[str]:
+        return preset_names()
+
+    def load_errors(self, name_or_path):
+        return load_error_model(name_or_path)
+
+    def sim_plant(self, setup: Lattice, errors) -> OrbitSimPlant:
+        return OrbitSimPlant(setup, errors)
+
+    def config_model(self) -> type:
+        return OrbitTaskConfig
+
+    def make_task(self, setup, knobs: list[KnobSpec], readings: list[ReadingSpec], config: OrbitTaskConfig) -> OrbitTask:
+        return OrbitTask(len(readings), *knob_bounds(knobs), config)
+
+    def policy_metadata(self, setup: Lattice, errors, config: OrbitTaskConfig, task: OrbitTask) -> dict:
+        return {
+            "lattice": setup.fingerprint(),
+            "observation": {"size": 3 * setup.n_readings, "layout": "[dB_{t-1}, dB_t, B_t], each over readings in mm",
+                            "readings": setup.reading_names},
+            "action": {"size": setup.n_correctors, "scale": config.action_scale, "unit": "simulator units per step"},
+        }
+
+    def check_policy(self, metadata: dict, setup: Lattice) -> str | None:
+        trained, mine = metadata.get("lattice", {}), setup.fingerprint()
+        for key, what in (("n_bpm", "BPMs"), ("n_correctors", "correctors")):
+            if trained.get(key) != mine[key]:
+                return (f"field 'metadata.lattice.{key}': policy was trained for {trained.get(key)} {what} "
+                        f"({trained.get('name')}), lattice {setup.name} has {mine[key]}")
+        for key in ("bpm_names", "corrector_names"):
+            if trained.get(key) != mine[key]:
+                return f"field 'metadata.lattice.{key}': policy expects {trained.get(key)}, lattice {setup.name} has {mine[key]}"
+        return None
+
+    # -- evaluation ------------------------------------------------------------------------
+    def summarise(self, episodes: list[EpisodeResult], context: dict) -> dict:
+        from .evaluation import summarise
+
+        return summarise(episodes)
+
+    def score(self, summary: dict) -> tuple:
+        """Success first, then fewer steps, then lower RMS."""
+        return (summary["success_rate"], -summary["steps"]["median"], -(summary["final_rms_mm"]["p95"] or 1e9))
+
+    def bar_met(self, summary: dict) -> bool:
+        return OrbitBar().met(summary)
+
+    def evaluate(self, setup, errors, agent, episodes, seed, methods, budget=None):
+        from .evaluation import METHODS, evaluate_orbit
+
+        config = OrbitTaskConfig.model_validate(agent.metadata.get("task_config", {}) if agent else {})
+        if budget:
+            config = config.model_copy(update={"max_steps": budget})
+        return evaluate_orbit(setup, errors, agent, episodes, seed, config, tuple(m for m in METHODS if m in methods or m == "agent"))
+
+    def results_table(self, summary: dict):
+        columns = ["method", "success", "final RMS median (mm)", "final RMS p95 (mm)", "steps median", "steps p95",
+                   "initial RMS median (mm)", "beam lost"]
+        rows = [[name, f"{r['success_rate']:.0%}", str(r["final_rms_mm"]["median"]), str(r["final_rms_mm"]["p95"]),
+                 str(r["steps"]["median"]), str(r["steps"]["p95"]), str(r["initial_rms_mm"]["median"]), str(r["beam_lost"])]
+                for name, r in summary["results"].items()]
+        return columns, rows
+
+    def plot_evaluation(self, setup, runs, path: Path, title: str) -> Path:
+        from .evaluation import plot_orbit_evaluation
+
+        return plot_orbit_evaluation(setup, runs, path, title)
+
+    # -- machines ------------------------------------------------------------------------------
+    def panels(self, setup: Lattice) -> list[dict]:
+        from .evaluation import bpm_positions
+
+        positions = [round(float(s), 5) for s in bpm_positions(setup) for _ in ("x", "y")]
+        return [{"kind": "profile", "title": "Orbit", "positions": positions, "position_title": "position s (m)",
+                 "groups": [p for _ in setup.bpm_names for p in ("x", "y")], "value_title": "beam offset (mm)",
+                 "band_metric": "rms_mm", "band_config": "target_rms_mm", "caption": "orbit per plane; green band: target"}]
+
+    def wiring(self, setup: Lattice, knobs: list[KnobSpec]) -> tuple[list[float], str]:
+        return [AMPS_PER_UNIT * corrector_polarity(i) for i in range(len(knobs))], "A"
