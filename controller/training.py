@@ -105,6 +105,14 @@ def _path(summary: dict, keys: tuple[str, ...]):
     return summary
 
 
+def policy_metadata(definition: TaskDefinition, setup, errors, config, arch: str, training: dict) -> dict:
+    """Everything a policy file records about how it was trained (the task fills in its layout)."""
+    plant = definition.sim_plant(setup, errors)
+    task = definition.make_task(setup, plant.knobs, plant.readings, config)
+    return {"task": definition.name, "arch": arch, **definition.policy_metadata(setup, errors, config, task),
+            "error_model": errors.model_dump(), "task_config": config.model_dump(), "training": training}
+
+
 def train(
     definition: TaskDefinition,
     setup,
@@ -149,8 +157,7 @@ def train(
     training = {"steps": steps, "seed": seed, "errors": errors.name, "eval_errors": eval_model.name}
     if overrides:
         training["sac_overrides"] = overrides
-    base_meta = {"task": definition.name, "arch": arch, **definition.policy_metadata(setup, errors, config, env.task),
-                 "error_model": errors.model_dump(), "task_config": config.model_dump()}
+    base_meta = policy_metadata(definition, setup, errors, config, arch, training)
 
     def make_policy(step: int) -> Policy:
         return Policy.from_sac(model.policy, dict(base_meta, training=dict(training, checkpoint_step=step)))

@@ -16,6 +16,13 @@ if not os.environ.get("TBSAC_DATA_DIR"):
 os.environ.pop("TBSAC_DATABASE_URL", None)
 
 
+def for_setup(setup) -> tuple:
+    """(task definition, setup) of a shipped setup name or a loaded setup, for Policy.load."""
+    from core.registry import task_for_setup
+
+    return task_for_setup(setup if isinstance(setup, str) else setup.name)
+
+
 def tbsac_cmd() -> list[str]:
     exe = shutil.which("tbsac")
     return [exe] if exe else [sys.executable, "-m", "ui.cli"]
@@ -84,7 +91,7 @@ class Ioc:
         text = (MACHINE_DIR / f"virtual-{self.lattice}.yaml").read_text()
         default = "V" + self.lattice.upper().replace("-", ":")
         data = yaml.safe_load(text.replace(default + ":", self.prefix + ":"))
-        for c in data["correctors"]:
+        for c in data["knobs"]:
             c.update(corrector_overrides)
         path = self.tmp / name
         path.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -1,61 +1,114 @@
-"""Altair charts of the console; every axis carries its unit."""
+"""Altair charts of the console, drawn from a machine's generic layout; every axis carries its unit.
+
+A machine (``/api/machines``) declares its knobs, readings and metrics with units and
+the panels its task wants (``profile``: readings against a position, per group, e.g.
+an orbit per plane; ``bars``: readings at the start and now). Nothing here knows a task.
+"""
 
 from __future__ import annotations
 
 import altair as alt
 import pandas as pd
 
+WHEN = alt.Scale(domain=["start", "current"], range=["#999999", "#1f77b4"])
 
-def orbit_chart(machine: dict, start: list[float] | None, current: list[float] | None, target_mm: float) -> alt.Chart:
-    """BPM x and y against position: starting orbit, current orbit, target band."""
+
+def ordered(values, names: list[str]) -> list | None:
+    """Recorded values in layout order: steps are keyed by name, start events are lists."""
+    if values is None:
+        return None
+    if isinstance(values, dict):
+        return [values.get(n) for n in names]
+    return list(values)
+
+
+def reading_names(machine: dict) -> list[str]:
+    return [r["name"] for r in machine["readings"]]
+
+
+def primary_metric(machine: dict | None, session: dict | None = None) -> dict:
+    """The task's primary metric (name, unit, label, target): from the session's layout, else the machine's."""
+    for source in ((session or {}).get("layout"), machine):
+        if source and source.get("metrics"):
+            return source["metrics"][0]
+    return {"name": "metric", "unit": "1", "label": "metric", "target": None, "higher_is_better": True}
+
+
+def metric_title(metric: dict) -> str:
+    return f"{metric.get('label') or metric['name']} ({metric['unit']})"
+
+
+def profile_chart(panel: dict, machine: dict, start, current, band: float | None) -> alt.Chart:
+    """Readings against their position, one facet per group (e.g. x and y), start vs now, target band."""
+    names = reading_names(machine)
     rows = []
-    for label, values in (("start", start), ("current", current)):
+    for label, values in (("start", ordered(start, names)), ("current", ordered(current, names))):
         if values is None:
             continue
-        for i, bpm in enumerate(machine["bpms"]):
-            for j, plane in enumerate(("x", "y")):
-                rows.append({"s (m)": bpm["s_m"], "BPM": bpm["name"], "plane": plane, "orbit": label, "offset (mm)": values[2 * i + j]})
-    data = pd.DataFrame(rows or [{"s (m)": 0.0, "BPM": "", "plane": "x", "orbit": "start", "offset (mm)": 0.0}])
-    # Facets need every layer to share the top-level data; the band uses datum values.
-    # One rectangle per facet (aggregate), not one per data row stacked up.
-    band = alt.Chart().transform_aggregate(n="count()", groupby=["plane"]).mark_rect().encode(
-        y=alt.datum(-target_mm), y2=alt.datum(target_mm), color=alt.value("green"), opacity=alt.value(0.15))
+        for name, pos, group, v in zip(names, panel["positions"], panel["groups"], values):
+            rows.append({"position": pos, "reading": name, "group": group, "when": label, "value": v})
+    data = pd.DataFrame(rows or [{"position": 0.0, "reading": "", "group": panel["groups"][0], "when": "start", "value": 0.0}])
     lines = alt.Chart().mark_line(point=True).encode(
-        x=alt.X("s (m):Q", title="position s (m)"),
-        y=alt.Y("offset (mm):Q", title="beam offset (mm)"),
-        color=alt.Color("orbit:N", scale=alt.Scale(domain=["start", "current"], range=["#999999", "#1f77b4"])),
-        strokeDash=alt.StrokeDash("orbit:N", scale=alt.Scale(domain=["start", "current"], range=[[4, 3], [1, 0]])),
-        tooltip=["BPM", "plane", "orbit", alt.Tooltip("offset (mm):Q", format=".3f")],
+        x=alt.X("position:Q", title=panel["position_title"]),
+        y=alt.Y("value:Q", title=panel["value_title"]),
+        color=alt.Color("when:N", scale=WHEN),
+        strokeDash=alt.StrokeDash("when:N", scale=alt.Scale(domain=["start", "current"], range=[[4, 3], [1, 0]])),
+        tooltip=["reading", "group", "when", alt.Tooltip("value:Q", format=".3f")],
     )
-    return alt.layer(band, lines, data=data).properties(width=300, height=220).facet(
-        column=alt.Column("plane:N", title=f"orbit per plane; green band: target ±{target_mm} mm"))
+    layers = [lines]
+    if band:
+        # Facets need every layer to share the top-level data; the band uses datum values,
+        # one rectangle per facet (aggregate), not one per data row stacked up.
+        layers.insert(0, alt.Chart().transform_aggregate(n="count()", groupby=["group"]).mark_rect().encode(
+            y=alt.datum(-band), y2=alt.datum(band), color=alt.value("green"), opacity=alt.value(0.15)))
+    caption = panel.get("caption", "") + (f" ±{band}" if band else "")
+    return alt.layer(*layers, data=data).properties(width=300, height=220).facet(
+        column=alt.Column("group:N", title=caption))
 
 
-def currents_chart(start: list[float] | None, current: list[float] | None) -> alt.Chart:
-    """RFQ task: ACCT (before the RFQ) and Faraday cup (after it), mA, at the start and now."""
-    rows = [{"monitor": name, "when": label, "current (mA)": values[i]}
-            for label, values in (("start", start), ("current", current)) if values
-            for i, name in enumerate(("ACCT", "FC"))]
-    data = pd.DataFrame(rows or [{"monitor": "ACCT", "when": "start", "current (mA)": 0.0}])
+def bars_chart(panel: dict, machine: dict, start, current) -> alt.Chart:
+    """Chosen readings (default all) at the start and now."""
+    names = reading_names(machine)
+    shown = panel.get("readings") or names
+    rows = [{"reading": n, "when": label, "value": v}
+            for label, values in (("start", ordered(start, names)), ("current", ordered(current, names))) if values
+            for n, v in zip(names, values) if n in shown]
+    data = pd.DataFrame(rows or [{"reading": shown[0], "when": "start", "value": 0.0}])
     return alt.Chart(data).mark_bar().encode(
-        x=alt.X("when:N", sort=["start", "current"], title=None), y=alt.Y("current (mA):Q", title="beam current (mA)"),
-        color=alt.Color("when:N", scale=alt.Scale(domain=["start", "current"], range=["#999999", "#1f77b4"])),
-        column=alt.Column("monitor:N", title="transmission = FC / ACCT"),
-        tooltip=["monitor", "when", alt.Tooltip("current (mA):Q", format=".3f")],
+        x=alt.X("when:N", sort=["start", "current"], title=None), y=alt.Y("value:Q", title=panel.get("value_title", "reading")),
+        color=alt.Color("when:N", scale=WHEN),
+        column=alt.Column("reading:N", title=panel.get("caption", "")),
+        tooltip=["reading", "when", alt.Tooltip("value:Q", format=".4g")],
     ).properties(width=120, height=200)
 
 
-def corrector_chart(machine: dict, settings: list[float] | None) -> alt.Chart:
-    """Knob settings against their limits; one panel per unit (an injector's T and mrad don't share an axis)."""
-    rows = [{"corrector": c["name"], "setting": (settings[i] if settings else 0.0), "unit": c.get("unit", "simulator units"),
-             "lower": c["lower"], "upper": c["upper"]} for i, c in enumerate(machine["correctors"])]
+def panel_charts(machine: dict, start, current, session: dict | None = None) -> list[tuple[str, alt.Chart]]:
+    """(title, chart) of every panel the machine's task declares."""
+    out = []
+    for panel in machine.get("panels", []):
+        if panel["kind"] == "profile":
+            band = (session or {}).get("task_config", {}).get(panel.get("band_config", ""), None)
+            if band is None:
+                band = primary_metric(machine, session).get("target")
+            out.append((panel["title"], profile_chart(panel, machine, start, current, band)))
+        elif panel["kind"] == "bars":
+            out.append((panel["title"], bars_chart(panel, machine, start, current)))
+    return out
+
+
+def knob_chart(machine: dict, settings) -> alt.Chart:
+    """Knob settings against their limits; one panel per unit (knobs in T and mrad don't share an axis)."""
+    names = [k["name"] for k in machine["knobs"]]
+    values = ordered(settings, names)
+    rows = [{"knob": k["name"], "setting": (values[i] if values else 0.0), "unit": k.get("unit", "units"),
+             "lower": k["lower"], "upper": k["upper"]} for i, k in enumerate(machine["knobs"])]
     data = pd.DataFrame(rows)
     units = list(dict.fromkeys(data["unit"]))
     y_title = units[0] if len(units) == 1 else None
-    x = alt.X("corrector:N", sort=None, title="knob")
+    x = alt.X("knob:N", sort=None, title="knob")
     bars = alt.Chart().mark_bar().encode(
         x=x, y=alt.Y("setting:Q", title=f"setting ({y_title})" if y_title else "setting"),
-        tooltip=["corrector", alt.Tooltip("setting:Q", format=".4f"), "unit", "lower", "upper"],
+        tooltip=["knob", alt.Tooltip("setting:Q", format=".4f"), "unit", "lower", "upper"],
     )
     lo = alt.Chart().mark_tick(color="red", thickness=2).encode(x=x, y="lower:Q")
     hi = alt.Chart().mark_tick(color="red", thickness=2).encode(x=x, y="upper:Q")
@@ -66,43 +119,46 @@ def corrector_chart(machine: dict, settings: list[float] | None) -> alt.Chart:
             .resolve_scale(x="independent", y="independent"))
 
 
-def transmission(readings: list[float] | None) -> float | None:
-    """FC / ACCT of a recorded RFQ reading."""
-    return readings[1] / readings[0] if readings and len(readings) == 2 and readings[0] else None
+def metric_value(step: dict, metric: dict) -> float | None:
+    return (step.get("metrics") or {}).get(metric["name"])
 
 
-def _metric(step: dict, task: str) -> float | None:
-    return transmission(step["readings"]) if task == "rfq" else step["rms_mm"]
-
-
-def metric_title(task: str) -> str:
-    return "transmission (1)" if task == "rfq" else "orbit RMS (mm)"
-
-
-def trend_chart(steps: list[dict], marker_step: int | None = None, task: str = "orbit") -> alt.Chart:
-    """Orbit RMS (mm) or RFQ transmission, and reward, against step."""
-    data = pd.DataFrame([{"step": s["step"], "metric": _metric(s, task), "reward": s["reward"]} for s in steps]
+def trend_chart(steps: list[dict], metric: dict, marker_step: int | None = None) -> alt.Chart:
+    """The task's primary metric and the reward against step."""
+    data = pd.DataFrame([{"step": s["step"], "metric": metric_value(s, metric), "reward": s["reward"]} for s in steps]
                         or [{"step": 0, "metric": None, "reward": None}])
-    rms = alt.Chart(data).mark_line(point=True).encode(x=alt.X("step:Q", title="step"), y=alt.Y("metric:Q", title=metric_title(task)))
+    value = alt.Chart(data).mark_line(point=True).encode(x=alt.X("step:Q", title="step"), y=alt.Y("metric:Q", title=metric_title(metric)))
     reward = alt.Chart(data).mark_line(point=True, color="orange").encode(x=alt.X("step:Q", title="step"), y=alt.Y("reward:Q", title="reward (1)"))
     if marker_step is not None:
         rule = alt.Chart(pd.DataFrame({"step": [marker_step]})).mark_rule(color="red").encode(x="step:Q")
-        rms, reward = rms + rule, reward + rule
-    return alt.hconcat(rms.properties(width=300, height=200), reward.properties(width=300, height=200))
+        value, reward = value + rule, reward + rule
+    return alt.hconcat(value.properties(width=300, height=200), reward.properties(width=300, height=200))
 
 
-def compare_chart(series: dict[str, list[dict]], task: str = "orbit") -> alt.Chart:
-    rows = [{"session": name, "step": s["step"], "metric": _metric(s, task)} for name, steps in series.items() for s in steps]
+def compare_chart(series: dict[str, list[dict]], metric: dict) -> alt.Chart:
+    rows = [{"session": name, "step": s["step"], "metric": metric_value(s, metric)} for name, steps in series.items() for s in steps]
     data = pd.DataFrame(rows or [{"session": "", "step": 0, "metric": None}])
     return alt.Chart(data).mark_line(point=True).encode(
-        x=alt.X("step:Q", title="step"), y=alt.Y("metric:Q", title=metric_title(task)), color="session:N").properties(height=260)
+        x=alt.X("step:Q", title="step"), y=alt.Y("metric:Q", title=metric_title(metric)), color="session:N").properties(height=260)
 
 
-def learning_chart(curves: list[dict]) -> alt.Chart:
-    data = pd.DataFrame([{"training step": c["step"], "success rate (1)": c["success_rate"], "median steps": c["steps"]["median"]}
-                         for c in curves] or [{"training step": 0, "success rate (1)": None, "median steps": None}])
-    success = alt.Chart(data).mark_line(point=True).encode(x=alt.X("training step:Q", title="training step"),
-                                                            y=alt.Y("success rate (1):Q", title="success rate (1)", scale=alt.Scale(domain=[0, 1])))
-    steps = alt.Chart(data).mark_line(point=True, color="orange").encode(x=alt.X("training step:Q", title="training step"),
-                                                                         y=alt.Y("median steps:Q", title="median steps to target (steps)"))
-    return alt.hconcat(success.properties(width=300, height=200), steps.properties(width=300, height=200))
+def flatten(summary: dict, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a (nested) evaluation summary: {"steps.median": 5.0, ...}."""
+    out: dict[str, float] = {}
+    for key, value in summary.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "wall_s"):
+            out[name] = float(value)
+    return out
+
+
+def learning_chart(curves: list[dict], keys: list[str]) -> alt.Chart:
+    """Chosen values of the periodic evaluation against training step (whatever the task reports)."""
+    rows = [{"training step": c["step"], "value": flatten(c).get(k), "quantity": k} for c in curves for k in keys]
+    data = pd.DataFrame(rows or [{"training step": 0, "value": None, "quantity": ""}])
+    return alt.Chart(data).mark_line(point=True).encode(
+        x=alt.X("training step:Q", title="training step"), y=alt.Y("value:Q", title="value (as in the summary)"),
+        tooltip=["quantity", "training step", "value"]).properties(width=280, height=200).facet(
+        column=alt.Column("quantity:N", title="periodic evaluation")).resolve_scale(y="independent")

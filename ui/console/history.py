@@ -3,11 +3,19 @@
 import pandas as pd
 import streamlit as st
 
-from ui.console.charts import compare_chart, corrector_chart, currents_chart, orbit_chart, transmission, trend_chart
+from ui.console.charts import compare_chart, knob_chart, metric_value, panel_charts, primary_metric, trend_chart
 from ui.console.client import format_time
 from ui.console.common import call, connected_or_stop, event_log
 
 STATUSES = ["running", "paused", "completed", "not_converged", "tripped", "aborted", "rejected", "dry-run", "interrupted", "faulted"]
+
+def final_metric(session: dict) -> dict:
+    """The session's primary metric at its start and end, named with its unit."""
+    metric = primary_metric(None, session)
+    result = session.get("result") or {}
+    return {"metric": f"{metric.get('label') or metric['name']} ({metric['unit']})",
+            "start": result.get(f"initial_{metric['name']}"), "end": result.get(f"final_{metric['name']}")}
+
 
 st.title("History and replay")
 client = connected_or_stop()
@@ -23,8 +31,7 @@ if not sessions:
 table = pd.DataFrame([{
     "session": s["id"], "machine": s["machine"], "operator": s["operator"], "mode": s["mode"], "status": s["status"],
     "started (UTC)": format_time(s["started"]), "steps": (s.get("result") or {}).get("steps"),
-    "final RMS (mm)": (s.get("result") or {}).get("final_rms_mm"),
-    "final transmission": (s.get("result") or {}).get("final_transmission"),
+    "task": s.get("task"), **final_metric(s),
 } for s in sessions])
 st.dataframe(table, hide_index=True, use_container_width=True)
 
@@ -39,27 +46,22 @@ start_event = next((e for e in events if e["kind"] == "start"), None)
 st.subheader(f"Session {sid}: {session['status']} on {session['machine']}, started {format_time(session['started'])}")
 k = st.slider("Step", min_value=0, max_value=max(len(steps), 1), value=len(steps), key="h-step",
               help="0 is the machine as found; every plot redraws at the chosen step") if steps else 0
-orbit = steps[k - 1]["readings"] if k > 0 else (start_event["data"]["readings"] if start_event else None)
+readings = steps[k - 1]["readings"] if k > 0 else (start_event["data"]["readings"] if start_event else None)
 settings = steps[k - 1]["readbacks"] if k > 0 else (start_event["data"]["settings"] if start_event else None)
-task = machine.get("task", "orbit") if machine else "orbit"
+metric = primary_metric(machine, session)
 if machine:
     start_readings = start_event["data"]["readings"] if start_event else None
-    if task == "rfq":
-        st.altair_chart(currents_chart(start_readings, orbit))
-    else:
-        target = (session.get("task_config") or {}).get("target_rms_mm", 0.5)
-        st.altair_chart(orbit_chart(machine, start_readings, orbit, target))
-    st.altair_chart(corrector_chart(machine, settings), use_container_width=True)
+    for title, chart in panel_charts(machine, start_readings, readings, session):
+        st.markdown(f"**{title}**")
+        st.altair_chart(chart)
+    st.altair_chart(knob_chart(machine, settings), use_container_width=True)
 else:
-    st.warning(f"Machine {session['machine']} is not known to this server any more; orbit plots are unavailable.")
-st.altair_chart(trend_chart(steps, marker_step=k, task=task))
+    st.warning(f"Machine {session['machine']} is not known to this server any more; its plots are unavailable.")
+st.altair_chart(trend_chart(steps, metric, marker_step=k))
 if k > 0:
     step = steps[k - 1]
-    if task == "rfq":
-        t = transmission(step["readings"])
-        metric_text = f"transmission {t:.3f}" if t is not None else "transmission -"
-    else:
-        metric_text = f"RMS {step['rms_mm']:.3f} mm" if step["rms_mm"] is not None else "RMS -"
+    value = metric_value(step, metric)
+    metric_text = f"{metric.get('label') or metric['name']} {value:.3f} {metric['unit']}" if value is not None else f"{metric['name']} -"
     st.caption(f"step {k} at {format_time(step['time'])}: {metric_text}, reward {step['reward']:.3f}, "
                f"step time {step['latency_s'] * 1e3:.1f} ms (includes any wait for approval)")
 upto = steps[k - 1]["time"] if k > 0 else (start_event["time"] if start_event else None)
@@ -78,4 +80,4 @@ st.subheader("Compare sessions")
 pair = st.multiselect("Sessions to compare", ids, default=ids[:2], max_selections=2, key="h-compare",
                       format_func=lambda i: f"session {i}")
 if pair:
-    st.altair_chart(compare_chart({f"session {i}": client.steps(i) for i in pair}, task=task), use_container_width=True)
+    st.altair_chart(compare_chart({f"session {i}": client.steps(i) for i in pair}, metric), use_container_width=True)

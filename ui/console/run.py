@@ -3,7 +3,7 @@
 import pandas as pd
 import streamlit as st
 
-from ui.console.charts import corrector_chart, currents_chart, orbit_chart, trend_chart
+from ui.console.charts import knob_chart, metric_title, panel_charts, primary_metric, trend_chart
 from ui.console.client import format_time
 from ui.console.common import call, connected_or_stop, event_log, operator
 
@@ -12,15 +12,15 @@ NEXT_STEP = {
                "if the starting settings were not restored, press **Restore**.",
     "aborted": "The session was aborted; the starting settings were restored (see the event log).",
     "rejected": "A proposed step was rejected; the starting settings were restored.",
-    "not_converged": "The target was not reached within the step limit. Orbit: the starting settings were restored; "
-                     "check the machine, then start again or hand over to SVD correction. RFQ: improved settings were "
-                     "kept, otherwise the start was restored (see the event log).",
+    "not_converged": "The target was not reached within the step limit. The event log says whether the starting "
+                     "settings were restored or improved settings kept; check the machine, then start again or hand "
+                     "over to the method you use today.",
     "interrupted": "The control server stopped during this session. Its steps are kept; press **Restore** "
                    "to put the machine back to its starting settings.",
     "faulted": "An internal error stopped the session. Press **Restore**, then report the event log.",
 }
 
-st.title("Run beam tuning")
+st.title("Run tuning")
 client = connected_or_stop()
 machines = client.machines()
 if not machines:
@@ -78,10 +78,9 @@ def live(session_id: int | None) -> None:
         (st.info if status == "running" else st.warning)(header)
     elif status in ("completed", "dry-run"):
         result = session.get("result") or {}
-        if "final_transmission" in result:
-            change = f"transmission {result.get('initial_transmission') or 0:.3f} → {result.get('final_transmission') or 0:.3f}"
-        else:
-            change = f"RMS {result.get('initial_rms_mm') or 0:.2f} → {result.get('final_rms_mm') or 0:.2f} mm"
+        metric = primary_metric(machine, session)
+        before, after = result.get(f"initial_{metric['name']}"), result.get(f"final_{metric['name']}")
+        change = f"{metric.get('label') or metric['name']} {before or 0:.3f} → {after or 0:.3f} {metric['unit']}"
         st.success(f"{header} · {change} in {result.get('steps')} steps")
     else:
         st.error(f"{header}\n\n{NEXT_STEP.get(status, '')}")
@@ -89,7 +88,7 @@ def live(session_id: int | None) -> None:
     pending = session.get("pending")
     if pending:
         st.subheader(f"Proposed step {pending['id']} — waiting for your approval")
-        change = pd.DataFrame({"corrector": pending["names"], "now (units)": pending["current"], "proposed (units)": pending["proposed"]})
+        change = pd.DataFrame({"knob": pending["names"], "now (units)": pending["current"], "proposed (units)": pending["proposed"]})
         change["change (units)"] = change["proposed (units)"] - change["now (units)"]
         st.dataframe(change, hide_index=True, use_container_width=True)
         a, r = st.columns(2)
@@ -101,21 +100,16 @@ def live(session_id: int | None) -> None:
             st.rerun(scope="fragment")
 
     start_event = next((e for e in events if e["kind"] == "start"), None)
-    start_orbit = start_event["data"]["readings"] if start_event else None
+    start_readings = start_event["data"]["readings"] if start_event else None
     current = steps[-1]["readings"] if steps else (start_event["data"].get("readings_after_probe") if start_event else None)
-    task = machine.get("task", "orbit")
-    if task == "rfq":
-        st.subheader("Beam currents")
-        st.altair_chart(currents_chart(start_orbit, current or start_orbit), use_container_width=False)
-    else:
-        target = (session.get("task_config") or {}).get("target_rms_mm", 0.5)
-        st.subheader("Orbit")
-        st.altair_chart(orbit_chart(machine, start_orbit, current, target), use_container_width=False)
+    for title, chart in panel_charts(machine, start_readings, current or start_readings, session):
+        st.subheader(title)
+        st.altair_chart(chart, use_container_width=False)
     c1, c2 = st.columns(2)
     with c1:
         st.subheader("Knobs")
         settings = steps[-1]["readbacks"] if steps else (start_event["data"]["settings"] if start_event else None)
-        st.altair_chart(corrector_chart(machine, settings), use_container_width=True)
+        st.altair_chart(knob_chart(machine, settings), use_container_width=True)
     with c2:
         st.subheader("Interlocks")
         trips = [e["reason"] for e in events if e["kind"] == "trip"]
@@ -128,8 +122,9 @@ def live(session_id: int | None) -> None:
         other = [t for t in trips if not any(il in t for il in machine.get("interlocks", []))]
         for t in other:
             st.error(f"**trip** — {t}")
-    st.subheader("Transmission and reward" if task == "rfq" else "RMS and reward")
-    st.altair_chart(trend_chart(steps, task=task), use_container_width=False)
+    metric = primary_metric(machine, session)
+    st.subheader(f"{metric_title(metric)} and reward")
+    st.altair_chart(trend_chart(steps, metric), use_container_width=False)
     st.subheader("Event log")
     event_log(events)
 

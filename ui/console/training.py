@@ -3,7 +3,7 @@
 import pandas as pd
 import streamlit as st
 
-from ui.console.charts import learning_chart
+from ui.console.charts import flatten, learning_chart
 from ui.console.client import format_time
 from ui.console.common import connected_or_stop
 
@@ -12,32 +12,34 @@ client = connected_or_stop()
 runs = client.training_runs()
 if runs:
     st.dataframe(pd.DataFrame([{
-        "run": r["id"], "lattice": r["lattice"], "errors": r["errors"], "arch": r["arch"], "steps": r["steps"], "seed": r["seed"],
+        "run": r["id"], "task": r["task"], "lattice": r["lattice"], "errors": r["errors"], "arch": r["arch"], "steps": r["steps"], "seed": r["seed"],
         "status": r["status"], "best step": (r["evaluation"] or {}).get("best_step"),
         "bar first met at step": (r["evaluation"] or {}).get("first_bar_step"), "started (UTC)": format_time(r["started"]),
     } for r in runs]), hide_index=True, use_container_width=True)
     rid = st.selectbox("Training run", [r["id"] for r in runs], format_func=lambda i: f"run {i}", key="t-run")
     run = next(r for r in runs if r["id"] == rid)
-    st.altair_chart(learning_chart(run["curves"] or []))
+    curves = run["curves"] or []
+    quantities = list(flatten(curves[-1])) if curves else []
+    shown = st.multiselect("Quantities of the periodic evaluation", quantities, default=quantities[:2], key="t-quantities")
+    st.altair_chart(learning_chart(curves, shown))
     best = (run["evaluation"] or {}).get("best")
     if best:
-        st.caption(f"best checkpoint (step {run['evaluation']['best_step']}) on the periodic evaluation: success "
-                   f"{best['success_rate']:.0%}, final RMS p95 {best['final_rms_mm']['p95']} mm, median steps {best['steps']['median']}")
+        values = ", ".join(f"{k} {v:g}" for k, v in flatten(best).items())
+        st.caption(f"best checkpoint (step {run['evaluation']['best_step']}) on the periodic evaluation: {values}")
 else:
-    st.info("No training runs recorded yet. Train with `tbsac train orbit ...`; runs appear here.")
+    st.info("No training runs recorded yet. Train with `tbsac train TASK ...` (`tbsac info` lists tasks); runs appear here.")
 
-st.subheader("Evaluations: agent against SVD")
+st.subheader("Evaluations: agent against the baselines")
 evaluations = client.evaluations()
 if evaluations:
-    rows = []
-    for e in evaluations:
-        for method, r in e["results"].items():
-            rows.append({"evaluation": e["id"], "lattice": e["lattice"], "errors": e["errors"], "machines": e["episodes"],
-                         "method": method, "success": r["success_rate"], "final RMS p95 (mm)": r["final_rms_mm"]["p95"],
-                         "median steps": r["steps"]["median"], "when (UTC)": format_time(e["created"])})
-    st.dataframe(pd.DataFrame(rows), hide_index=True, use_container_width=True)
+    for task in dict.fromkeys(e["task"] for e in evaluations):
+        rows = [{"evaluation": e["id"], "lattice": e["lattice"], "errors": e["errors"], "machines": e["episodes"],
+                 "method": method, **flatten(r), "when (UTC)": format_time(e["created"])}
+                for e in evaluations if e["task"] == task for method, r in e["results"].items()]
+        st.markdown(f"**{task}**")
+        st.dataframe(pd.DataFrame(rows), hide_index=True, use_container_width=True)
 else:
-    st.info("No evaluations recorded yet: run `tbsac evaluate orbit --lattice cafe2-cm1 --policy pretrained`.")
+    st.info("No evaluations recorded yet: run `tbsac evaluate TASK --policy pretrained` (`tbsac info` lists tasks).")
 
 st.subheader("Policies and where they are deployed")
 policies = client.policies()

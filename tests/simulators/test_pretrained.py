@@ -2,17 +2,18 @@
 
 import pytest
 
-from controller.evaluation import evaluate_orbit
+from simulators.beamline.evaluation import evaluate_orbit
 from controller.policy import Policy
 from simulators.beamline.errors import load_error_model
 from simulators.beamline.lattice import load_lattice
 from simulators.beamline.task import OrbitTaskConfig
+from conftest import for_setup
 
 
 @pytest.mark.parametrize("name", ["cafe2-cm1", "cafe2-cm2", "cafe2-cm3"])
 def test_shipped_policy_meets_the_bar(name):
     lattice = load_lattice(name)
-    agent = Policy.load("pretrained", lattice=lattice)
+    agent = Policy.load("pretrained", *for_setup(lattice))
     assert agent.metadata["lattice"]["name"] == name
     summary, _ = evaluate_orbit(lattice, load_error_model("test"), agent, 20, 1000,
                                 OrbitTaskConfig(**agent.metadata["task_config"]))

@@ -5,10 +5,12 @@ import pytest
 
 from controller.agents import make_sac
 from controller.policy import Policy
-from controller.training import orbit_metadata
+from controller.training import policy_metadata
+from core.registry import get_task
 from simulators.beamline.errors import load_error_model
 from simulators.beamline.lattice import LATTICE_DIR, load_lattice
 from simulators.beamline.task import OrbitEnv, OrbitTaskConfig
+from conftest import for_setup
 
 GOOD = (LATTICE_DIR / "cafe2-cm1.yaml").read_text()
 
@@ -54,7 +56,7 @@ def _untrained_policy(lattice_name: str, path):
     lattice = load_lattice(lattice_name)
     em = load_error_model("train")
     model = make_sac(OrbitEnv(lattice, em), seed=0)
-    meta = orbit_metadata(lattice, em, OrbitTaskConfig(), "tbsac", {"steps": 0, "seed": 0})
+    meta = policy_metadata(get_task("orbit"), lattice, em, OrbitTaskConfig(), "tbsac", {"steps": 0, "seed": 0})
     return Policy.from_sac(model.policy, meta).save(path)
 
 
@@ -67,8 +69,8 @@ def test_policy_for_other_bpm_count_is_refused(tmp_path, run_cli):
 def test_policy_file_roundtrip_keeps_actions(tmp_path):
     lattice = load_lattice("cafe2-cm2")
     path = _untrained_policy("cafe2-cm2", tmp_path / "cm2.pt")
-    loaded = Policy.load(path, lattice=lattice)
-    again = Policy.load(path, lattice=lattice)
+    loaded = Policy.load(path, *for_setup(lattice))
+    again = Policy.load(path, *for_setup(lattice))
     obs = np.random.default_rng(0).normal(size=(5, 3 * lattice.n_readings)).astype(np.float32)
     np.testing.assert_array_equal(loaded.act(obs), again.act(obs))
     assert loaded.metadata["lattice"]["n_bpm"] == 4

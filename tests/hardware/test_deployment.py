@@ -13,7 +13,7 @@ import epics
 import numpy as np
 import pytest
 
-from conftest import tbsac_cmd
+from conftest import for_setup, tbsac_cmd
 from controller.policy import Policy
 from controller.session import run_session
 from hardware.epics_plant import EpicsPlant
@@ -30,7 +30,7 @@ def connect(ioc, **overrides):
 
 
 def session(ioc, plant, machine, tmp_path, **kwargs):
-    policy = Policy.load("pretrained", lattice=load_lattice(ioc.lattice))
+    policy = Policy.load("pretrained", *for_setup(load_lattice(ioc.lattice)))
     return run_session(
         plant, policy,
         interlocks=[InterlockRule(i.name, i.rule, i.threshold) for i in machine.interlocks],
@@ -39,7 +39,7 @@ def session(ioc, plant, machine, tmp_path, **kwargs):
 
 
 def setpoints(ioc, machine):
-    return np.array([epics.caget(c.setpoint, timeout=2) for c in machine.correctors])
+    return np.array([epics.caget(c.setpoint, timeout=2) for c in machine.knobs])
 
 
 def assert_puts_within_limits(ioc):
@@ -52,7 +52,7 @@ def test_zero_shot_correction_over_channel_access(start_ioc, tmp_path):
     machine, plant = connect(ioc)
     result = session(ioc, plant, machine, tmp_path)
     assert result.status == "completed" and result.success
-    assert result.initial_rms_mm > 0.5 and result.final_rms_mm < 0.5
+    assert result.initial > 0.5 and result.final < 0.5
     assert result.trips == [] and not result.restored
     # Every step wrote all 10 correctors once (plus the reset probe); nothing else.
     assert len(ioc.puts()) == 10 * (result.steps + 1)
@@ -66,7 +66,7 @@ def test_polarity_and_scale_reach_the_ioc(start_ioc):
     machine, plant = connect(ioc)
     settings = np.linspace(-2, 2, 10)
     plant.write_knobs(settings)
-    np.testing.assert_allclose(setpoints(ioc, machine), settings * np.array([c.scale for c in machine.correctors]), atol=1e-6)
+    np.testing.assert_allclose(setpoints(ioc, machine), settings * np.array([c.scale for c in machine.knobs]), atol=1e-6)
     np.testing.assert_allclose(plant.read_knobs(), settings, atol=1e-6)
 
 
@@ -107,7 +107,7 @@ def test_bad_bpm_trips_and_restores(start_ioc, tmp_path, fault, needle):
 
     def inject(record):
         if record.step == 1:
-            epics.caput(ioc.pv("SIM:BPM_FAULT"), fault, wait=True)
+            epics.caput(ioc.pv("SIM:READING_FAULT"), fault, wait=True)
 
     result = session(ioc, plant, machine, tmp_path, on_step=inject)
     assert result.status == "tripped" and not result.success
@@ -124,7 +124,7 @@ def test_stale_bpm_data_trips_and_restores(start_ioc, tmp_path):
 
     def freeze(record):
         if record.step == 1:
-            epics.caput(ioc.pv("SIM:BPM_FAULT"), 4, wait=True)
+            epics.caput(ioc.pv("SIM:READING_FAULT"), 4, wait=True)
             time.sleep(0.8)  # longer than stale_after_s: BPM1:X stops updating
 
     result = session(ioc, plant, machine, tmp_path, on_step=freeze)
@@ -152,8 +152,8 @@ def test_silent_clamp_by_the_ioc_is_caught_by_read_back(start_ioc, tmp_path):
     machine, plant = connect(ioc)
     # Someone narrows the drive limit of DCH1 on the IOC after we connected: the IOC
     # clamps our next put silently and still reports success.
-    epics.caput(machine.correctors[0].setpoint + ".DRVH", 0.1, wait=True)
-    epics.caput(machine.correctors[0].setpoint + ".DRVL", -0.1, wait=True)
+    epics.caput(machine.knobs[0].setpoint + ".DRVH", 0.1, wait=True)
+    epics.caput(machine.knobs[0].setpoint + ".DRVL", -0.1, wait=True)
     result = session(ioc, plant, machine, tmp_path)
     assert result.status == "tripped"
     assert any("read-back mismatch" in t and "DCH1" in t for t in result.trips), result.trips
@@ -227,7 +227,7 @@ def test_limits_wider_than_drive_limits_are_refused(start_ioc, run_cli):
     path = ioc.machine_file(upper=80.0)
     proc = run_cli("run", "--machine", str(path), "--json", timeout=60)
     assert proc.returncode == 2
-    assert "correctors[0](DCH1).upper" in proc.stderr and "drive limits" in proc.stderr
+    assert "knobs[0](DCH1).upper" in proc.stderr and "drive limits" in proc.stderr
     assert ioc.puts() == []
 
 
@@ -239,7 +239,7 @@ def test_machine_file_missing_field(tmp_path, run_cli):
     path.write_text(text)
     proc = run_cli("run", "--machine", str(path))
     assert proc.returncode == 2
-    assert str(path) in proc.stderr and "correctors[0](DCH1).tolerance" in proc.stderr and "required" in proc.stderr
+    assert str(path) in proc.stderr and "knobs[0](DCH1).tolerance" in proc.stderr and "required" in proc.stderr
 
 
 def _run_in_background(ioc, tmp_path, *extra):
@@ -295,13 +295,13 @@ def test_run_cli_json_and_exit_code(start_ioc, tmp_path, run_cli):
                    "--json", "--snapshot", str(tmp_path / "s.json"), timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert set(out) == {"initial_rms_mm", "final_rms_mm", "steps", "wall_s", "success", "trips", "restored", "snapshot"}
+    assert set(out) == {"task", "metric", "initial_rms_mm", "final_rms_mm", "steps", "wall_s", "success", "trips", "restored", "snapshot"}
     assert out["success"] and out["final_rms_mm"] < 0.5 and out["trips"] == []
 
 
 def test_policy_for_other_lattice_is_refused(start_ioc, run_cli):
     ioc = start_ioc(seed=1)
-    cm2 = Policy.load("pretrained", lattice=load_lattice("cafe2-cm2")).path
+    cm2 = Policy.load("pretrained", *for_setup(load_lattice("cafe2-cm2"))).path
     proc = run_cli("run", "--machine", str(ioc.machine_file()), "--policy", str(cm2), timeout=60)
     assert proc.returncode == 2 and "metadata.lattice.n_bpm" in proc.stderr
     assert ioc.puts() == []

@@ -15,22 +15,23 @@ import yaml
 from controller.policy import Policy
 from controller.session import run_session
 from hardware.epics_plant import EpicsPlant
-from hardware.machine import load_machine, load_machine_lattice
+from controller.machines import machine_setup, open_machine
+from hardware.machine import load_machine
 from safety.guard import InterlockRule, read_snapshot
 from core.config import ConfigError
 from simulators.injector.model import load_injector
 from simulators.injector.task import InjectorSimPlant, load_injector_errors
+from conftest import for_setup
 
 
 @pytest.fixture(scope="module")
 def agent():
-    return Policy.load("pretrained", lattice=load_injector("lpi"))
+    return Policy.load("pretrained", *for_setup(load_injector("lpi")))
 
 
 def connect(ioc):
-    machine, path = load_machine(ioc.machine_file())
-    load_machine_lattice(machine, path)
-    return machine, EpicsPlant(machine, path).connect()
+    opened = open_machine(str(ioc.machine_file()))
+    return opened.machine_file, opened.plant
 
 
 def rules(machine):
@@ -38,7 +39,7 @@ def rules(machine):
 
 
 def setpoints(machine):
-    return np.array([epics.caget(c.setpoint, timeout=2) for c in machine.correctors])
+    return np.array([epics.caget(c.setpoint, timeout=2) for c in machine.knobs])
 
 
 def test_zero_shot_tuning_over_channel_access(start_ioc, tmp_path, agent):
@@ -52,18 +53,18 @@ def test_zero_shot_tuning_over_channel_access(start_ioc, tmp_path, agent):
     if walks:
         target = np.array(walks[0].data["target"])
         np.testing.assert_allclose(result.step_records[-1].readbacks, target, atol=1e-3)
-    assert result.final_transmission > result.initial_transmission
+    assert result.final > result.initial
     # Every step wrote the six supplies once, within the machine file's limits and steps.
     puts = ioc.puts()
     assert len(puts) == 6 * result.steps + (6 if result.restored else 0)
-    for c in machine.correctors:
+    for c in machine.knobs:
         values = [p["value"] for p in puts if p["pv"] == c.setpoint]
         assert all(c.lower - 1e-9 <= v <= c.upper + 1e-9 for v in values)
-        path = np.concatenate([[start[machine.correctors.index(c)]], values[:result.steps]])
+        path = np.concatenate([[start[machine.knobs.index(c)]], values[:result.steps]])
         assert np.all(np.abs(np.diff(path)) <= c.max_step + 1e-6)
     snap = read_snapshot(tmp_path / "snap.json")
     assert list(snap["knobs"]) == load_injector("lpi").knob_names
-    assert result.step_records[-1].transmission == pytest.approx(result.final_transmission)
+    assert result.step_records[-1].metrics["transmission"] == pytest.approx(result.final)
     assert not [e for e in result.events if e.kind == "warning"]  # the machine file steps as trained
 
 
@@ -91,9 +92,9 @@ def test_excursion_limit_counts_each_knobs_own_steps(start_ioc, tmp_path, agent)
     start = setpoints(machine)
     result = run_session(plant, agent, safety=SafetyConfig(max_excursion_steps=1.0), interlocks=rules(machine),
                          snapshot_path=tmp_path / "snap.json")
-    steps_a = np.array([c.max_step for c in machine.correctors])
+    steps_a = np.array([c.max_step for c in machine.knobs])
     for p in ioc.puts():
-        i = [c.setpoint for c in machine.correctors].index(p["pv"])
+        i = [c.setpoint for c in machine.knobs].index(p["pv"])
         assert abs(p["value"] - start[i]) <= steps_a[i] + 1e-6
     assert any(e.kind == "clamp" and "excursion" in e.reason for e in result.events)
 
@@ -150,7 +151,7 @@ def test_rfq_machine_file_must_have_monitors(tmp_path):
     path.write_text(yaml.safe_dump(data))
     machine, p = load_machine(path)
     with pytest.raises(ConfigError, match="monitors"):
-        load_machine_lattice(machine, p)
+        machine_setup(machine, p)
 
 
 def test_simulated_injector_session_through_the_guard(agent):
@@ -162,12 +163,12 @@ def test_simulated_injector_session_through_the_guard(agent):
     # Deterministic simulator: this injector ends with a walk back to the best measured setting.
     walk = next(e for e in result.events if e.kind == "return_to_best")
     np.testing.assert_allclose(plant.read_knobs(), walk.data["target"])
-    assert walk.data["best_transmission"] >= result.step_records[walk.data["from_step"] - 2].transmission + 0.01
+    assert walk.data["best_transmission"] >= result.step_records[walk.data["from_step"] - 2].metrics["transmission"] + 0.01
     if result.restored:
         np.testing.assert_allclose(plant.read_knobs(), start)
-        assert result.final_transmission <= result.initial_transmission
+        assert result.final <= result.initial
     else:
-        assert result.final_transmission > result.initial_transmission
+        assert result.final > result.initial
 
 
 class _Scripted:
@@ -187,7 +188,7 @@ def test_session_ending_below_its_start_restores_the_start(agent):
     # No interlocks and no walk back to the best setting: the end-of-session rule must act.
     result = run_session(plant, _Scripted(agent, return_margin=1.0))
     assert result.status == "not_converged" and result.steps == 30
-    assert result.final_transmission < result.initial_transmission
+    assert result.final < result.initial
     assert result.restored and any(e.kind == "stop" and "not above the start" in e.reason for e in result.events)
     np.testing.assert_allclose(plant.read_knobs(), start)
     # The excursion limit (15 of SOL2's own steps) held while it pushed.
@@ -213,7 +214,7 @@ def test_session_walks_back_to_its_best_measured_setting(agent):
     np.testing.assert_allclose([r.action[3] for r in result.step_records[15:]], [-1.0] * 15)
     np.testing.assert_allclose(plant.read_knobs(), start, atol=1e-12)
     assert result.steps == 30 and result.trips == []
-    assert abs(result.final_transmission - result.initial_transmission) < 0.02  # same settings, another reading
+    assert abs(result.final - result.initial) < 0.02  # same settings, another reading
 
 def test_shipped_machine_file_steps_as_the_agent_was_trained():
     """The guard clips each step to the machine file's largest step: it must not cut the agent's training step."""
@@ -221,8 +222,8 @@ def test_shipped_machine_file_steps_as_the_agent_was_trained():
 
     machine, _ = load_machine(MACHINE_DIR / "virtual-lpi.yaml")
     lattice = load_injector("lpi")
-    assert [c.name for c in machine.correctors] == lattice.knob_names
-    np.testing.assert_allclose([c.max_step / abs(c.scale) for c in machine.correctors], lattice.knob_steps)
+    assert [c.name for c in machine.knobs] == lattice.knob_names
+    np.testing.assert_allclose([c.max_step / abs(c.scale) for c in machine.knobs], lattice.knob_steps)
 
 
 def test_machine_stepping_smaller_than_training_is_logged_and_clipped(agent):

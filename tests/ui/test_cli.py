@@ -6,6 +6,7 @@ import pytest
 
 from controller.policy import Policy
 from simulators.beamline.lattice import load_lattice
+from conftest import for_setup
 
 
 def test_evaluate_json_schema(run_cli):
@@ -28,7 +29,7 @@ def test_evaluate_table_and_plot_with_lattice_path(run_cli, tmp_path):
 
     lattice_file = tmp_path / "cm1-copy.yaml"
     lattice_file.write_text((LATTICE_DIR / "cafe2-cm1.yaml").read_text())
-    policy = Policy.load("pretrained", lattice=load_lattice("cafe2-cm1")).path
+    policy = Policy.load("pretrained", *for_setup(load_lattice("cafe2-cm1"))).path
     plot = tmp_path / "eval.png"
     proc = run_cli("evaluate", "orbit", "--lattice", str(lattice_file), "--policy", str(policy),
                    "--episodes", "2", "--plot", str(plot))
@@ -61,10 +62,10 @@ def test_short_training_writes_policy_checkpoints_and_logs(run_cli, tmp_path):
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
     record = json.loads((out / "training.json").read_text())
     assert [c["step"] for c in record["curves"]] == [500, 1000]
-    policy = Policy.load(out / "policy.pt", lattice=load_lattice("cafe2-cm2"))
+    policy = Policy.load(out / "policy.pt", *for_setup(load_lattice("cafe2-cm2")))
     meta = policy.metadata
     assert meta["lattice"]["name"] == "cafe2-cm2" and meta["error_model"]["name"] == "train"
     assert meta["observation"]["size"] == 24 and meta["training"]["seed"] == 3
     assert (out / "policy.pt").stat().st_size < 1_000_000
     with pytest.raises(Exception, match="metadata.lattice.n_bpm"):
-        Policy.load(out / "policy.pt", lattice=load_lattice("cafe2-cm1"))
+        Policy.load(out / "policy.pt", *for_setup(load_lattice("cafe2-cm1")))

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-from controller.rfq import MeasuredPlant, run_nelder_mead, run_random
+from simulators.injector.baselines import MeasurementBudget, run_nelder_mead, run_random
 from simulators.injector.model import load_injector
 from simulators.injector.task import TransmissionEnv, TransmissionTask, TransmissionTaskConfig, load_injector_errors
+from conftest import for_setup
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def test_optimisers_spend_exactly_their_budget_and_improve(lpi):
 def test_measured_plant_refuses_beyond_budget(lpi):
     env = TransmissionEnv(lpi, load_injector_errors("test"))
     env.reset(seed=1)
-    m = MeasuredPlant(env, 2)
+    m = MeasurementBudget(env, 2)
     m.measure(env.plant.read_knobs())
     m.measure(env.plant.read_knobs())
     with pytest.raises(Exception):
@@ -77,7 +78,7 @@ def test_measured_plant_refuses_beyond_budget(lpi):
 
 
 def test_evaluate_rfq_cli_json(run_cli):
-    proc = run_cli("evaluate", "rfq", "--episodes", "1", "--seed", "5", "--methods", "nelder_mead,random", "--json", timeout=300)
+    proc = run_cli("evaluate", "rfq", "--policy", "none", "--episodes", "1", "--seed", "5", "--methods", "nelder_mead,random", "--json", timeout=300)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["task"] == "rfq" and set(out["results"]) == {"nelder_mead", "random"}
@@ -92,7 +93,7 @@ def test_evaluate_rfq_rejects_unknown_method(run_cli):
 
 
 def test_xopt_bayesian_optimisation_spends_its_budget(lpi):
-    from controller.rfq import run_xopt
+    from simulators.injector.baselines import run_xopt
 
     env = TransmissionEnv(lpi, load_injector_errors("test"))
     env.reset(seed=12)
@@ -111,7 +112,7 @@ def test_short_rfq_training_writes_a_policy_the_cli_can_evaluate(run_cli, tmp_pa
     record = json.loads((out / "training.json").read_text())
     assert [c["step"] for c in record["curves"]] == [500, 1000]
     assert {"fraction_of_best", "steps_to_85"} <= set(record["curves"][0])
-    meta = Policy.load(out / "policy.pt", lattice=lpi).metadata
+    meta = Policy.load(out / "policy.pt", *for_setup(lpi)).metadata
     assert meta["task"] == "rfq" and meta["lattice"]["knob_names"] == lpi.knob_names
     assert meta["action"]["step"] == lpi.knob_steps and meta["observation"]["size"] == 44
     proc = run_cli("evaluate", "rfq", "--policy", str(out / "policy.pt"), "--episodes", "1", "--methods", "random",
@@ -126,7 +127,7 @@ def test_rfq_training_refuses_the_trend_image_architecture(run_cli, tmp_path):
 
 
 def test_summary_counts_unreached_as_beyond_budget_and_collapses():
-    from controller.rfq import RfqEpisode, summarise_rfq
+    from simulators.injector.baselines import RfqEpisode, summarise_rfq
 
     episodes = [RfqEpisode(1, 0.6, [0.2, 0.9], 0.9, 0.95), RfqEpisode(2, 0.6, [0.5, 0.7], 0.7, 0.95)]
     r = summarise_rfq(episodes)
@@ -138,11 +139,11 @@ def test_summary_counts_unreached_as_beyond_budget_and_collapses():
 def test_agent_episode_ends_on_its_best_measured_setting(lpi):
     """Evaluation runs the agent as a session does: a late walk back to the best setting it read."""
     from controller.policy import Policy
-    from controller.rfq import run_agent
+    from simulators.injector.baselines import run_agent
 
     env = TransmissionEnv(lpi, load_injector_errors("test"), TransmissionTaskConfig(max_steps=30))
     env.reset(seed=11)
-    trace = run_agent(env, Policy.load("pretrained", lattice=lpi), 30)
+    trace = run_agent(env, Policy.load("pretrained", *for_setup(lpi)), 30)
     target = env.task.return_target
     assert target is not None and len(trace) <= 30
     np.testing.assert_allclose(env.plant.read_knobs(), target)
@@ -150,7 +151,7 @@ def test_agent_episode_ends_on_its_best_measured_setting(lpi):
     # Without the walk (margin above any gain) the agent would have used all 30 steps and ended elsewhere.
     env.reset(seed=11)
     env.task.config = TransmissionTaskConfig(max_steps=30, return_margin=1.0)
-    assert len(run_agent(env, Policy.load("pretrained", lattice=lpi), 30)) == 30 and env.task.return_target is None
+    assert len(run_agent(env, Policy.load("pretrained", *for_setup(lpi)), 30)) == 30 and env.task.return_target is None
 
 
 def test_walk_back_counts_a_knob_within_its_readback_tolerance_as_there(lpi):
