@@ -40,7 +40,7 @@ class OrbitSimPlant(SimulatedPlant):
         self.error_model = error_model
         self.model = model or BeamlineModel(lattice)
         limit = lattice.corrector_limit
-        self.knobs = [KnobSpec(n, "unit", -limit, limit, np.inf) for n in lattice.corrector_names]
+        self.knobs = [KnobSpec(n, "simulator units", -limit, limit, np.inf) for n in lattice.corrector_names]
         self.readings = [ReadingSpec(n, "mm", -BPM_RANGE_MM, BPM_RANGE_MM) for n in lattice.reading_names]
         self.errors: MachineErrors | None = None
         self.response: Response | None = None

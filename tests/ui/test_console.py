@@ -11,7 +11,7 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import _free_port
 
-APP = str(Path(__file__).resolve().parents[1] / "ui" / "console" / "app.py")
+APP = str(Path(__file__).resolve().parents[2] / "ui" / "console" / "app.py")
 TOKEN = "console-token"
 
 
@@ -157,18 +157,39 @@ def test_training_page_lists_runs_evaluations_and_deployments(server, tmp_path):
     assert frames[2]["deployed on"].tolist() == ["sim-cafe2-cm3"]
 
 
+def test_training_page_shows_an_rfq_run(server, tmp_path):
+    """Every task's periodic evaluation is charted (an RFQ run once raised KeyError 'success_rate')."""
+    from controller.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'console.sqlite'}")
+    run = store.start_training_run(task="rfq", lattice="lpi", errors="train", arch="mlp", steps=10000, seed=0, out_dir="x")
+    curve = [{"step": 5000, "fraction_of_best": {"median": 0.9, "p5": 0.7}, "steps_to_85": {"median": 14, "reached": 17}},
+             {"step": 10000, "fraction_of_best": {"median": 0.97, "p5": 0.9}, "steps_to_85": {"median": 9, "reached": 19}}]
+    store.finish_training_run(run.id, "completed", {"best_step": 10000, "best": curve[1]}, curve)
+    store.add_evaluation(None, {"task": "rfq", "lattice": "lpi", "errors": "test", "episodes": 2, "seed": 1000, "results": {
+        "agent": curve[1], "nelder_mead": {"fraction_of_best": {"median": 0.95}, "steps_to_85": {"median": None, "reached": 1}}}})
+    at = app_test("training.py")
+    assert not at.exception
+    assert at.multiselect(key="t-quantities").value == ["fraction_of_best.median", "fraction_of_best.p5"]
+    assert "fraction_of_best.median 0.97" in " ".join(c.value for c in at.caption)
+    frames = [df.value for df in at.dataframe]
+    assert set(frames[1]["method"]) == {"agent", "nelder_mead"} and "fraction_of_best.median" in frames[1]
+
+
 def test_knob_chart_keeps_tesla_and_mrad_on_separate_axes():
     """An injector's solenoids (T) and steerers (mrad) get one panel each, with its own scale."""
-    from controller.manager import _injector_layout, _layout
-    from ui.console.charts import corrector_chart
+    from controller.machines import list_machines
+    from ui.console.charts import knob_chart
 
-    injector = _injector_layout("lpi")
-    spec = corrector_chart(injector, [0.3, 0.3, 1.0, -1.0, 2.0, -2.0]).to_dict()
+    machines = {m["name"]: m for m in list_machines()}
+    spec = knob_chart(machines["sim-lpi"], [0.3, 0.3, 1.0, -1.0, 2.0, -2.0]).to_dict()
     assert spec["facet"]["column"]["field"] == "unit"
     assert spec["resolve"]["scale"]["y"] == "independent"
     rows = next(iter(spec["datasets"].values()))
-    by_unit = {u: [r["corrector"] for r in rows if r["unit"] == u] for u in {r["unit"] for r in rows}}
+    by_unit = {u: [r["knob"] for r in rows if r["unit"] == u] for u in {r["unit"] for r in rows}}
     assert by_unit == {"T": ["SOL1", "SOL2"], "mrad": ["ST1:H", "ST1:V", "ST2:H", "ST2:V"]}
+    # the EPICS machine of an injector has the same units (from its lattice) as the simulated one
+    assert [k["unit"] for k in machines["virtual-lpi"]["knobs"]] == [k["unit"] for k in machines["sim-lpi"]["knobs"]]
 
-    orbit = corrector_chart(_layout("cafe2-cm1"), None).to_dict()
+    orbit = knob_chart(machines["sim-cafe2-cm1"], None).to_dict()
     assert "facet" not in orbit and orbit["layer"][0]["encoding"]["y"]["title"] == "setting (simulator units)"

@@ -111,7 +111,7 @@ def test_approve_mode_orbit_correction_through_the_console(stack, browser):
     artifacts = Path(os.environ.get("TBSAC_ARTIFACTS", ROOT / "test-artifacts"))
     artifacts.mkdir(parents=True, exist_ok=True)
     browser.get(stack["console"] + "/")
-    WebDriverWait(browser, 60).until(lambda d: "Run beam tuning" in page_text(d) and "No session on this machine" in page_text(d))
+    WebDriverWait(browser, 60).until(lambda d: "Run tuning" in page_text(d) and "No session on this machine" in page_text(d))
     # Mode: approve (Streamlit radios are labels around hidden inputs).
     browser.find_element(By.XPATH, "//label[.//p[normalize-space(.)='approve']]").click()
     WebDriverWait(browser, 10).until(lambda d: d.find_element(By.XPATH, "//label[.//p[normalize-space(.)='approve']]//input").is_selected())
@@ -156,7 +156,7 @@ def test_auto_mode_rfq_tuning_through_the_console(injector_stack, browser):
     artifacts = Path(os.environ.get("TBSAC_ARTIFACTS", ROOT / "test-artifacts"))
     artifacts.mkdir(parents=True, exist_ok=True)
     browser.get(stack["console"] + "/")
-    WebDriverWait(browser, 60).until(lambda d: "Run beam tuning" in page_text(d))
+    WebDriverWait(browser, 60).until(lambda d: "Run tuning" in page_text(d))
     # The machine is a Streamlit (react-aria) combobox: open its list, then pick the injector.
     WebDriverWait(browser, 30).until(EC.element_to_be_clickable(
         (By.XPATH, "//input[@aria-label='Machine']/following-sibling::button[@aria-label='Open']"))).click()
@@ -183,7 +183,7 @@ def test_auto_mode_rfq_tuning_through_the_console(injector_stack, browser):
     shown = f"transmission {result['initial_transmission']:.3f} → {result['final_transmission']:.3f}"
     WebDriverWait(browser, 30).until(lambda d: shown in page_text(d))
     text = page_text(browser)
-    assert "Beam currents" in text and "Transmission and reward" in text and "transmission" in text
+    assert "Beam currents" in text and "transmission (1) and reward" in text and "transmission" in text
     # A walk back to the best setting is in the event log (a canvas grid: its cells are in the page source).
     assert all(w["reason"] in browser.page_source for w in walks)
     time.sleep(1.5)  # let the charts finish drawing

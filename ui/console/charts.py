@@ -38,7 +38,7 @@ def metric_title(metric: dict) -> str:
     return f"{metric.get('label') or metric['name']} ({metric['unit']})"
 
 
-def profile_chart(panel: dict, machine: dict, start, current, band: float | None) -> alt.Chart:
+def profile_chart(panel: dict, machine: dict, start, current, band: float | None, band_unit: str = "") -> alt.Chart:
     """Readings against their position, one facet per group (e.g. x and y), start vs now, target band."""
     names = reading_names(machine)
     rows = []
@@ -61,7 +61,7 @@ def profile_chart(panel: dict, machine: dict, start, current, band: float | None
         # one rectangle per facet (aggregate), not one per data row stacked up.
         layers.insert(0, alt.Chart().transform_aggregate(n="count()", groupby=["group"]).mark_rect().encode(
             y=alt.datum(-band), y2=alt.datum(band), color=alt.value("green"), opacity=alt.value(0.15)))
-    caption = panel.get("caption", "") + (f" ±{band}" if band else "")
+    caption = panel.get("caption", "") + (f" ±{band} {band_unit}".rstrip() if band else "")
     return alt.layer(*layers, data=data).properties(width=300, height=220).facet(
         column=alt.Column("group:N", title=caption))
 
@@ -87,10 +87,11 @@ def panel_charts(machine: dict, start, current, session: dict | None = None) -> 
     out = []
     for panel in machine.get("panels", []):
         if panel["kind"] == "profile":
+            metric = primary_metric(machine, session)
             band = (session or {}).get("task_config", {}).get(panel.get("band_config", ""), None)
             if band is None:
-                band = primary_metric(machine, session).get("target")
-            out.append((panel["title"], profile_chart(panel, machine, start, current, band)))
+                band = metric.get("target")
+            out.append((panel["title"], profile_chart(panel, machine, start, current, band, metric["unit"])))
         elif panel["kind"] == "bars":
             out.append((panel["title"], bars_chart(panel, machine, start, current)))
     return out

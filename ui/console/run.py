@@ -80,7 +80,8 @@ def live(session_id: int | None) -> None:
         result = session.get("result") or {}
         metric = primary_metric(machine, session)
         before, after = result.get(f"initial_{metric['name']}"), result.get(f"final_{metric['name']}")
-        change = f"{metric.get('label') or metric['name']} {before or 0:.3f} → {after or 0:.3f} {metric['unit']}"
+        unit = "" if metric["unit"] == "1" else f" {metric['unit']}"
+        change = f"{metric.get('label') or metric['name']} {before or 0:.3f} → {after or 0:.3f}{unit}"
         st.success(f"{header} · {change} in {result.get('steps')} steps")
     else:
         st.error(f"{header}\n\n{NEXT_STEP.get(status, '')}")
