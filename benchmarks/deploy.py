@@ -35,7 +35,7 @@ def check_puts(puts: list[dict], machine, start: dict[str, float] | None = None)
 
     `start` holds the setpoints before the session (default: all zero).
     """
-    by_pv = {c.setpoint: c for c in machine.correctors}
+    by_pv = {c.setpoint: c for c in machine.knobs}
     last = dict(start) if start else {pv: 0.0 for pv in by_pv}
     problems = []
     for p in puts:
@@ -89,16 +89,12 @@ def overhead(sessions: int = 20) -> dict:
     """Per-step software time with ramp 0 (in-process client, real IOC)."""
     port = free_port()
     os.environ.update(loopback_environment(port))
+    from controller.machines import open_machine
     from controller.policy import Policy
     from controller.session import run_session
-    from hardware.epics_plant import EpicsPlant
-    from safety.guard import InterlockRule
-    from simulators.beamline.lattice import load_lattice
-
     from safety.guard import read_snapshot, restore_snapshot
 
-    machine, path = load_machine("virtual-cafe2-cm1")
-    policy = Policy.load("pretrained", lattice=load_lattice("cafe2-cm1"))
+    machine, _ = load_machine("virtual-cafe2-cm1")
     latencies = []
     with TemporaryDirectory() as tmp:
         # One IOC for all sessions (a restarted IOC on the same names would make this
@@ -106,8 +102,9 @@ def overhead(sessions: int = 20) -> dict:
         # sessions gives every session the same mis-steered start.
         ioc = start_virtual_ioc("cafe2-cm1", 500, "test", port, 0.0, Path(tmp) / "puts.jsonl")
         try:
-            plant = EpicsPlant(machine, path).connect()
-            rules = [InterlockRule(i.name, i.rule, i.threshold) for i in machine.interlocks]
+            opened = open_machine("virtual-cafe2-cm1")
+            plant, rules = opened.plant, opened.interlocks
+            policy = Policy.load("pretrained", opened.definition, opened.setup)
             for k in range(sessions):
                 snap = Path(tmp) / f"s{k}.json"
                 result = run_session(plant, policy, interlocks=rules, snapshot_path=snap)
@@ -119,7 +116,7 @@ def overhead(sessions: int = 20) -> dict:
             ioc.wait(10)
     ms = np.array(latencies) * 1e3
     return {"steps": len(ms), "median_ms": round(float(np.median(ms)), 2), "p95_ms": round(float(np.percentile(ms, 95)), 2),
-            "correctors": len(machine.correctors), "bpm_channels": 2 * len(machine.bpms)}
+            "correctors": len(machine.knobs), "bpm_channels": 2 * len(machine.bpms)}
 
 
 def main() -> None:

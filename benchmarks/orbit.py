@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from controller.agents import make_sac
-from controller.evaluation import evaluate_orbit
 from controller.policy import Policy
+from core.registry import get_task
 from simulators.beamline.errors import load_error_model
+from simulators.beamline.evaluation import evaluate_orbit
 from simulators.beamline.lattice import load_lattice
 from simulators.beamline.task import BatchedOrbitEnv, OrbitEnv, OrbitTaskConfig
 
@@ -80,7 +81,7 @@ def main() -> None:
 
     cm1 = load_lattice("cafe2-cm1")
     train = load_error_model("train")
-    policy = Policy.load("pretrained", lattice=cm1)
+    policy = Policy.load("pretrained", get_task("orbit"), cm1)
     speed = {
         "env_steps_per_s_single": round(env_steps_per_second(cm1, train)),
         "env_steps_per_s_batched_256": round(batched_steps_per_second(cm1, train)),
@@ -91,7 +92,7 @@ def main() -> None:
     evaluations = []
     for name in LATTICES:
         lattice = load_lattice(name)
-        agent = Policy.load("pretrained", lattice=lattice)
+        agent = Policy.load("pretrained", get_task("orbit"), lattice)
         config = OrbitTaskConfig(**agent.metadata["task_config"])
         for errors in ("test", "hard"):
             summary, _ = evaluate_orbit(lattice, load_error_model(errors), agent, args.episodes, args.seed, config)

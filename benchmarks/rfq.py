@@ -39,18 +39,19 @@ def _chunk(seeds: tuple[int, int]):
 
     torch.set_num_threads(1)  # one worker per core: BoTorch's threads would oversubscribe them
     from controller.policy import Policy
-    from controller.rfq import RFQ_METHODS, evaluate_rfq
+    from core.registry import get_task
+    from simulators.injector.baselines import RFQ_METHODS, evaluate_rfq
     from simulators.injector.model import load_injector
     from simulators.injector.task import load_injector_errors
 
     lattice = load_injector("lpi")
-    agent = Policy.load("pretrained", lattice=lattice)
+    agent = Policy.load("pretrained", get_task("rfq"), lattice)
     _, runs = evaluate_rfq(lattice, load_injector_errors("test"), agent, seeds[1], seeds[0], BUDGET, RFQ_METHODS)
     return runs
 
 
 def simulation(episodes: int, workers: int) -> dict:
-    from controller.rfq import rfq_summary
+    from simulators.injector.baselines import rfq_summary
 
     size = -(-episodes // workers)
     chunks = [(SEED + k, min(size, episodes - k)) for k in range(0, episodes, size)]
@@ -80,7 +81,7 @@ def zero_shot(seeds: range, ramp: float) -> dict:
                 ioc.terminate()
                 ioc.wait(10)
             knobs = json.loads(snap.read_text())["knobs"] if snap.exists() else {}
-            start = {c.setpoint: knobs.get(c.name, 0.0) * c.scale for c in machine.correctors}
+            start = {c.setpoint: knobs.get(c.name, 0.0) * c.scale for c in machine.knobs}
             result.update(seed=seed, exit_code=proc.returncode,
                           ioc_limit_violations=check_puts(read_put_log(log), machine, start))
             runs.append(result)

@@ -31,21 +31,22 @@ TOKEN = "bench"
 
 
 def store_overhead(tmp: Path, steps: int = 500) -> dict:
+    from controller.machines import open_machine
     from controller.policy import Policy
-    from controller.recording import SessionRecorder, machine_record_simulated
+    from controller.recording import SessionRecorder
     from controller.session import StepRecord
     from controller.store import Store
-    from simulators.beamline.lattice import load_lattice
 
     store = Store(f"sqlite:///{tmp / 'bench.sqlite'}")
-    policy = Policy.load("pretrained", lattice=load_lattice("cafe2-cm1"))
-    recorder = SessionRecorder(store, machine_record_simulated("cafe2-cm1", "test", 0), policy, "bench", "auto", None)
+    machine = open_machine("sim-cafe2-cm1")
+    policy = Policy.load("pretrained", machine.definition, machine.setup)
+    recorder = SessionRecorder(store, machine.record, policy, "bench", "auto", None, machine.plant)
     rng = np.random.default_rng(0)
     times = []
     for k in range(steps):
         record = StepRecord(k + 1, rng.normal(size=30).tolist(), rng.uniform(-1, 1, 10).tolist(), rng.normal(size=10).tolist(),
                             rng.normal(size=10).tolist(), rng.normal(size=10).tolist(), rng.normal(size=10).tolist(),
-                            {"beam_current": 10.0, "mps_ok": 1.0}, -1.0, 0.7, 0.01, time.time())
+                            {"beam_current": 10.0, "mps_ok": 1.0}, -1.0, {"rms_mm": 0.7}, 0.01, time.time())
         t = time.perf_counter()
         recorder.on_step(record)
         times.append(time.perf_counter() - t)

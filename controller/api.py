@@ -16,6 +16,8 @@ from core.config import ConfigError
 from core.plant import PlantFault
 from core.registry import get_task, task_for_setup, task_names
 from core.task import TaskDefinition
+# Virtual machines (the demo, benchmarks): start one in the background on a loopback port.
+from hardware.ioc import free_port, loopback_environment, start_virtual_ioc
 from safety.guard import MODES, GuardedPlant, SafetyConfig, SafetyEvent, read_snapshot, restore_snapshot
 
 from .machines import Machine, list_machines, open_machine
@@ -144,7 +146,8 @@ def run_on_machine(machine: str, policy: str, mode: str, operator: str, max_step
             limits[key] = value
     safety = SafetyConfig(**limits)
     snap = snapshot or snapshot_dir() / f"{opened.name}-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    recorder = SessionRecorder(open_store(), opened.record, agent, operator, mode, str(snap), opened.plant)
+    recorder = SessionRecorder(open_store(), opened.record, agent, operator, mode, str(snap), opened.plant,
+                               opened.panels(), [r.name for r in opened.interlocks])
 
     def record_event(event: SafetyEvent) -> None:
         recorder.on_event(event)
@@ -190,7 +193,5 @@ def setup_task(lattice: str) -> str:
     return task_for_setup(lattice)[0].name
 
 
-# Virtual machines (the demo, benchmarks): start one in the background on a loopback port.
-from hardware.ioc import free_port, loopback_environment, start_virtual_ioc  # noqa: E402
-
-__all__ += ["Evaluation", "PlantFault", "free_port", "loopback_environment", "machine_task", "setup_task", "start_virtual_ioc"]
+__all__ += ["ConfigError", "Evaluation", "PlantFault", "free_port", "loopback_environment", "machine_task", "setup_task",
+            "start_virtual_ioc"]

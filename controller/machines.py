@@ -35,6 +35,10 @@ class Machine:
     path: Path | None = None
     machine_file: MachineFile | None = None
 
+    def panels(self) -> list[dict]:
+        """The console panels of the machine's task."""
+        return self.definition.panels(self.setup)
+
 
 def _default_errors(definition: TaskDefinition) -> str:
     presets = definition.error_presets()

@@ -69,7 +69,8 @@ class SessionManager:
             opened = open_machine(machine, seed, errors)
             agent = Policy.load(policy, opened.definition, opened.setup)
             snapshot = snapshot_dir() / f"{opened.name}-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**6}.json"
-            recorder = SessionRecorder(self.store, opened.record, agent, operator, mode, str(snapshot), opened.plant)
+            recorder = SessionRecorder(self.store, opened.record, agent, operator, mode, str(snapshot), opened.plant,
+                                       opened.panels(), [r.name for r in opened.interlocks])
             active = ActiveSession(recorder.session_id, machine, mode, recorder, opened.plant)
             active.running.set()
             context = {"machine": machine, "machine_file": opened.record.get("path"), "session": recorder.session_id}

@@ -75,6 +75,8 @@ class Policy:
         meta = blob.get("metadata") if isinstance(blob, dict) else None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ConfigError(f"{path}: field 'metadata.format': expected {FORMAT!r}")
+        if not isinstance(meta.get("task"), str):
+            raise ConfigError(f"{path}: field 'metadata.task': missing (which task the policy was trained for)")
         if definition is not None:
             check_compatible(meta, definition, setup, path)
         obs_space, act_space = _spaces(meta)
@@ -82,6 +84,11 @@ class Policy:
         sac_policy = SACPolicy(obs_space, act_space, lambda _: 0.0, **policy_kwargs(meta["arch"])).float()
         sac_policy.actor.load_state_dict(blob["actor"])
         return cls(sac_policy, meta, path)
+
+    @property
+    def task(self) -> str:
+        """The registered task the policy was trained for."""
+        return self.metadata["task"]
 
     @property
     def sha256(self) -> str:
@@ -101,7 +108,7 @@ class Policy:
 
 def check_compatible(meta: dict, definition: TaskDefinition, setup, path: Path) -> None:
     """Raise ConfigError if the policy's task or layout differs from `setup`'s."""
-    task = meta.get("task", "orbit")  # policies from before the registry were all orbit
+    task = meta["task"]
     if task != definition.name:
         where = f"lattice {setup.name} is" if setup is not None else "the machine is"
         raise ConfigError(f"{path}: field 'metadata.task': policy is for task {task!r}, {where} for {definition.name!r}")

@@ -85,13 +85,13 @@ def step_limit_warning(plant: Plant, trained_step: np.ndarray) -> SafetyEvent | 
 
 def policy_task(plant: Plant, policy: Policy) -> Task:
     """The task `policy` was trained on, on `plant` (its knobs, its readings)."""
-    definition = get_task(policy.metadata.get("task", "orbit"))
+    definition = get_task(policy.task)
     return definition.task_for_policy(plant.knobs, plant.readings, policy.metadata)
 
 
 def default_safety(policy: Policy) -> SafetyConfig:
     """The session limits the policy's task declares."""
-    return SafetyConfig(**get_task(policy.metadata.get("task", "orbit")).safety_defaults)
+    return SafetyConfig(**get_task(policy.task).safety_defaults)
 
 
 def run_session(
@@ -122,7 +122,7 @@ def run_session(
 
     def result() -> SessionResult:
         return SessionResult(
-            task=policy.metadata.get("task", "orbit"), metric=primary.name, initial=initial, final=final,
+            task=policy.task, metric=primary.name, initial=initial, final=final,
             steps=task.steps, wall_s=round(time.perf_counter() - start, 3), success=success,
             trips=[e.reason for e in guard.events if e.kind == "trip"],
             restored=any(e.kind == "restore" for e in guard.events),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -50,6 +51,11 @@ class Readings:
     @property
     def all_valid(self) -> bool:
         return bool(self.valid.all())
+
+
+# How an interlock channel trips a session (evaluated by safety.guard.InterlockRule):
+# below a fraction of its value at the start, below/above a threshold, or not equal to it.
+InterlockRuleKind = Literal["min_fraction_of_start", "min", "max", "equals"]
 
 
 @dataclass

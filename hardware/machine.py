@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
 from core.config import ConfigError, load_yaml_model
+from core.plant import InterlockRuleKind
 
 
 class _Strict(BaseModel):
@@ -79,7 +80,7 @@ class Interlock(_Strict):
 
     name: str
     pv: str
-    rule: Literal["min_fraction_of_start", "min", "max", "equals"]
+    rule: InterlockRuleKind
     threshold: float
 
 

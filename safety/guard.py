@@ -24,7 +24,7 @@ from typing import Callable, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
-from core.plant import ConnectionLost, Event, Plant, PlantFault, Readings, knob_bounds, knob_steps, knob_tolerances
+from core.plant import ConnectionLost, Event, InterlockRuleKind, Plant, PlantFault, Readings, knob_bounds, knob_steps, knob_tolerances
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class InterlockRule:
     """Trip when a named interlock reading breaks its rule."""
 
     name: str
-    rule: Literal["min_fraction_of_start", "min", "max", "equals"]
+    rule: InterlockRuleKind
     threshold: float
 
     def violated(self, value: float, start: float | None) -> str:

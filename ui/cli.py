@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from core.config import ConfigError
+from controller.api import ConfigError
 
 app = typer.Typer(
     help="Safe RL tuning: train, evaluate and deploy trend-based SAC agents on any registered task.",
@@ -56,7 +56,7 @@ def train(
     steps: Optional[int] = typer.Option(None, "--steps", min=1000, help="Environment steps (default: the task's)."),
     seed: int = typer.Option(0, "--seed"),
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default runs/<task>)."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="Network (default: the task's; orbit: tbsac or the mlp ablation)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Network (default: the task's; `tbsac info` lists each task's)."),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", min=100),
     eval_episodes: Optional[int] = typer.Option(None, "--eval-episodes", min=1),
     gamma: Optional[float] = typer.Option(None, "--gamma", min=0.0, max=1.0, help="Discount factor (default: the task's)."),

@@ -24,7 +24,7 @@ from controller.manager import Conflict, NotFound, SessionManager
 from controller.policy import POLICY_DIR
 from controller.replay import load_session, replay, step_rows
 from controller.store import EvaluationRow, PolicyRow, SessionRow, Store, TrainingRunRow, row_dict
-from core.config import ConfigError
+from controller.api import ConfigError
 
 SessionStatus = Literal["running", "paused", "completed", "not_converged", "tripped", "aborted", "rejected", "dry-run", "interrupted", "faulted"]
 

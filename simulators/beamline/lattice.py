@@ -147,16 +147,6 @@ class Lattice(_Strict):
         return names
 
     @cached_property
-    def corrector_planes(self) -> list[str]:
-        planes: list[str] = []
-        for e in self.elements:
-            if isinstance(e, Solenoid):
-                planes += [p for p, n in (("h", e.steerer_h), ("v", e.steerer_v)) if n]
-            elif isinstance(e, Corrector):
-                planes.append(e.plane)
-        return planes
-
-    @cached_property
     def bpm_names(self) -> list[str]:
         return [e.name for e in self.elements if isinstance(e, Bpm)]
 

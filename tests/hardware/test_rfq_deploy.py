@@ -176,6 +176,7 @@ class _Scripted:
 
     def __init__(self, agent, **task_config):
         self.metadata = {**agent.metadata, "task_config": {**agent.metadata.get("task_config", {}), **task_config}}
+        self.task = agent.task
 
     def act(self, obs):
         return np.array([0.0, 0.0, 0.0, 1.0, 0.0, 0.0])

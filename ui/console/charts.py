@@ -2,7 +2,7 @@
 
 A machine (``/api/machines``) declares its knobs, readings and metrics with units and
 the panels its task wants (``profile``: readings against a position, per group, e.g.
-an orbit per plane; ``bars``: readings at the start and now). Nothing here knows a task.
+beam positions per plane; ``bars``: readings at the start and now). Nothing here knows a task.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def knob_chart(machine: dict, settings) -> alt.Chart:
     names = [k["name"] for k in machine["knobs"]]
     values = ordered(settings, names)
     rows = [{"knob": k["name"], "setting": (values[i] if values else 0.0), "unit": k.get("unit", "units"),
-             "lower": k["lower"], "upper": k["upper"]} for i, k in enumerate(machine["knobs"])]
+             "lower": k.get("lower"), "upper": k.get("upper")} for i, k in enumerate(machine["knobs"])]
     data = pd.DataFrame(rows)
     units = list(dict.fromkeys(data["unit"]))
     y_title = units[0] if len(units) == 1 else None

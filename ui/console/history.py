@@ -40,7 +40,9 @@ sid = st.selectbox("Session", ids, key="h-session", format_func=lambda i: f"sess
 session = client.session(sid)
 steps = client.steps(sid)
 events = client.events(sid)
-machine = machines.get(session["machine"])
+# A machine this server does not list (a machine file given by path, one since removed)
+# is drawn from the layout recorded with the session.
+machine = machines.get(session["machine"]) or (session.get("layout") if (session.get("layout") or {}).get("panels") else None)
 start_event = next((e for e in events if e["kind"] == "start"), None)
 
 st.subheader(f"Session {sid}: {session['status']} on {session['machine']}, started {format_time(session['started'])}")
