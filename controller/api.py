@@ -7,12 +7,11 @@ replay, export: each dispatches through the task registry, so none names a task.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from core.config import ConfigError
+from core.config import ConfigError, parse_model
 from core.plant import PlantFault
 from core.registry import get_task, task_for_setup, task_names
 from core.task import TaskDefinition
@@ -20,8 +19,9 @@ from core.task import TaskDefinition
 from hardware.ioc import free_port, loopback_environment, start_virtual_ioc
 from safety.guard import MODES, GuardedPlant, SafetyConfig, SafetyEvent, read_snapshot, restore_snapshot
 
+from .locks import MachineBusy
 from .machines import Machine, list_machines, open_machine
-from .paths import data_dir, snapshot_dir
+from .paths import data_dir, unique_snapshot_path
 from .policy import POLICY_DIR, Policy, file_sha256
 from .recording import SessionRecorder, register_policy
 from .replay import export, replay
@@ -39,9 +39,11 @@ def open_store() -> Store:
     from sqlalchemy.exc import ArgumentError, OperationalError
 
     try:
-        return Store()
+        store = Store()
     except (ArgumentError, OperationalError) as exc:
         raise ConfigError(f"session store: cannot open database ({str(exc).splitlines()[0]})") from None
+    store.mark_interrupted()  # sessions of processes that died (e.g. a `tbsac run` killed with SIGKILL)
+    return store
 
 
 def describe() -> dict:
@@ -138,16 +140,36 @@ def run_on_machine(machine: str, policy: str, mode: str, operator: str, max_step
     """Open `machine`, load `policy` for it, run a recorded session through the safety layer."""
     if mode not in MODES:
         raise ConfigError(f"--mode: unknown mode {mode!r}; expected one of {', '.join(MODES)}")
-    opened = open_machine(machine)
+    opened = open_machine(machine, connect=False)
     agent = Policy.load(policy, opened.definition, opened.setup)
     limits = default_safety(agent).model_dump()
     for key, value in (("max_steps", max_steps), ("max_excursion", max_excursion), ("max_excursion_steps", max_excursion_steps)):
         if value is not None:
             limits[key] = value
-    safety = SafetyConfig(**limits)
-    snap = snapshot or snapshot_dir() / f"{opened.name}-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    recorder = SessionRecorder(open_store(), opened.record, agent, operator, mode, str(snap), opened.plant,
-                               opened.panels(), [r.name for r in opened.interlocks])
+    safety = parse_model(SafetyConfig, limits, "safety limits")
+    lock = opened.lock()
+    try:
+        if lock:
+            lock.acquire()
+    except MachineBusy as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        opened.connect()
+        store = open_store()
+        recorder = SessionRecorder(store, opened.record, agent, operator, mode, None, opened.plant,
+                                   opened.panels(), [r.name for r in opened.interlocks])
+        if lock:
+            lock.note_session(recorder.session_id)
+        snap = snapshot or unique_snapshot_path(opened.name, recorder.session_id)
+        store.set_snapshot(recorder.session_id, str(snap))
+        return _run_recorded(opened, agent, mode, safety, snap, recorder, approver_for, on_event, guard_ready), recorder.session_id, opened
+    finally:
+        if lock:
+            lock.release()
+
+
+def _run_recorded(opened: Machine, agent: Policy, mode: str, safety: SafetyConfig, snap: Path, recorder: SessionRecorder,
+                  approver_for, on_event, guard_ready) -> SessionResult:
 
     def record_event(event: SafetyEvent) -> None:
         recorder.on_event(event)
@@ -156,12 +178,13 @@ def run_on_machine(machine: str, policy: str, mode: str, operator: str, max_step
 
     result = run_session(
         opened.plant, agent, mode=mode, safety=safety, interlocks=opened.interlocks, snapshot_path=snap,
-        snapshot_context={"machine_file": str(Path(opened.path).resolve()) if opened.path else None, "machine": opened.name},
+        snapshot_context={"machine_file": str(Path(opened.path).resolve()) if opened.path else None, "machine": opened.name,
+                          "session": recorder.session_id},
         approver=approver_for(opened) if approver_for and mode == "approve" else None,
         guard_ready=guard_ready, on_step=recorder.on_step, on_event=record_event,
     )
     recorder.finish(result)
-    return result, recorder.session_id, opened
+    return result
 
 
 def restore(snapshot: Path, machine: str | None = None) -> int:
@@ -176,8 +199,24 @@ def restore(snapshot: Path, machine: str | None = None) -> int:
     machine_arg = machine or blob.get("machine_file")
     if not machine_arg:
         raise ConfigError(f"{snapshot}: field 'machine_file' missing; pass --machine")
-    restore_snapshot(open_machine(machine_arg).plant, blob)
-    return len(blob["knobs"])
+    opened = open_machine(machine_arg, connect=False)
+    lock = opened.lock()
+    try:
+        if lock:
+            lock.acquire(purpose="restore")
+    except MachineBusy as exc:
+        raise ConfigError(f"refusing to restore while a session is live: {exc}") from None
+    try:
+        writes = restore_snapshot(opened.connect().plant, blob)
+    finally:
+        if lock:
+            lock.release()
+    if isinstance(blob.get("session"), int):  # the session's own log says it was restored
+        import datetime as dt
+
+        open_store().add_event(blob["session"], dt.datetime.now(dt.timezone.utc), "restore",
+                               f"starting settings restored from {snapshot} in {writes} writes and verified (tbsac restore)")
+    return len(blob.get("channels") or blob["knobs"])
 
 
 def machine_task(machine: str) -> tuple[str, str]:

@@ -18,6 +18,8 @@ from core.task import TaskDefinition
 from hardware.machine import MACHINE_DIR, MachineFile, load_machine
 from safety.guard import InterlockRule
 
+from .locks import MachineLock
+
 SIM_PREFIX = "sim-"
 
 
@@ -38,6 +40,18 @@ class Machine:
     def panels(self) -> list[dict]:
         """The console panels of the machine's task."""
         return self.definition.panels(self.setup)
+
+    def lock(self) -> MachineLock | None:
+        """The machine's cross-process lock (None for a simulated machine: each session has its own)."""
+        if self.machine_file is None:
+            return None
+        return MachineLock([k.setpoint for k in self.machine_file.knobs], self.name)
+
+    def connect(self) -> "Machine":
+        """Connect the plant (EPICS: every PV, with a timeout)."""
+        if hasattr(self.plant, "connect"):
+            self.plant.connect()
+        return self
 
 
 def _default_errors(definition: TaskDefinition) -> str:

@@ -12,8 +12,9 @@ from core.config import ConfigError
 from core.plant import Plant, PlantFault
 from safety.guard import MODES, GuardedPlant, read_snapshot, restore_snapshot
 
+from .locks import MachineBusy, MachineLock, holder_alive
 from .machines import SIM_PREFIX, Machine, open_machine
-from .paths import snapshot_dir
+from .paths import unique_snapshot_path
 from .policy import Policy
 from .recording import SessionRecorder
 from .session import run_session
@@ -45,7 +46,8 @@ class ActiveSession:
     decision: bool = False
     pending: dict | None = None
     proposals: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: MachineLock | None = None  # the machine's cross-process lock, held until the session ends
+    decision_lock: threading.Lock = field(default_factory=threading.Lock)
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -66,12 +68,27 @@ class SessionManager:
         with self.lock:
             if any(a.machine == machine and not a.done.is_set() for a in self.active.values()):
                 raise Conflict(f"machine {machine} already has an active session")
-            opened = open_machine(machine, seed, errors)
+            opened = open_machine(machine, seed, errors, connect=False)
             agent = Policy.load(policy, opened.definition, opened.setup)
-            snapshot = snapshot_dir() / f"{opened.name}-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**6}.json"
-            recorder = SessionRecorder(self.store, opened.record, agent, operator, mode, str(snapshot), opened.plant,
-                                       opened.panels(), [r.name for r in opened.interlocks])
-            active = ActiveSession(recorder.session_id, machine, mode, recorder, opened.plant)
+            lock = opened.lock()
+            try:
+                if lock:
+                    lock.acquire()
+            except MachineBusy as exc:
+                raise Conflict(str(exc)) from None
+            try:
+                opened.connect()
+                recorder = SessionRecorder(self.store, opened.record, agent, operator, mode, None, opened.plant,
+                                           opened.panels(), [r.name for r in opened.interlocks])
+            except BaseException:
+                if lock:
+                    lock.release()
+                raise
+            if lock:
+                lock.note_session(recorder.session_id)
+            snapshot = unique_snapshot_path(opened.name, recorder.session_id)
+            self.store.set_snapshot(recorder.session_id, str(snapshot))
+            active = ActiveSession(recorder.session_id, machine, mode, recorder, opened.plant, lock=lock)
             active.running.set()
             context = {"machine": machine, "machine_file": opened.record.get("path"), "session": recorder.session_id}
             active.thread = threading.Thread(
@@ -90,13 +107,13 @@ class SessionManager:
                 time.sleep(self.sim_step_interval)
 
         def approver(current, proposed, names) -> bool:
-            with active.lock:
+            with active.decision_lock:
                 active.proposals += 1
                 active.decided.clear()
                 active.pending = {"id": active.proposals, "names": names, "current": current.tolist(), "proposed": proposed.tolist()}
             while not active.decided.wait(0.05):
                 if active.guard.abort_requested.is_set():
-                    with active.lock:
+                    with active.decision_lock:
                         active.pending = None
                     return False  # never write once an abort was asked for
             return active.decision
@@ -117,6 +134,8 @@ class SessionManager:
         finally:
             if active.machine.startswith(SIM_PREFIX):
                 self.finished_plants[active.session_id] = active.plant
+            if active.lock:
+                active.lock.release()
             active.done.set()
 
     # -- operator commands ---------------------------------------------------------------
@@ -152,7 +171,7 @@ class SessionManager:
     def decide(self, session_id: int, approve: bool, operator: str, proposal: int | None = None) -> None:
         """Approve or reject the pending step; `proposal` pins which one the operator saw."""
         active = self._active(session_id)
-        with active.lock:
+        with active.decision_lock:
             pending = active.pending
             if active.mode != "approve" or pending is None:
                 raise Conflict(f"session {session_id} has no step waiting for approval")
@@ -172,19 +191,31 @@ class SessionManager:
         row = self.store.get(SessionRow, session_id)
         if row is None:
             raise NotFound(f"session {session_id} does not exist")
+        if row.status in ("running", "paused") and holder_alive(row.holder) is not False:
+            raise Conflict(f"session {session_id} is running in another process ({row.holder}): stop it there first")
         if not row.snapshot or not Path(row.snapshot).is_file():
             raise Conflict(f"session {session_id} has no snapshot on disk")
         snap = read_snapshot(Path(row.snapshot))
-        plant = self.finished_plants.get(session_id)
+        plant, lock = self.finished_plants.get(session_id), None
         if plant is None:
             if str(snap.get("machine", "")).startswith(SIM_PREFIX):
                 raise Conflict(f"session {session_id} ran on a simulated machine that no longer exists")
-            plant = open_machine(snap.get("machine_file") or snap["machine"]).plant
+            opened = open_machine(snap.get("machine_file") or snap["machine"], connect=False)
+            lock = opened.lock()
+            try:
+                if lock:
+                    lock.acquire(purpose=f"restore of session {session_id}")
+            except MachineBusy as exc:
+                raise Conflict(f"refusing to restore session {session_id} while a session is live: {exc}") from None
+            plant = opened.connect().plant
         try:
             restore_snapshot(plant, snap)
         except (PlantFault, ValueError) as exc:
             self.store.add_event(session_id, _now(), "restore_failed", f"restore by {operator} failed: {exc}")
             raise Conflict(f"restore failed: {exc}") from None
+        finally:
+            if lock:
+                lock.release()
         self.store.add_event(session_id, _now(), "restore", f"starting settings restored by {operator} and verified")
 
     def state(self, session_id: int) -> dict:

@@ -19,3 +19,12 @@ def snapshot_dir() -> Path:
     path = data_dir() / "snapshots"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def unique_snapshot_path(machine: str, session_id: int) -> Path:
+    """Where a session keeps its starting settings: one file per session, never shared.
+
+    `machine` is a validated machine name (letters, digits, '.', '_', '-'), so the path
+    stays inside the snapshot directory.
+    """
+    return snapshot_dir() / f"{machine}-session{session_id}.json"

@@ -79,11 +79,32 @@ class Policy:
             raise ConfigError(f"{path}: field 'metadata.task': missing (which task the policy was trained for)")
         if definition is not None:
             check_compatible(meta, definition, setup, path)
-        obs_space, act_space = _spaces(meta)
+        try:
+            obs_space, act_space = _spaces(meta)
+            arch = policy_kwargs(meta.get("arch"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{path}: field 'metadata': {exc.args[0] if isinstance(exc, ValueError) else f'missing or malformed {exc}'}") from None
         # float32 whatever the process default is (importing Xopt/BoTorch makes it float64)
-        sac_policy = SACPolicy(obs_space, act_space, lambda _: 0.0, **policy_kwargs(meta["arch"])).float()
-        sac_policy.actor.load_state_dict(blob["actor"])
-        return cls(sac_policy, meta, path)
+        sac_policy = SACPolicy(obs_space, act_space, lambda _: 0.0, **arch).float()
+        weights = blob.get("actor")
+        if not isinstance(weights, dict):
+            raise ConfigError(f"{path}: field 'actor': no actor weights")
+        try:
+            sac_policy.actor.load_state_dict(weights)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{path}: field 'actor': weights do not fit the declared network "
+                              f"({' '.join(str(exc).split())[:240]})") from None
+        policy = cls(sac_policy, meta, path)
+        policy.check_finite()
+        return policy
+
+    def check_finite(self) -> None:
+        """Refuse a policy whose weights or answers are not finite numbers (ConfigError)."""
+        bad = [k for k, v in self.sac_policy.actor.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        probe = np.random.default_rng(0).normal(size=(8, self.metadata["observation"]["size"])).astype(np.float32)
+        if bad or not np.all(np.isfinite(self.act(probe))):
+            where = f" (weights {', '.join(bad[:3])})" if bad else ""
+            raise ConfigError(f"{self.path}: field 'actor': the policy's outputs are not finite{where}")
 
     @property
     def task(self) -> str:

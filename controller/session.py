@@ -58,7 +58,7 @@ class SessionResult:
     trips: list[str]
     restored: bool
     snapshot: str | None
-    status: str = "completed"  # completed, not_converged, tripped, aborted, rejected, dry-run
+    status: str = "completed"  # completed, not_converged, tripped, aborted, rejected, dry-run, faulted
     step_records: list[StepRecord] = field(default_factory=list)
     events: list[SafetyEvent] = field(default_factory=list)
 
@@ -181,4 +181,11 @@ def run_session(
         status = "aborted"
     except SafetyTrip:
         status = "tripped"
+    except Exception as exc:  # noqa: BLE001 - any fault of ours must not leave the machine where it is
+        log.exception("session failed")
+        status = "faulted"
+        if guard.snapshot is not None:
+            guard.fault(f"internal error: {type(exc).__name__}: {exc}")
+        else:
+            guard.on_event_and_store(Event(time.time(), "trip", f"internal error before the start: {type(exc).__name__}: {exc}"))
     return result()

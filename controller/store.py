@@ -21,6 +21,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from .locks import holder_alive, holder_id
 from .paths import data_dir
 
 
@@ -99,6 +100,7 @@ class SessionRow(Base):
     ended: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     snapshot: Mapped[str | None] = mapped_column(Text)
     task: Mapped[str | None] = mapped_column(String(50))
+    holder: Mapped[str | None] = mapped_column(String(300))  # host:pid of the process running it
     # knob, reading and metric names and units, as the steps are keyed
     layout: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     task_config: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -225,7 +227,8 @@ class Store:
                       task: str | None = None, layout: dict | None = None) -> SessionRow:
         with self.Session.begin() as s:
             row = SessionRow(machine_id=machine_id, policy_id=policy_id, operator=operator, mode=mode,
-                             status="running", snapshot=snapshot, task_config=task_config, task=task, layout=layout)
+                             status="running", snapshot=snapshot, task_config=task_config, task=task, layout=layout,
+                             holder=holder_id())
             s.add(row)
             s.flush()
             return row
@@ -242,14 +245,23 @@ class Store:
         with self.Session.begin() as s:
             s.execute(update(SessionRow).where(SessionRow.id == session_id).values(status=status, result=result, ended=utcnow()))
 
+    def set_snapshot(self, session_id: int, snapshot: str) -> None:
+        with self.Session.begin() as s:
+            s.execute(update(SessionRow).where(SessionRow.id == session_id).values(snapshot=snapshot))
+
     def set_status(self, session_id: int, status: str) -> None:
         with self.Session.begin() as s:
             s.execute(update(SessionRow).where(SessionRow.id == session_id).values(status=status))
 
     def mark_interrupted(self) -> list[int]:
-        """Sessions left 'running' by a process that died: mark them 'interrupted'."""
+        """Sessions left 'running' by a process that died: mark them 'interrupted'.
+
+        A session whose holder is alive (this host) or cannot be checked (another host)
+        is left alone: it may be a live `tbsac run` beside this server.
+        """
         with self.Session.begin() as s:
-            ids = list(s.scalars(select(SessionRow.id).where(SessionRow.status.in_(("running", "paused")))))
+            rows = s.execute(select(SessionRow.id, SessionRow.holder).where(SessionRow.status.in_(("running", "paused")))).all()
+            ids = [i for i, holder in rows if holder_alive(holder) is False or holder is None]
             if ids:
                 s.execute(update(SessionRow).where(SessionRow.id.in_(ids)).values(status="interrupted", ended=utcnow()))
             return ids

@@ -60,14 +60,28 @@ def parse_model(model: type[ModelT], data: object, source: str) -> ModelT:
         return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(validation_message(source, exc, data)) from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a configuration file") from None
+
+
+MAX_CONFIG_BYTES = 1_000_000  # configuration files are small; anything bigger is refused unread
 
 
 def read_yaml(path: Path) -> object:
-    """Parse a YAML file, turning I/O and syntax errors into ConfigError."""
+    """Parse a YAML file, turning every way it can be wrong into a one-line ConfigError.
+
+    Refused: files over 1 MB (before reading them), binary files, malformed YAML,
+    integers too long to convert, nesting too deep to parse.
+    """
     try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {size} bytes; configuration files are limited to {MAX_CONFIG_BYTES} bytes")
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read file ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8)") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -75,6 +89,10 @@ def read_yaml(path: Path) -> object:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a configuration file") from None
+    except ValueError as exc:  # e.g. an integer of thousands of digits
+        raise ConfigError(f"{path}: unreadable value ({str(exc).splitlines()[0]})") from None
 
 
 def load_yaml_model(model: type[ModelT], path: Path) -> ModelT:

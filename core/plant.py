@@ -97,6 +97,22 @@ class Plant(ABC):
     def close(self) -> None:
         """Release connections; a simulated plant has none."""
 
+    def channels(self, values: np.ndarray) -> dict[str, float]:
+        """Knob values as the machine knows them, by channel (a simulated plant: by knob name).
+
+        Snapshots keep these, so a restore writes what was there whatever scale a
+        machine file states later.
+        """
+        return {k.name: float(v) for k, v in zip(self.knobs, values)}
+
+    def from_channels(self, channels: dict[str, float]) -> np.ndarray:
+        """Knob values from :meth:`channels` values; ValueError naming a channel that is missing."""
+        names = list(self.channels(np.zeros(len(self.knobs))))
+        missing = [n for n in names if n not in channels]
+        if missing:
+            raise ValueError(f"snapshot has no value for {', '.join(missing)}")
+        return np.array([channels[n] for n in names], dtype=float)
+
     def clip_to_limits(self, values: np.ndarray) -> np.ndarray:
         """Values limited to every knob's range (what a power supply does)."""
         lower, upper = knob_bounds(self.knobs)

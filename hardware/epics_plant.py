@@ -81,6 +81,16 @@ class EpicsPlant(Plant):
         ] + [ReadingSpec(m.name, m.unit, m.lower, m.upper) for m in machine.monitors]
         self._pvs: dict[str, object] = {}
 
+    def channels(self, values: np.ndarray) -> dict[str, float]:
+        """Setpoint PV -> engineering value (the scale and polarity of this machine file)."""
+        return {c.setpoint: float(v * c.scale) for c, v in zip(self.correctors, values)}
+
+    def from_channels(self, channels: dict[str, float]) -> np.ndarray:
+        missing = [c.setpoint for c in self.correctors if c.setpoint not in channels]
+        if missing:
+            raise ValueError(f"snapshot has no value for {', '.join(missing)}")
+        return np.array([channels[c.setpoint] / c.scale for c in self.correctors])
+
     # -- connection ---------------------------------------------------------------
     def connect(self) -> "EpicsPlant":
         """Connect every PV (explicit timeout); name all that did not connect."""

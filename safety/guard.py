@@ -35,7 +35,7 @@ MODES: tuple[str, ...] = ("auto", "approve", "dry-run")
 class SafetyConfig(BaseModel):
     """Session limits (all in the plant's knob units, i.e. simulator units)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN or inf would switch a check off
 
     max_steps: PositiveInt = Field(60, description="writes allowed in one session")
     max_duration_s: PositiveFloat = 600.0
@@ -91,9 +91,11 @@ class OperatorAbort(SafetyTrip):
 Approver = Callable[[np.ndarray, np.ndarray, list[str]], bool]
 
 
-def write_snapshot(path: Path, names: list[str], values: np.ndarray, context: dict) -> Path:
+def write_snapshot(path: Path, plant: Plant, values: np.ndarray, context: dict) -> Path:
+    """The starting settings, by knob name (simulator units) and by channel (as the machine knows them)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    blob = {"time": time.time(), "knobs": dict(zip(names, map(float, values))), **context}
+    blob = {"time": time.time(), "knobs": {k.name: float(v) for k, v in zip(plant.knobs, values)},
+            "channels": plant.channels(values), **context}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(blob, indent=2))
     tmp.replace(path)  # atomic: a crash never leaves half a snapshot
@@ -104,28 +106,41 @@ def read_snapshot(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def restore_snapshot(plant: Plant, snapshot: dict, record: Callable[[SafetyEvent], None] | None = None) -> None:
-    """Write the snapshot's knob values back and verify them by read-back.
+def restore_snapshot(plant: Plant, snapshot: dict, record: Callable[[SafetyEvent], None] | None = None) -> int:
+    """Write the snapshot's knob values back, ramped, and verify every write by read-back.
 
-    The values must be within the plant's hard limits; raises PlantFault if the
-    read-back does not match.
+    The way back is cut into writes no knob moves more than its largest step in (a
+    restore must respect the machine like any other write); each write is verified.
+    The values must be within the plant's hard limits; raises PlantFault if a read-back
+    does not match. Returns the number of writes.
     """
     names = [k.name for k in plant.knobs]
-    missing = [n for n in names if n not in snapshot["knobs"]]
-    if missing:
-        raise ValueError(f"snapshot has no value for {', '.join(missing)}")
-    values = np.array([snapshot["knobs"][n] for n in names])
+    if "channels" in snapshot:  # as the machine knew them: right whatever scale this plant states
+        values = plant.from_channels(snapshot["channels"])
+    else:  # snapshots written before channels were kept
+        missing = [n for n in names if n not in snapshot["knobs"]]
+        if missing:
+            raise ValueError(f"snapshot has no value for {', '.join(missing)}")
+        values = np.array([snapshot["knobs"][n] for n in names], dtype=float)
     lower, upper = knob_bounds(plant.knobs)
     if not np.all(np.isfinite(values)) or np.any(values < lower) or np.any(values > upper):
         raise ValueError("snapshot values are outside the machine's limits; refusing to write them")
-    plant.write_knobs(values)
-    after = plant.read_knobs()
     tol = knob_tolerances(plant.knobs)
-    bad = [f"{n}: {a:.4g} != {v:.4g}" for n, a, v, t in zip(names, after, values, tol) if abs(a - v) > t]
-    if bad:
-        raise PlantFault("restore not verified: " + "; ".join(bad))
+    start = plant.read_knobs()
+    distance = np.abs(values - start)
+    writes = max(1, int(np.ceil(np.max(np.where(distance > tol, distance / knob_steps(plant.knobs), 0.0)) - 1e-9)))
+    for k in range(1, writes + 1):
+        target = values if k == writes else start + (values - start) * k / writes
+        plant.write_knobs(target)
+        after = plant.read_knobs()
+        bad = [f"{n}: {a:.4g} != {v:.4g}" for n, a, v, t in zip(names, after, target, tol) if abs(a - v) > t]
+        if bad:
+            raise PlantFault(f"restore not verified at write {k} of {writes}: " + "; ".join(bad))
     if record:
-        record(SafetyEvent(time.time(), "restore", "starting settings restored and verified", {"knobs": snapshot["knobs"]}))
+        record(SafetyEvent(time.time(), "restore", f"starting settings restored in {writes} write{'s' if writes != 1 else ''} "
+                           "(each within the largest step) and verified",
+                           {"knobs": {n: float(v) for n, v in zip(names, values)}, "writes": writes}))
+    return writes
 
 
 class GuardedPlant(Plant):
@@ -180,7 +195,7 @@ class GuardedPlant(Plant):
             self._trip(f"connection lost before start: {exc}", restore=False)
         self.settings = self.snapshot.copy()
         if self.snapshot_path:
-            write_snapshot(self.snapshot_path, [k.name for k in self.knobs], self.snapshot, self.snapshot_context)
+            write_snapshot(self.snapshot_path, self.plant, self.snapshot, self.snapshot_context)
         self._check_readings(first, baseline=True)
         return self.snapshot
 
@@ -194,7 +209,7 @@ class GuardedPlant(Plant):
         if self.snapshot is None or self.mode == "dry-run":
             return False
         try:
-            restore_snapshot(self.plant, {"knobs": dict(zip([k.name for k in self.knobs], self.snapshot))}, self.on_event_and_store)
+            restore_snapshot(self.plant, {"channels": self.plant.channels(self.snapshot)}, self.on_event_and_store)
             return True
         except ConnectionLost as exc:
             self._record("restore_failed", f"connection lost during restore: {exc}; snapshot kept at {self.snapshot_path}")
@@ -211,6 +226,12 @@ class GuardedPlant(Plant):
     def stop_and_restore(self, reason: str) -> bool:
         """End the session without a fault (e.g. target not reached) and restore."""
         self._record("stop", reason)
+        return self._restore()
+
+    def fault(self, reason: str) -> bool:
+        """An internal error ended the session (policy, task code): record it as a trip and
+        restore the start, verified (nothing is left where the error found it)."""
+        self._record("trip", reason)
         return self._restore()
 
     def on_event_and_store(self, event: SafetyEvent) -> None:

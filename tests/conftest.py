@@ -185,3 +185,39 @@ def store(store_url):
     s = Store(store_url)
     yield s
     s.engine.dispose()
+
+
+# ---------------------------------------------------------------------------
+# Control server in this process (uvicorn in a thread), for console tests.
+# ---------------------------------------------------------------------------
+import contextlib
+
+
+@contextlib.contextmanager
+def control_server(store_url: str, token: str):
+    """`tbsac serve`'s app on a loopback port over the store at `store_url`; yields its URL."""
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from controller.store import Store
+    from ui.server import create_app
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(Store(store_url), token), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            httpx.get(url + "/api/health", timeout=1)
+            break
+        except httpx.TransportError:
+            time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(10)

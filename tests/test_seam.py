@@ -123,7 +123,7 @@ def test_run_on_the_virtual_oven_through_the_safety_layer(toy, oven, mode):
                       "--operator", "tester", timeout=120, stdin="y\n" * 40)
     session = sessions(toy)[-1]
     assert session.task == "thermal" and session.mode == mode
-    assert session.layout["knobs"] == [{"name": "heater", "unit": "W"}]
+    assert session.layout["knobs"] == [{"name": "heater", "unit": "W", "lower": 0.0, "upper": 100.0}]
     assert session.layout["readings"] == [{"name": "temperature", "unit": "degC"}]
     assert proc.returncode in (0, 3), proc.stderr
     out = json.loads(proc.stdout)
@@ -157,35 +157,18 @@ def test_the_toy_interlock_trips_and_restores(toy, oven):
 
 def test_the_console_shows_the_toy(toy, oven, monkeypatch):
     """History shows a recorded oven session with its own panel; Run starts a simulated oven."""
-    import threading
-    import time
-
     import httpx
-    import uvicorn
     from streamlit.testing.v1 import AppTest
 
-    from conftest import _free_port
+    from conftest import control_server
     from controller.machines import list_machines
-    from controller.store import Store
-    from ui.server import create_app
 
     ioc, machine = oven
     assert toy["cli"]("run", "--machine", str(machine), "--policy", str(toy["policy"]), "--mode", "dry-run").returncode == 0
     list_machines.cache_clear()  # the toy is registered in this process now
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(Store(toy["db"]), "t"), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            httpx.get(url + "/api/health", timeout=1)
-            break
-        except httpx.TransportError:
-            time.sleep(0.05)
-    monkeypatch.setenv("TBSAC_SERVER_URL", url)
-    monkeypatch.setenv("TBSAC_OPERATOR_TOKEN", "t")
-    try:
+    with control_server(toy["db"], "t") as url:
+        monkeypatch.setenv("TBSAC_SERVER_URL", url)
+        monkeypatch.setenv("TBSAC_OPERATOR_TOKEN", "t")
         app = str(TESTS.parent / "ui" / "console" / "app.py")
         at = AppTest.from_file(app, default_timeout=30)
         at.run()
@@ -208,6 +191,3 @@ def test_the_console_shows_the_toy(toy, oven, monkeypatch):
         assert not at.exception
         started = httpx.get(url + "/api/sessions", params={"machine": "sim-oven"}).json()
         assert started and started[0]["task"] == "thermal"
-    finally:
-        server.should_exit = True
-        thread.join(10)

@@ -189,9 +189,9 @@ def run(
     policy: str = typer.Option("pretrained", "--policy", "-p"),
     mode: str = typer.Option("auto", "--mode", help="auto, approve (confirm every step) or dry-run (never writes)."),
     as_json: bool = typer.Option(False, "--json"),
-    max_steps: int = typer.Option(60, "--max-steps", min=1, help="Safety limit on writes."),
-    max_excursion: Optional[float] = typer.Option(None, "--max-excursion", min=1e-9, help="Largest change of any knob from its start, simulator units (default: the task's)."),
-    max_excursion_steps: Optional[float] = typer.Option(None, "--max-excursion-steps", min=0.1, help="Largest change of any knob from its start, in its largest steps (default: the task's)."),
+    max_steps: int = typer.Option(60, "--max-steps", help="Safety limit on writes."),
+    max_excursion: Optional[float] = typer.Option(None, "--max-excursion", help="Largest change of any knob from its start, simulator units (default: the task's)."),
+    max_excursion_steps: Optional[float] = typer.Option(None, "--max-excursion-steps", help="Largest change of any knob from its start, in its largest steps (default: the task's)."),
     snapshot: Optional[Path] = typer.Option(None, "--snapshot", help="Where to keep the starting settings (default in the data directory)."),
     operator: str = typer.Option(os.environ.get("USER", "operator"), "--operator", help="Who runs the session (recorded)."),
 ):
@@ -299,12 +299,19 @@ def export_cmd(
     console.print(f"written {path}")
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 @app.command()
 def serve(
-    host: str = typer.Option("127.0.0.1", "--host"),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; beyond loopback an explicit token is required."),
     port: int = typer.Option(8765, "--port"),
-    token: Optional[str] = typer.Option(None, "--token", envvar="TBSAC_OPERATOR_TOKEN", help="Operator token for write requests."),
-    sim_step_interval: float = typer.Option(0.0, "--sim-step-interval", help="Pause between steps on simulated machines, s."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="File holding the operator token (or set TBSAC_OPERATOR_TOKEN)."),
+    token: Optional[str] = typer.Option(None, "--token", hidden=True, help="Visible in `ps`: use --token-file or TBSAC_OPERATOR_TOKEN."),
+    allowed_host: list[str] = typer.Option([], "--allowed-host", help="Host names clients may use (Host header); loopback always."),
+    machine_dir: list[Path] = typer.Option([], "--machine-dir", help="Folders whose machine files the API may open (besides the shipped ones)."),
+    policy_dir: list[Path] = typer.Option([], "--policy-dir", help="Folders whose policy files the API may load (besides shipped and recorded ones)."),
+    sim_step_interval: float = typer.Option(0.0, "--sim-step-interval", min=0.0, help="Pause between steps on simulated machines, s."),
 ):
     """The control server: owns machine connections; consoles come and go."""
     import secrets
@@ -314,12 +321,26 @@ def serve(
     from controller.api import open_store
     from ui.server import create_app
 
-    # A control loop waking from network I/O gets the GIL back sooner (default 5 ms).
-    sys.setswitchinterval(0.0005)
+    if token:
+        _error("warning: --token is visible to every user in `ps`; use --token-file or TBSAC_OPERATOR_TOKEN")
+    if token_file:
+        try:
+            token = token_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--token-file: cannot read {token_file} ({exc})") from None
+    token = token or os.environ.get("TBSAC_OPERATOR_TOKEN")
+    if host not in LOOPBACK and not token:
+        raise ConfigError(f"--host {host}: binding beyond loopback needs an explicit operator token "
+                          "(--token-file or TBSAC_OPERATOR_TOKEN)")
     if not token:
         token = secrets.token_urlsafe(16)
         err_console.print(f"operator token: {token}", markup=False, highlight=False)
-    uvicorn.run(create_app(open_store(), token, sim_step_interval=sim_step_interval), host=host, port=port, log_level="warning")
+    # A control loop waking from network I/O gets the GIL back sooner (default 5 ms).
+    sys.setswitchinterval(0.0005)
+    hosts = [*LOOPBACK, *allowed_host] + ([host] if host not in ("0.0.0.0", "::") else [])
+    app = create_app(open_store(), token, sim_step_interval=sim_step_interval, allowed_hosts=hosts,
+                     machine_dirs=machine_dir, policy_dirs=policy_dir)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 @app.command("console")

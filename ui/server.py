@@ -12,14 +12,16 @@ import io
 import json
 import secrets
 from contextlib import asynccontextmanager
+from pathlib import Path as PathLib
 from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from pydantic import BaseModel, ConfigDict, Field
 
-from controller.machines import list_machines
+from controller.machines import MACHINE_DIR, list_machines
 from controller.manager import Conflict, NotFound, SessionManager
 from controller.policy import POLICY_DIR
 from controller.replay import load_session, replay, step_rows
@@ -60,8 +62,34 @@ class CommandRequest(BaseModel):
     proposal: int | None = Field(None, ge=1, le=2**31 - 1, description="approve/reject: the proposal id the operator saw")
 
 
-def create_app(store: Store, token: str, sim_step_interval: float = 0.0) -> FastAPI:
+class AllowedFiles:
+    """Which machine and policy files a request may name: shipped machine names (and the
+    simulated ones), files inside the configured folders, shipped and recorded policies."""
+
+    def __init__(self, store: Store, machine_dirs: list, policy_dirs: list):
+        self.store = store
+        self.machine_dirs = [PathLib(str(MACHINE_DIR)).resolve(), *(PathLib(d).resolve() for d in machine_dirs)]
+        self.policy_dirs = [PathLib(str(POLICY_DIR)).resolve(), *(PathLib(d).resolve() for d in policy_dirs)]
+
+    @staticmethod
+    def _inside(path: str, folders: list) -> bool:
+        resolved = PathLib(path).resolve()
+        return any(resolved.is_relative_to(f) for f in folders)
+
+    def check(self, machine: str, policy: str) -> None:
+        if machine not in {m["name"] for m in list_machines()} and not self._inside(machine, self.machine_dirs):
+            raise HTTPException(403, f"machine {machine!r}: not a listed machine and not a file in the allowed machine folders")
+        recorded = {r.path for r in self.store.list(PolicyRow)}
+        if policy != "pretrained" and not self._inside(policy, self.policy_dirs) and str(PathLib(policy).resolve()) not in recorded:
+            raise HTTPException(403, f"policy {policy!r}: not a shipped or recorded policy and not in the allowed policy folders")
+
+
+def create_app(store: Store, token: str, sim_step_interval: float = 0.0, allowed_hosts: list[str] | None = None,
+               machine_dirs: list | None = None, policy_dirs: list | None = None) -> FastAPI:
+    """The API over `store`; writes need `token`. Requests must name an allowed host (DNS
+    rebinding); machine and policy files are opened only from the allowed folders."""
     manager = SessionManager(store, sim_step_interval)
+    files = AllowedFiles(store, machine_dirs or [], policy_dirs or [])
     interrupted = store.mark_interrupted()  # sessions of a server that died
 
     @asynccontextmanager
@@ -75,6 +103,7 @@ def create_app(store: Store, token: str, sim_step_interval: float = 0.0) -> Fast
         manager.shutdown()
 
     app = FastAPI(title="tbsac control server", version="1", lifespan=lifespan)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts or ["127.0.0.1", "localhost", "::1"])
     app.state.manager, app.state.store, app.state.interrupted = manager, store, interrupted
     bearer = HTTPBearer(auto_error=False)
 
@@ -105,7 +134,8 @@ def create_app(store: Store, token: str, sim_step_interval: float = 0.0) -> Fast
     # -- reads ---------------------------------------------------------------------
     @app.get("/api/health")
     def health() -> dict:
-        return {"ok": True, "store": store.display_url, "interrupted_at_start": interrupted}
+        # The database kind only: the URL would reveal paths (SQLite) or hosts and users.
+        return {"ok": True, "store": store.engine.dialect.name, "interrupted_at_start": interrupted}
 
     @app.get("/api/machines")
     def machines() -> list[dict]:
@@ -210,6 +240,7 @@ def create_app(store: Store, token: str, sim_step_interval: float = 0.0) -> Fast
     # -- writes (operator token) -------------------------------------------------------
     @app.post("/api/sessions", status_code=201, dependencies=[Depends(operator_token)])
     def start(request: StartRequest) -> Started:
+        files.check(request.machine, request.policy)
         sid = manager.start(request.machine, request.policy, request.mode, request.operator, request.seed, request.errors)
         return Started(session=sid)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.plant import KnobSpec, ReadingSpec, knob_bounds
+from core.plant import KnobSpec, ReadingSpec, knob_bounds, knob_steps
 from core.task import EpisodeResult, TaskDefinition
 
 from .errors import load_error_model, preset_names
@@ -76,7 +76,7 @@ class OrbitDefinition(TaskDefinition):
         return OrbitTaskConfig
 
     def make_task(self, setup, knobs: list[KnobSpec], readings: list[ReadingSpec], config: OrbitTaskConfig) -> OrbitTask:
-        return OrbitTask(len(readings), *knob_bounds(knobs), config)
+        return OrbitTask(len(readings), *knob_bounds(knobs), config, knob_step=knob_steps(knobs))
 
     def policy_metadata(self, setup: Lattice, errors, config: OrbitTaskConfig, task: OrbitTask) -> dict:
         return {

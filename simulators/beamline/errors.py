@@ -21,7 +21,7 @@ from .lattice import Lattice, Solenoid, Cavity
 class ErrorModel(BaseModel):
     """Ranges of the random machine errors (all configurable from YAML)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN or inf would switch a check off
 
     name: str = "custom"
     solenoid_misalignment_mm: NonNegativeFloat = Field(3.0, description="dx, dy ~ U(-r, r)")
@@ -83,7 +83,7 @@ PRESETS_FILE = resources.files("simulators.beamline") / "errors" / "presets.yaml
 
 
 class _PresetFile(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN or inf would switch a check off
     presets: dict[str, ErrorModel]
 
 

@@ -108,7 +108,7 @@ def bpm_positions(lattice: Lattice) -> np.ndarray:
     return np.array(out)
 
 
-def plot_orbit_evaluation(lattice: Lattice, runs: dict[str, list[Episode]], path: Path, title: str) -> Path:
+def plot_orbit_evaluation(lattice: Lattice, runs: dict[str, list[EpisodeResult]], path: Path, title: str) -> Path:
     """Orbit before/after (first machine) and median RMS against step for each method."""
     import matplotlib
 

@@ -22,7 +22,7 @@ SPEED_OF_LIGHT = 299_792_458.0
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN or inf would switch a check off
 
 
 class Species(_Strict):

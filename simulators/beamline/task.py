@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from gymnasium import spaces
-from pydantic import BaseModel, ConfigDict, NonNegativeFloat, PositiveFloat, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt
 
 from core.plant import Plant, PlantFault
 from core.task import MetricSpec, Outcome, Task, TaskEnv
@@ -36,7 +36,12 @@ class OrbitTaskConfig(BaseModel):
     target_rms_mm: PositiveFloat = 0.5
     max_steps: PositiveInt = 50
     action_scale: PositiveFloat = 1.0
-    initial_probe: float = 0.3
+    initial_probe: float = Field(0.3, ge=-5.0, le=5.0, description="opening probe on every corrector (units); "
+                                 "never more than a knob's largest step")
+    # The opening probe is skipped when the beam is already scraping: the beam-current
+    # interlock (transmitted fraction, as the simulator and the virtual machines report it)
+    # reads below this. Near an aperture the probe alone could trip the beam-loss interlock.
+    probe_skip_below_current: float = Field(0.999, ge=0.0, le=1.0)
     trend_weight: NonNegativeFloat = 0.4
     success_bonus: NonNegativeFloat = 50.0
     bonus_per_step_left: NonNegativeFloat = 3.0
@@ -78,6 +83,7 @@ class OrbitTask(Task):
     knob_lower: np.ndarray
     knob_upper: np.ndarray
     config: OrbitTaskConfig = field(default_factory=OrbitTaskConfig)
+    knob_step: np.ndarray | None = None  # largest change per write of every knob (None: unlimited)
 
     @classmethod
     def for_lattice(cls, lattice: Lattice, config: OrbitTaskConfig | None = None) -> "OrbitTask":
@@ -100,6 +106,7 @@ class OrbitTask(Task):
         self._b = self._db = np.zeros(self.n_readings)
         self.initial_readings = self._b
         self.beam_lost = False
+        self.last_interlocks: dict[str, float] = {}
 
     def measure(self, readings: np.ndarray) -> dict[str, float]:
         return {"rms_mm": float(rms(np.asarray(readings, dtype=float)[: self.n_readings]))}
@@ -122,6 +129,7 @@ class OrbitTask(Task):
 
     def _read(self, plant: Plant) -> np.ndarray:
         r = plant.read()
+        self.last_interlocks = dict(r.interlocks)
         if not r.all_valid:
             raise PlantFault("BPM readings invalid (beam lost or channel fault)")
         return r.values[: self.n_readings].astype(float)
@@ -132,13 +140,21 @@ class OrbitTask(Task):
         self.beam_lost = False
         base = plant.read_knobs()
         b_before = self._read(plant)
-        self.settings = self.clip(base + self.config.initial_probe)
+        self.settings = self.clip(base + self.probe())
         plant.write_knobs(self.settings)
         self._b = self._read(plant)
         self.initial_readings = b_before
         obs = trend_observation(np.zeros(self.n_readings), b_before, self._b)
         self._db = self._b - b_before  # the probe's change is the next state's dB_{t-1}
         return obs
+
+    def probe(self) -> np.ndarray:
+        """The opening probe per knob: the configured one, at most a knob's largest step,
+        none when the beam is already scraping (read just before)."""
+        if self.last_interlocks.get("beam_current", 1.0) < self.config.probe_skip_below_current:
+            return np.zeros(len(self.knob_lower))
+        step = np.full(len(self.knob_lower), np.inf) if self.knob_step is None else np.asarray(self.knob_step)
+        return np.clip(np.full(len(self.knob_lower), self.config.initial_probe), -step, step)
 
     def clip(self, settings: np.ndarray) -> np.ndarray:
         return np.clip(settings, self.knob_lower, self.knob_upper)

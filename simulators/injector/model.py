@@ -28,7 +28,7 @@ from core.config import ConfigError, load_yaml_model
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN or inf would switch a check off
 
 
 class SourceBeam(_Strict):

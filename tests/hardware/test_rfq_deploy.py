@@ -14,7 +14,6 @@ import yaml
 
 from controller.policy import Policy
 from controller.session import run_session
-from hardware.epics_plant import EpicsPlant
 from controller.machines import machine_setup, open_machine
 from hardware.machine import load_machine
 from safety.guard import InterlockRule, read_snapshot

@@ -114,3 +114,25 @@ def test_batched_env_matches_task_semantics(cm1):
     np.testing.assert_allclose(obs2, trend_observation(obs[:, cm1.n_readings:2 * cm1.n_readings], b_before, b), atol=1e-5)
     np.testing.assert_allclose(reward, expected_reward)
     np.testing.assert_array_equal(terminated, success)
+
+
+def test_opening_probe_is_bounded_by_the_largest_step_and_skipped_when_scraping():
+    """Issue 13, item 4: the +0.3 probe on every corrector tripped machines that start near an aperture."""
+    import dataclasses
+
+    from core.registry import get_task
+    from simulators.beamline.errors import ErrorModel
+
+    orbit = get_task("orbit")
+    lattice = orbit.load_setup("cafe2-cm1")
+    plant = orbit.sim_plant(lattice, orbit.load_errors("test"))
+    plant.reset(1)
+    knobs = [dataclasses.replace(k, max_step=0.1) for k in plant.knobs]
+    task = orbit.make_task(lattice, knobs, plant.readings, OrbitTaskConfig())
+    task.start(plant)
+    np.testing.assert_allclose(plant.read_knobs(), 0.1)  # 0.3 asked, 0.1 allowed
+    scraping = orbit.sim_plant(lattice, ErrorModel(beam_offset_mm=12.0, bpm_noise_mm=0.0))
+    seed = next(s for s in range(200) if (scraping.reset(s), 0.0 < scraping.beam_current() < 0.999)[1])
+    task = orbit.make_task(lattice, plant.knobs, plant.readings, OrbitTaskConfig())
+    task.start(scraping)
+    np.testing.assert_array_equal(scraping.read_knobs(), 0.0), seed  # no probe: the beam is already scraping

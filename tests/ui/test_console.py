@@ -1,15 +1,13 @@
 """Console page logic with Streamlit's AppTest, against a real control server."""
 
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from streamlit.testing.v1 import AppTest
 
-from conftest import _free_port
+from conftest import _free_port, control_server
 
 APP = str(Path(__file__).resolve().parents[2] / "ui" / "console" / "app.py")
 TOKEN = "console-token"
@@ -18,27 +16,11 @@ TOKEN = "console-token"
 @pytest.fixture
 def server(tmp_path, monkeypatch):
     """A control server on loopback (uvicorn in a thread) with a fresh SQLite store."""
-    from controller.store import Store
-    from ui.server import create_app
-
     monkeypatch.setenv("TBSAC_DATA_DIR", str(tmp_path / "data"))
-    port = _free_port()
-    app = create_app(Store(f"sqlite:///{tmp_path / 'console.sqlite'}"), TOKEN)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            httpx.get(url + "/api/health", timeout=1)
-            break
-        except httpx.TransportError:
-            time.sleep(0.05)
-    monkeypatch.setenv("TBSAC_SERVER_URL", url)
-    monkeypatch.setenv("TBSAC_OPERATOR_TOKEN", TOKEN)
-    yield url
-    srv.should_exit = True
-    thread.join(10)
+    with control_server(f"sqlite:///{tmp_path / 'console.sqlite'}", TOKEN) as url:
+        monkeypatch.setenv("TBSAC_SERVER_URL", url)
+        monkeypatch.setenv("TBSAC_OPERATOR_TOKEN", TOKEN)
+        yield url
 
 
 def run_session(url: str, **body) -> int:

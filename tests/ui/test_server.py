@@ -22,7 +22,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 def client(tmp_path, monkeypatch):
     monkeypatch.setenv("TBSAC_DATA_DIR", str(tmp_path / "data"))
     store = Store(f"sqlite:///{tmp_path / 'server.sqlite'}")
-    with TestClient(create_app(store, TOKEN)) as c:
+    with TestClient(create_app(store, TOKEN), base_url="http://127.0.0.1") as c:
         c.store = store
         yield c
 

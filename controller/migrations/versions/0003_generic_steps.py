@@ -33,15 +33,20 @@ steps = sa.table("steps", sa.column("id", sa.Integer), sa.column("session_id", s
 KNOB_COLUMNS = ("action", "proposed", "safe", "readbacks")
 
 
+def _transmission_task(meta: dict) -> bool:
+    """Sessions before this migration were orbit correction or RFQ transmission; the
+    policy's task configuration tells which (its target is an RMS or a transmission)."""
+    return "target_transmission" in meta.get("task_config", {})
+
+
 def _layout(meta: dict) -> dict:
     """The layout of a session recorded before this migration, from its policy's metadata."""
-    task = meta.get("task", "orbit")
     lattice = meta.get("lattice", {})
     knobs = lattice.get("corrector_names") or lattice.get("knob_names") or []
     units = meta.get("action", {}).get("unit")
     knob_units = units if isinstance(units, list) else ["unit"] * len(knobs)
     readings = meta.get("observation", {}).get("readings", [])
-    if task == "rfq":
+    if _transmission_task(meta):
         metric = {"name": "transmission", "unit": "1", "higher_is_better": True,
                   "target": meta.get("task_config", {}).get("target_transmission", 0.85), "label": "transmission"}
         reading_unit = "mA"
@@ -69,13 +74,12 @@ def upgrade() -> None:
     for session_id, policy_id in conn.execute(sa.select(sessions.c.id, sessions.c.policy_id)).all():
         meta = metas.get(policy_id) or {}
         layout = _layout(meta)
-        task = meta.get("task", "orbit")
-        conn.execute(sessions.update().where(sessions.c.id == session_id).values(task=task, layout=layout))
+        conn.execute(sessions.update().where(sessions.c.id == session_id).values(task=meta.get("task"), layout=layout))
         knob_names = [k["name"] for k in layout["knobs"]]
         reading_names = [r["name"] for r in layout["readings"]]
         for row in conn.execute(sa.select(steps).where(steps.c.session_id == session_id)).mappings().all():
             readings = row["readings"] or []
-            if task == "rfq":
+            if _transmission_task(meta):
                 t = readings[1] / readings[0] if len(readings) >= 2 and readings[0] > 0 else 0.0
                 metrics = {"transmission": t}
             else:
