@@ -239,6 +239,8 @@ def restore(
 
     try:
         n = api.restore(snapshot, machine)
+    except ConfigError:
+        raise  # the user's input (exit 2), not a failed restore
     except (api.PlantFault, ValueError) as exc:
         _error(f"restore failed: {exc}")
         raise typer.Exit(3)

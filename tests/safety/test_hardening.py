@@ -71,11 +71,12 @@ def setpoints(machine_path):
 
 # -- 1. one session per physical machine, across processes -----------------------------------
 def test_a_second_session_on_the_same_machine_is_refused_naming_the_holder(start_ioc, tmp_path, env):
-    ioc = start_ioc(seed=3, ramp=0.6)  # each step takes 0.6 s: the first session is still live
+    ioc = start_ioc(seed=3, ramp=0.0)
     first_file = ioc.machine_file("first.yaml")
     second_file = renamed(first_file, "same-magnets-other-name")
-    first = subprocess.Popen([*tbsac_cmd(), "run", "--machine", str(first_file), "--json"], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # In approve mode the first session waits for the operator's answer on stdin: it stays live.
+    first = subprocess.Popen([*tbsac_cmd(), "run", "--machine", str(first_file), "--mode", "approve", "--json"], env=env,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         snapshot = tmp_path / "data" / "snapshots" / "virtual-cafe2-cm1-session1.json"
         wait_for(snapshot.exists, what="the first session's snapshot")
@@ -84,12 +85,12 @@ def test_a_second_session_on_the_same_machine_is_refused_naming_the_holder(start
         assert len(sessions(env)) == 1  # the refused session left no row behind
         restore = cli(env, "restore", str(snapshot))
         one_line_error(restore, "refusing to restore while a session is live")
+        assert first.poll() is None and ioc.puts() == []  # still waiting for its first approval; nobody wrote
     finally:
-        out, err = first.communicate(timeout=120)
-    assert first.returncode == 0, err
-    # Every put came from the first session: it wrote 10 supplies per step (and the probe).
-    assert len(ioc.puts()) == 10 * (json.loads(out)["steps"] + 1)
+        out, err = first.communicate("n\n", timeout=120)  # the operator rejects the step
+    assert first.returncode == 3 and sessions(env)[0].status == "rejected", err
     assert cli(env, "run", "--machine", str(second_file), "--json").returncode in (0, 3)  # free again
+    assert ioc.puts()
 
 
 def test_the_server_refuses_a_machine_a_cli_session_holds(start_ioc, tmp_path, env):
@@ -99,14 +100,14 @@ def test_the_server_refuses_a_machine_a_cli_session_holds(start_ioc, tmp_path, e
 
     from conftest import _free_port
 
-    ioc = start_ioc(seed=5, ramp=0.6)
+    ioc = start_ioc(seed=5, ramp=0.0)
     first_file = ioc.machine_file("first.yaml")
     second_file = renamed(first_file, "api-name")
     port = _free_port()
     server = subprocess.Popen([*tbsac_cmd(), "serve", "--port", str(port), "--machine-dir", str(tmp_path)],
                               env={**env, "TBSAC_OPERATOR_TOKEN": "tok"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = subprocess.Popen([*tbsac_cmd(), "run", "--machine", str(first_file), "--json"], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen([*tbsac_cmd(), "run", "--machine", str(first_file), "--mode", "approve", "--json"], env=env,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     auth = {"Authorization": "Bearer tok"}
     try:
@@ -117,11 +118,12 @@ def test_the_server_refuses_a_machine_a_cli_session_holds(start_ioc, tmp_path, e
         r = httpx.post(url + "/api/sessions/1/restore", json={"operator": "eve"}, headers=auth, timeout=30)
         assert r.status_code == 409, r.text
         assert httpx.get(url + "/api/sessions/1", timeout=10).json()["status"] == "running"  # not marked interrupted
+        assert ioc.puts() == []
     finally:
-        first.communicate(timeout=120)
+        first.communicate("n\n", timeout=120)
         server.terminate()
         server.wait(10)
-    assert first.returncode == 0
+    assert first.returncode == 3
 
 
 def _up(url):
