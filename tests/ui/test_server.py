@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from conftest import _free_port, tbsac_cmd
-from controller.store import Store
+from controller.store import SessionRow, Store
 from ui.server import create_app
 
 TOKEN = "s3cret-token"
@@ -22,7 +22,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 def client(tmp_path, monkeypatch):
     monkeypatch.setenv("TBSAC_DATA_DIR", str(tmp_path / "data"))
     store = Store(f"sqlite:///{tmp_path / 'server.sqlite'}")
-    with TestClient(create_app(store, TOKEN), base_url="http://127.0.0.1") as c:
+    with TestClient(create_app(store, TOKEN, machine_dirs=[tmp_path]), base_url="http://127.0.0.1") as c:
         c.store = store
         yield c
 
@@ -129,8 +129,8 @@ def test_stream_sends_steps_events_and_end(client):
         ({"machine": "sim-cafe2-cm1", "operator": "a", "mode": "yolo"}, 422, "mode"),
         ({"machine": "sim-cafe2-cm1", "operator": "a", "seed": -1}, 422, "seed"),
         ({"machine": "sim-cafe2-cm1", "operator": "a", "colour": "red"}, 422, "colour"),
-        ({"machine": "nowhere", "operator": "a"}, 400, "nowhere"),
-        ({"machine": "sim-cafe2-cm2", "operator": "a", "policy": "/nonexistent.pt"}, 400, "policy file not found"),
+        ({"machine": "nowhere", "operator": "a"}, 403, "nowhere"),
+        ({"machine": "sim-cafe2-cm2", "operator": "a", "policy": "/nonexistent.pt"}, 403, "/nonexistent.pt"),
     ],
 )
 def test_malformed_requests_get_4xx_naming_the_problem(client, body, status, needle):
@@ -158,11 +158,14 @@ def test_http_session_on_virtual_ioc_and_cli_replay(client, start_ioc, run_cli, 
     assert report["steps"] == state["steps"] and report["reproduced_fraction"] == 1.0
 
 
-def test_server_killed_mid_session_marks_it_interrupted(start_ioc, tmp_path, run_cli):
+def test_server_killed_mid_session_stops_the_session_and_restores(start_ioc, tmp_path, run_cli):
+    """The session runs in a process of its own: when the server dies (SIGKILL) nobody can
+    supervise it any more, so it aborts itself and restores the machine; every step is kept."""
     ioc = start_ioc(seed=13, ramp=0.5)
     port = _free_port()
-    env = {**os.environ, "TBSAC_DATA_DIR": str(tmp_path / "data"), "TBSAC_DATABASE_URL": f"sqlite:///{tmp_path / 'srv.sqlite'}"}
-    cmd = [*tbsac_cmd(), "serve", "--port", str(port), "--token", TOKEN]
+    env = {**os.environ, "TBSAC_DATA_DIR": str(tmp_path / "data"), "TBSAC_DATABASE_URL": f"sqlite:///{tmp_path / 'srv.sqlite'}",
+           "TBSAC_OPERATOR_TOKEN": TOKEN}
+    cmd = [*tbsac_cmd(), "serve", "--port", str(port), "--machine-dir", str(tmp_path)]
 
     def serve():
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -191,11 +194,16 @@ def test_server_killed_mid_session_marks_it_interrupted(start_ioc, tmp_path, run
         n_before = len(Store(env["TBSAC_DATABASE_URL"], upgrade=False).steps(sid))
         assert n_before >= len(committed)
 
+        deadline = time.monotonic() + 60
+        while Store(env["TBSAC_DATABASE_URL"], upgrade=False).get(SessionRow, sid).status == "running":
+            assert time.monotonic() < deadline, "the orphaned session did not stop"
+            time.sleep(0.2)
         server = serve()
         state = httpx.get(f"{base}/api/sessions/{sid}").json()
-        assert state["status"] == "interrupted"
-        assert state["steps"] == n_before
-        assert sid in httpx.get(f"{base}/api/health").json()["interrupted_at_start"]
+        assert state["status"] == "aborted" and state["result"]["restored"], state
+        assert any("control server lost" in t for t in state["result"]["trips"])
+        assert state["steps"] >= n_before
+        assert all(p["value"] == 0.0 for p in ioc.puts()[-10:])  # restored by the session itself
         restore = httpx.post(f"{base}/api/sessions/{sid}/restore", json={"operator": "alice"}, headers=AUTH, timeout=60)
         assert restore.status_code == 200, restore.text
         machine_setpoints = [p for p in ioc.puts()][-10:]
