@@ -71,100 +71,116 @@ class ActiveSession:
                 pass  # the session process has ended
 
 
-def session_process(conn, store_url: str, request: dict, sim_step_interval: float) -> None:
-    """The body of a session process: open, lock, run, record; then tell the parent."""
-    import torch
+class _Controls:
+    """A session process's side of the operator's commands: pause, resume, abort, approve."""
 
+    def __init__(self, conn, machine: str, sim_step_interval: float):
+        self.conn, self.machine, self.sim_step_interval = conn, machine, sim_step_interval
+        self.running, self.decided, self.finished = threading.Event(), threading.Event(), threading.Event()
+        self.running.set()
+        self.guard = None
+        self.decision = False
+        self.proposals = 0
+
+    def listen(self) -> None:
+        """Commands from the server until it goes; a closed pipe means the server died: abort."""
+        while True:
+            try:
+                kind, *args = self.conn.recv()
+            except (EOFError, OSError):
+                kind, args = "abort", ["control server lost: the session stops and restores", "final"]
+            if kind == "pause":
+                self.running.clear()
+            elif kind == "resume":
+                self.running.set()
+            elif kind == "decide":
+                self.decision = args[0]
+                self.decided.set()
+            elif kind == "abort":
+                while self.guard is None and not self.finished.is_set():
+                    time.sleep(0.01)
+                if self.guard:
+                    self.guard.abort(args[0])
+                self.running.set()  # a paused session must wake up to stop
+                if len(args) > 1:  # the server is gone or going: nothing more will come
+                    return
+
+    def before_step(self) -> None:
+        while not self.running.wait(0.05):
+            if self.guard and self.guard.abort_requested.is_set():
+                return  # the guard trips at its next call
+        if self.sim_step_interval and self.machine.startswith(SIM_PREFIX):
+            time.sleep(self.sim_step_interval)
+
+    def approver(self, current, proposed, names) -> bool:
+        self.proposals += 1
+        self.decided.clear()
+        self.conn.send(("pending", {"id": self.proposals, "names": names, "current": current.tolist(),
+                                    "proposed": proposed.tolist()}))
+        while not self.decided.wait(0.05):
+            if self.guard.abort_requested.is_set():
+                self.conn.send(("pending", None))
+                return False  # never write once an abort was asked for
+        self.conn.send(("pending", None))
+        return self.decision
+
+
+def _open_session(conn, store: Store, request: dict):
+    """Open the machine, load the policy, take the machine's lock, record the session.
+
+    Returns (machine, policy, lock, recorder) or None after telling the parent why not.
+    """
     from .policy import Policy
     from .recording import SessionRecorder
-    from .session import run_session
 
-    torch.set_num_threads(1)
-    store = Store(store_url, upgrade=False)
-    machine = request["machine"]
+    lock = None
     try:
-        opened = open_machine(machine, request["seed"], request["errors"], connect=False)
+        opened = open_machine(request["machine"], request["seed"], request["errors"], connect=False)
         agent = Policy.load(request["policy"], opened.definition, opened.setup)
         lock = opened.lock()
         if lock:
             lock.acquire()
-    except MachineBusy as exc:
-        conn.send(("error", "conflict", str(exc)))
-        return
-    except ConfigError as exc:
-        conn.send(("error", "config", str(exc)))
-        return
-    try:
         opened.connect()
         recorder = SessionRecorder(store, opened.record, agent, request["operator"], request["mode"], None, opened.plant,
                                    opened.panels(), [r.name for r in opened.interlocks])
+    except MachineBusy as exc:
+        conn.send(("error", "conflict", str(exc)))
+        return None
     except ConfigError as exc:
         if lock:
             lock.release()
         conn.send(("error", "config", str(exc)))
-        return
-    sid = recorder.session_id
+        return None
     if lock:
-        lock.note_session(sid)
+        lock.note_session(recorder.session_id)
+    return opened, agent, lock, recorder
+
+
+def session_process(conn, store_url: str, request: dict, sim_step_interval: float) -> None:
+    """The body of a session process: open, lock, run, record; then tell the parent."""
+    import torch
+
+    from .session import run_session
+
+    torch.set_num_threads(1)
+    store = Store(store_url, upgrade=False)
+    opening = _open_session(conn, store, request)
+    if opening is None:
+        return
+    opened, agent, lock, recorder = opening
+    sid = recorder.session_id
     snapshot = unique_snapshot_path(opened.name, sid)
     store.set_snapshot(sid, str(snapshot))
-    running, decided = threading.Event(), threading.Event()
-    running.set()
-    state = {"guard": None, "decision": False, "proposals": 0}
-
-    def commands() -> None:
-        """Operator commands from the server; a closed pipe means the server died: abort."""
-        while True:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):
-                message = ("abort", "control server lost: the session stops and restores")
-            kind = message[0]
-            if kind == "pause":
-                running.clear()
-            elif kind == "resume":
-                running.set()
-            elif kind == "decide":
-                state["decision"] = message[1]
-                decided.set()
-            elif kind == "abort":
-                while state["guard"] is None and not finished.is_set():
-                    time.sleep(0.01)
-                if state["guard"]:
-                    state["guard"].abort(message[1])
-                running.set()  # a paused session must wake up to stop
-                if len(message) > 2 or message[1].startswith("control server lost"):
-                    return
-
-    finished = threading.Event()
-    threading.Thread(target=commands, daemon=True, name="commands").start()
-
-    def before_step() -> None:
-        while not running.wait(0.05):
-            if state["guard"] and state["guard"].abort_requested.is_set():
-                return  # the guard trips at its next call
-        if sim_step_interval and machine.startswith(SIM_PREFIX):
-            time.sleep(sim_step_interval)
-
-    def approver(current, proposed, names) -> bool:
-        state["proposals"] += 1
-        decided.clear()
-        conn.send(("pending", {"id": state["proposals"], "names": names, "current": current.tolist(), "proposed": proposed.tolist()}))
-        while not decided.wait(0.05):
-            if state["guard"].abort_requested.is_set():
-                conn.send(("pending", None))
-                return False  # never write once an abort was asked for
-        conn.send(("pending", None))
-        return state["decision"]
-
+    controls = _Controls(conn, request["machine"], sim_step_interval)
+    threading.Thread(target=controls.listen, daemon=True, name="commands").start()
     conn.send(("started", sid))
     try:
         result = run_session(
             opened.plant, agent, mode=request["mode"], interlocks=opened.interlocks, snapshot_path=snapshot,
-            snapshot_context={"machine": machine, "machine_file": opened.record.get("path"), "session": sid},
-            approver=approver if request["mode"] == "approve" else None,
+            snapshot_context={"machine": request["machine"], "machine_file": opened.record.get("path"), "session": sid},
+            approver=controls.approver if request["mode"] == "approve" else None,
             on_step=recorder.on_step, on_event=recorder.on_event,
-            guard_ready=lambda g: state.__setitem__("guard", g), before_step=before_step,
+            guard_ready=lambda g: setattr(controls, "guard", g), before_step=controls.before_step,
         )
         recorder.finish(result)
         status = result.status
@@ -174,7 +190,7 @@ def session_process(conn, store_url: str, request: dict, sim_step_interval: floa
         store.end_session(sid, "faulted", {"error": str(exc)})
         status = "faulted"
     finally:
-        finished.set()
+        controls.finished.set()
         if lock:
             lock.release()
     try:
