@@ -6,14 +6,13 @@ replay, export: each dispatches through the task registry, so none names a task.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from core.config import ConfigError, parse_model
 from core.plant import PlantFault
-from core.registry import get_task, task_for_setup, task_names
+from core.registry import get_task, task_names
 from core.task import TaskDefinition
 # Virtual machines (the demo, benchmarks): start one in the background on a loopback port.
 from hardware.ioc import free_port, loopback_environment, start_virtual_ioc
@@ -28,10 +27,9 @@ from .replay import export, replay
 from .session import SessionResult, default_safety, run_session
 from .store import Store, default_url
 
-__all__ = ["describe", "train", "evaluate", "serve_virtual_machine", "open_machine", "run_on_machine", "restore",
-           "replay", "export", "list_machines", "open_store", "task_names"]
-
-log = logging.getLogger(__name__)
+__all__ = ["ConfigError", "Evaluation", "PlantFault", "describe", "evaluate", "export", "free_port", "list_machines",
+           "loopback_environment", "machine_task", "open_machine", "open_store", "replay", "restore", "run_on_machine",
+           "serve_virtual_machine", "start_virtual_ioc", "task_names", "train"]
 
 
 def open_store() -> Store:
@@ -225,12 +223,3 @@ def machine_task(machine: str) -> tuple[str, str]:
 
     machine_file, _ = load_machine(machine)
     return machine_file.task, machine_file.lattice
-
-
-def setup_task(lattice: str) -> str:
-    """The registered task a setup (lattice) belongs to."""
-    return task_for_setup(lattice)[0].name
-
-
-__all__ += ["ConfigError", "Evaluation", "PlantFault", "free_port", "loopback_environment", "machine_task", "setup_task",
-            "start_virtual_ioc"]

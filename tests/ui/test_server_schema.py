@@ -16,7 +16,8 @@ from controller.store import Store  # noqa: E402
 from ui.server import create_app  # noqa: E402
 
 TOKEN = "schema-token"
-app = create_app(Store(f"sqlite:///{_data}/schema.sqlite"), TOKEN)
+# schemathesis calls the app as host "testserver"; the server allows only the hosts it is told.
+app = create_app(Store(f"sqlite:///{_data}/schema.sqlite"), TOKEN, allowed_hosts=["testserver", "127.0.0.1", "localhost"])
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
