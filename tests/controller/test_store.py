@@ -1,6 +1,8 @@
 """The session store against SQLite and PostgreSQL."""
 
 import csv
+import os
+import subprocess
 
 import pytest
 from sqlalchemy import create_engine, inspect, text
@@ -36,7 +38,7 @@ def test_migrations_create_the_schema_at_head(store):
     tables = set(inspect(store.engine).get_table_names())
     assert {"machines", "policies", "training_runs", "evaluations", "sessions", "steps", "events", "alembic_version"} <= tables
     with store.engine.connect() as conn:
-        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0003"
+        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0004"
     Store(store.url)  # upgrading an up-to-date database is a no-op
 
 
@@ -103,9 +105,15 @@ def test_interrupted_sessions_are_marked(store):
     policy = Policy.load("pretrained", *for_setup(load_lattice("cafe2-cm1")))
     from controller.recording import register_policy
 
-    row = store.start_session(machine.id, register_policy(store, policy), "bob", "auto", None, {})
-    assert store.mark_interrupted() == [row.id]
-    assert store.get(SessionRow, row.id).status == "interrupted"
+    live = store.start_session(machine.id, register_policy(store, policy), "bob", "auto", None, {})
+    assert live.holder.endswith(f":{os.getpid()}")
+    dead = store.start_session(machine.id, register_policy(store, policy), "bob", "auto", None, {})
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that existed and is gone
+    with store.Session.begin() as s:
+        s.get(SessionRow, dead.id).holder = live.holder.rsplit(":", 1)[0] + f":{gone.pid}"
+    assert store.mark_interrupted() == [dead.id]  # the live session (this process) is left alone
+    assert store.get(SessionRow, dead.id).status == "interrupted" and store.get(SessionRow, live.id).status == "running"
     assert store.mark_interrupted() == []
 
 
