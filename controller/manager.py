@@ -15,6 +15,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import multiprocessing
+import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -156,8 +158,20 @@ def _open_session(conn, store: Store, request: dict):
     return opened, agent, lock, recorder
 
 
+# What a session process needs of the server's process: its environment (data directory,
+# store, EPICS network, registered tasks) and import path, as they are when the session
+# starts (the fork server holding the preloaded modules was started earlier).
+ENVIRONMENT_PREFIXES = ("TBSAC_", "EPICS_", "PYTHONPATH")
+
+
+def _server_context() -> dict:
+    return {"env": {k: v for k, v in os.environ.items() if k.startswith(ENVIRONMENT_PREFIXES)}, "sys_path": list(sys.path)}
+
+
 def session_process(conn, store_url: str, request: dict, sim_step_interval: float) -> None:
     """The body of a session process: open, lock, run, record; then tell the parent."""
+    os.environ.update(request["context"]["env"])
+    sys.path[:] = request["context"]["sys_path"]
     import torch
 
     from .session import run_session
@@ -207,8 +221,11 @@ class SessionManager:
         self.sim_step_interval = sim_step_interval
         self.active: dict[int, ActiveSession] = {}
         self.lock = threading.Lock()
-        # spawn, not fork: the server has threads (and possibly a CA context) a fork would copy mid-state
-        self.context = multiprocessing.get_context("spawn")
+        # Not a plain fork: the server has threads (and possibly a CA context) a fork would copy
+        # mid-state. A fork server is a clean single-threaded process that has imported torch
+        # and the session code once, so a session starts in a fraction of a second.
+        self.context = multiprocessing.get_context("forkserver")
+        self.context.set_forkserver_preload(["controller.session", "controller.recording", "controller.machines"])
 
     # -- starting ------------------------------------------------------------------
     def start(self, machine: str, policy: str, mode: str, operator: str, seed: int = 0, errors: str = "test") -> int:
@@ -218,7 +235,8 @@ class SessionManager:
             if any(a.machine == machine and not a.done.is_set() for a in self.active.values()):
                 raise Conflict(f"machine {machine} already has an active session")
             parent, child = self.context.Pipe()
-            request = {"machine": machine, "policy": policy, "mode": mode, "operator": operator, "seed": seed, "errors": errors}
+            request = {"machine": machine, "policy": policy, "mode": mode, "operator": operator, "seed": seed, "errors": errors,
+                       "context": _server_context()}
             process = self.context.Process(target=session_process, args=(child, self.store.url, request, self.sim_step_interval),
                                            name=f"tbsac-session-{machine}", daemon=True)
             process.start()

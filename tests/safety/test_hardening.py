@@ -211,11 +211,21 @@ def test_non_finite_or_negative_numbers_in_machine_files_are_refused(start_ioc, 
     assert ioc.puts() == [] and sessions(env) == []
 
 
-@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
 def test_bad_max_excursion_is_refused_before_any_session(start_ioc, env, value):
     ioc = start_ioc(seed=1)
     one_line_error(cli(env, "run", "--machine", str(ioc.machine_file()), "--max-excursion", value), "excursion")
     assert ioc.puts() == [] and sessions(env) == []
+
+
+@pytest.mark.parametrize("limits", [{"max_excursion": -1.0}, {"max_steps": 0}, {"max_excursion_steps": float("nan")},
+                                    {"min_write_interval_s": float("inf")}])
+def test_every_session_limit_must_be_finite_and_positive(limits):
+    from core.config import ConfigError, parse_model
+    from safety.guard import SafetyConfig
+
+    with pytest.raises(ConfigError, match=next(iter(limits))):
+        parse_model(SafetyConfig, limits, "safety limits")
 
 
 # -- 3. a crash anywhere restores --------------------------------------------------------------------------

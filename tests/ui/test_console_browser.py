@@ -185,7 +185,7 @@ def test_auto_mode_rfq_tuning_through_the_console(injector_stack, browser):
     text = page_text(browser)
     assert "Beam currents" in text and "transmission (1) and reward" in text and "transmission" in text
     # A walk back to the best setting is in the event log (a canvas grid: its cells are in the page source).
-    assert all(w["reason"] in browser.page_source for w in walks)
+    WebDriverWait(browser, 30).until(lambda d: all(w["reason"] in d.page_source for w in walks))
     time.sleep(1.5)  # let the charts finish drawing
     browser.save_screenshot(str(artifacts / "console-run-rfq.png"))
     assert (artifacts / "console-run-rfq.png").stat().st_size > 20_000
