@@ -193,13 +193,27 @@ def store(store_url):
 import contextlib
 
 
+def wait_http(url: str, timeout: float = 60.0) -> None:
+    """Wait until something answers HTTP at `url`."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise AssertionError(f"{url} did not come up")
+
+
 @contextlib.contextmanager
 def control_server(store_url: str, token: str):
     """`tbsac serve`'s app on a loopback port over the store at `store_url`; yields its URL."""
     import threading
-    import time
 
-    import httpx
     import uvicorn
 
     from controller.store import Store
@@ -210,12 +224,7 @@ def control_server(store_url: str, token: str):
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            httpx.get(url + "/api/health", timeout=1)
-            break
-        except httpx.TransportError:
-            time.sleep(0.05)
+    wait_http(url + "/api/health")
     try:
         yield url
     finally:

@@ -5,7 +5,7 @@ import subprocess
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import _free_port, tbsac_cmd
+from conftest import _free_port, tbsac_cmd, wait_http
 
 TOKEN = "surface-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -33,7 +33,6 @@ def test_binding_beyond_loopback_needs_an_explicit_token(tmp_path):
 
 def test_the_token_can_come_from_a_file(tmp_path):
     import os
-    import time
 
     import httpx
 
@@ -46,12 +45,7 @@ def test_the_token_can_come_from_a_file(tmp_path):
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(200):
-            try:
-                httpx.get(url + "/api/health", timeout=1)
-                break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_http(url + "/api/health")
         body = {"operator": "x"}
         assert httpx.post(url + "/api/sessions/1/pause", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 403
         assert httpx.post(url + "/api/sessions/1/pause", json=body, headers={"Authorization": "Bearer from-a-file"}).status_code == 404
