@@ -20,6 +20,11 @@ class ConfigError(ValueError):
     """A user-supplied file or value is wrong; the message names file and field."""
 
 
+def printable(text: str) -> str:
+    """`text` with control characters escaped: a message naming user input stays one line."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 def _field_path(loc: tuple, data: object) -> str:
     """Render a pydantic error location, naming list items by their `name` if any."""
     parts: list[str] = []
@@ -30,14 +35,14 @@ def _field_path(loc: tuple, data: object) -> str:
             if isinstance(node, list) and 0 <= item < len(node):
                 node = node[item]
                 if isinstance(node, dict) and "name" in node:
-                    label = f"[{item}]({node['name']})"
+                    label = f"[{item}]({printable(str(node['name']))})"
             parts.append(label)
             continue
         # Discriminated unions add the tag (the element's `type`) as a location step;
         # it is noise to a user.
         if isinstance(node, dict) and item not in node and node.get("type") == item:
             continue
-        parts.append(("." if parts else "") + str(item))
+        parts.append(("." if parts else "") + printable(str(item)))
         node = node.get(item) if isinstance(node, dict) else None
     return "".join(parts) or "(top level)"
 
@@ -51,7 +56,7 @@ def validation_message(source: str, exc: ValidationError, data: object) -> str:
         ctx = err.get("ctx", {})
         msg = f"unknown type {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"
     extra = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"{source}: field '{field}': {msg}{extra}"
+    return f"{source}: field '{field}': {printable(msg)}{extra}"
 
 
 def parse_model(model: type[ModelT], data: object, source: str) -> ModelT:

@@ -368,7 +368,8 @@ def main() -> None:
     try:
         app()
     except ConfigError as exc:
-        err_console.print(f"tbsac: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        # One line, whatever the input it names contained.
+        err_console.print(f"tbsac: error: {' '.join(str(exc).splitlines())}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

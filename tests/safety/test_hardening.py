@@ -211,7 +211,7 @@ def test_non_finite_or_negative_numbers_in_machine_files_are_refused(start_ioc, 
     assert ioc.puts() == [] and sessions(env) == []
 
 
-@pytest.mark.parametrize("value", ["nan", "inf"])
+@pytest.mark.parametrize("value", ["nan"])  # inf, negative: test_every_session_limit_must_be_finite_and_positive
 def test_bad_max_excursion_is_refused_before_any_session(start_ioc, env, value):
     ioc = start_ioc(seed=1)
     one_line_error(cli(env, "run", "--machine", str(ioc.machine_file()), "--max-excursion", value), "excursion")

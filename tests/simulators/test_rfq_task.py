@@ -102,6 +102,7 @@ def test_xopt_bayesian_optimisation_spends_its_budget(lpi):
     assert bo.best[0] >= 0.0
 
 
+@pytest.mark.slow  # 25 s; the generic training path also runs in test_seam.py and test_cli.py
 def test_short_rfq_training_writes_a_policy_the_cli_can_evaluate(run_cli, tmp_path, lpi):
     from controller.policy import Policy
 
