@@ -141,7 +141,7 @@ def run_session(
 
     def stepped(s: StepOutcome) -> None:
         nonlocal final
-        metrics = task.metric_values()
+        metrics = s.metrics
         record = StepRecord(
             step=s.step, observation=np.asarray(s.observation, dtype=float).tolist(), action=s.action.tolist(),
             proposed=s.proposed.tolist(), safe=guard.settings.tolist(), readbacks=np.asarray(task.settings).tolist(),

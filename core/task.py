@@ -134,6 +134,7 @@ class StepOutcome:
     info: dict
     by: str  # who chose the action (policy, or a task-level behaviour)
     latency_s: float
+    metrics: dict[str, float] = field(default_factory=dict)  # the task's metrics after the step
 
 
 @dataclass
@@ -190,11 +191,13 @@ def run_episode(
         action = np.asarray(action, dtype=float)
         proposed = task.proposed_settings(action)
         obs, reward, terminated, truncated, info = task.step(plant, action)
-        result.trace.append(task.metric_values())
+        metrics = task.metric_values()
+        result.trace.append(metrics)
         result.steps, result.info = task.steps, info
         result.terminated, result.truncated = bool(terminated), bool(truncated)
         if on_step:
-            on_step(StepOutcome(task.steps, np.asarray(seen), action, proposed, float(reward), info, by, time.perf_counter() - t0))
+            on_step(StepOutcome(task.steps, np.asarray(seen), action, proposed, float(reward), info, by,
+                                time.perf_counter() - t0, metrics))
         if terminated or truncated or task.ended:
             break
     result.final_readings = np.array(task.last_readings, dtype=float)
