@@ -133,11 +133,12 @@ def run_session(
     def started(_obs) -> None:
         nonlocal initial, final
         initial = task.measure(task.initial_readings)[primary.name]
-        final = task.metric_values()[primary.name]
+        now = task.metric_values()
+        final = now[primary.name]
         unit = "" if primary.unit == "1" else f" {primary.unit}"
         guard.on_event_and_store(Event(time.time(), "start", f"starting {primary.label or primary.name} {initial:.3f}{unit}", {
             "readings": np.asarray(task.initial_readings).tolist(), "settings": guard.snapshot.tolist(),
-            "readings_after_probe": np.asarray(task.last_readings).tolist(), "metrics": task.metric_values()}))
+            "readings_after_probe": np.asarray(task.last_readings).tolist(), "metrics": now}))
 
     def stepped(s: StepOutcome) -> None:
         nonlocal final
