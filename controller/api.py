@@ -6,6 +6,8 @@ replay, export: each dispatches through the task registry, so none names a task.
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -223,3 +225,121 @@ def machine_task(machine: str) -> tuple[str, str]:
 
     machine_file, _ = load_machine(machine)
     return machine_file.task, machine_file.lattice
+
+
+def measure_response(machine: str, operator: str, settings=None, on_event: Callable[[SafetyEvent], None] | None = None):
+    """Measure `machine`'s response (every knob probed in turn, through the safety layer); recorded.
+
+    Returns (measurement, measurement id). The machine is locked for the duration.
+    """
+    from .response import ResponseSettings, measure_response as measure
+
+    opened = open_machine(machine, connect=False)
+    lock = opened.lock()
+    try:
+        if lock:
+            lock.acquire(purpose="measure-response")
+    except MachineBusy as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        opened.connect()
+        store = open_store()
+        machine_row = store.add_machine(**opened.record)
+        snap = unique_snapshot_path(opened.name, f"-response-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+        result = measure(opened.plant, opened.interlocks, snap,
+                         {"machine_file": str(Path(opened.path).resolve()) if opened.path else None, "machine": opened.name},
+                         settings or ResponseSettings(), on_event)
+    finally:
+        if lock:
+            lock.release()
+    row = store.add_measurement(machine_row.id, opened.definition.name, "response", operator, result.status,
+                                {**result.as_dict(), "machine": opened.name, "machine_path": opened.record.get("path"),
+                                 "snapshot": str(snap)})
+    return result, row.id
+
+
+def measurement(measurement_id: int) -> dict:
+    """A recorded measurement with its machine, as a JSON-friendly dict (ConfigError if unknown)."""
+    from .store import MachineRow, MeasurementRow, row_dict
+
+    store = open_store()
+    row = store.get(MeasurementRow, measurement_id)
+    if row is None:
+        raise ConfigError(f"--measurement: no measurement with id {measurement_id}")
+    out = row_dict(row)
+    machine_row = store.get(MachineRow, row.machine_id)
+    out["machine"] = {"name": machine_row.name, "kind": machine_row.kind, "path": machine_row.path, "content": machine_row.content}
+    return out
+
+
+def calibrate(machine: str | None, measurement_id: int, out: Path) -> dict:
+    """Fit the machine's setup (lattice) to a recorded response measurement; write into `out`
+    the calibrated setup, a machine file with the fitted knob scales and a report."""
+    import yaml
+
+    record = measurement(measurement_id)
+    if record["kind"] != "response":
+        raise ConfigError(f"--measurement {measurement_id}: a {record['kind']} measurement, not a response")
+    machine_arg = machine or record["machine"]["path"]
+    if not machine_arg:
+        raise ConfigError(f"--machine: measurement {measurement_id} was not taken on a machine file; pass --machine")
+    opened = open_machine(machine_arg, connect=False)
+    if opened.machine_file is None or opened.path is None:
+        raise ConfigError("--machine: calibration needs a machine file (a simulated machine has no wiring to fit)")
+    if record["data"].get("machine") != opened.name:
+        raise ConfigError(f"--measurement {measurement_id}: taken on {record['data'].get('machine')!r}, not on {opened.name!r}")
+    fitted = opened.definition.calibrate(opened.setup, record["data"], out)
+    if fitted is None:
+        raise ConfigError(f"task {opened.definition.name} cannot calibrate its setup from a response measurement")
+    factors = fitted["knob_factors"]
+    uncertain = fitted["report"].get("uncertainty", {}).get("kick_scale") or [0.0] * len(factors)
+    dead = [k.name for k, f, u in zip(opened.machine_file.knobs, factors, uncertain) if abs(f) < max(3 * u, 1e-3)]
+    if dead:
+        fitted["good"] = False
+        fitted["verdict"] = (f"BAD FIT: no measurable effect of {', '.join(dead)} (dead, disconnected or mis-named): "
+                             "do not use the calibrated files; " + fitted["verdict"])
+    content = yaml.safe_load(Path(opened.path).read_text())
+    knobs = content.get("knobs", content.get("correctors"))
+    for knob, factor in zip(knobs, factors):
+        # One calibrated unit has the effect the setup's model assigns to one unit.
+        knob["scale"] = float(knob["scale"]) / factor if abs(factor) >= 1e-3 else float(knob["scale"])
+    content["name"] = f"{opened.name}-calibrated"
+    content["lattice"] = Path(fitted["setup_file"]).name
+    content["description"] = f"{opened.machine_file.description} - calibrated from measurement {measurement_id}"
+    machine_file = out / "machine.yaml"
+    machine_file.write_text(f"# {content['name']}: written by `tbsac calibrate` from measurement {measurement_id}.\n"
+                            f"# Knob scales divided by the fitted effect per unit. {fitted['verdict']}\n"
+                            + yaml.safe_dump(content, sort_keys=False))
+    report = {**fitted["report"], "measurement": measurement_id, "machine": opened.name, "machine_file": str(machine_file),
+              "setup_file": str(fitted["setup_file"]), "good": fitted["good"], "verdict": fitted["verdict"]}
+    (out / "report.json").write_text(__import__("json").dumps(report, indent=1))
+    (out / "report.md").write_text(_calibration_markdown(report, [k.name for k in opened.machine_file.knobs]))
+    return report
+
+
+def _calibration_markdown(report: dict, knobs: list[str]) -> str:
+    """A readable calibration report: verdict, residual per reading against the noise, parameters."""
+    u = report.get("uncertainty", {})
+    lines = [f"# Calibration of {report['machine']} (measurement {report['measurement']})", "", f"**{report['verdict']}**", "",
+             "## Residual per reading (rms over knobs, in units of the measurement's standard error; ~1 is noise)", "",
+             "| reading | residual / sigma | reading noise |", "|---|---|---|"]
+    names = report["parameters"]["bpms"]
+    readings = [f"{b}:{p}" for b in names for p in ("x", "y")]
+    for name, res, noise in zip(readings, report["residual_per_reading"], report.get("noise_per_reading") or []):
+        lines.append(f"| {name} | {res:.2f} | {noise:.4g} |" if noise is not None else f"| {name} | {res:.2f} | - |")
+    lines += ["", "## Fitted parameters (one sigma)", "", "| parameter | value | sigma |", "|---|---|---|"]
+    for i, name in enumerate(report["parameters"]["solenoids"]):
+        lines.append(f"| {name} field scale | {report['solenoid_scale'][i]:.4f} | {u['solenoid_scale'][i]:.4f} |")
+    lines.append(f"| RF defocusing scale | {report['defocus_scale']:.4f} | {u['defocus_scale']:.4f} |")
+    for i, name in enumerate(knobs):
+        lines.append(f"| {name} kick per unit (x nominal, signed) | {report['kick_scale'][i]:.4f} | {u['kick_scale'][i]:.4f} |")
+    for i, name in enumerate(report["parameters"]["drifts"]):
+        lines.append(f"| {name} length change (mm) | {report['drift_delta_mm'][i]:.1f} | {u['drift_delta_mm'][i]:.1f} |")
+    for i, name in enumerate(names):
+        gx, gy = report["bpm_gain"][i]
+        lines.append(f"| {name} gain x, y | {gx:.4f}, {gy:.4f} | {u['bpm_gain'][i][0]:.4f}, {u['bpm_gain'][i][1]:.4f} |")
+        lines.append(f"| {name} rotation (mrad) | {report['bpm_rotation_mrad'][i]:.2f} | {u['bpm_rotation_mrad'][i]:.2f} |")
+    lines += ["", f"Measured vs model columns: {Path(report['plot']).name}", "",
+              f"Files: {Path(report['setup_file']).name} (calibrated lattice), {Path(report['machine_file']).name} "
+              "(machine file with the fitted knob scales)."]
+    return "\n".join(lines) + "\n"

@@ -21,7 +21,7 @@ def snapshot_dir() -> Path:
     return path
 
 
-def unique_snapshot_path(machine: str, session_id: int) -> Path:
+def unique_snapshot_path(machine: str, session_id: int | str) -> Path:
     """Where a session keeps its starting settings: one file per session, never shared.
 
     `machine` is a validated machine name (letters, digits, '.', '_', '-'), so the path

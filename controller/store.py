@@ -137,6 +137,20 @@ class EventRow(Base):
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
+class MeasurementRow(Base):
+    """A measurement taken on a machine outside a tuning session (e.g. its response matrix)."""
+
+    __tablename__ = "measurements"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    machine_id: Mapped[int] = mapped_column(ForeignKey("machines.id"), index=True)
+    task: Mapped[str] = mapped_column(String(50))
+    kind: Mapped[str] = mapped_column(String(40))  # response
+    operator: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(20))  # completed, tripped, faulted
+    created: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)  # matrix, noise, probes, writes, ... keyed by names
+
+
 def default_url() -> str:
     return os.environ.get("TBSAC_DATABASE_URL") or f"sqlite:///{data_dir() / 'tbsac.sqlite'}"
 
@@ -218,6 +232,13 @@ class Store:
         with self.Session.begin() as s:
             row = EvaluationRow(policy_id=policy_id, task=summary["task"], lattice=summary["lattice"], errors=summary["errors"],
                                 episodes=summary["episodes"], seed=summary["seed"], results=summary["results"])
+            s.add(row)
+            s.flush()
+            return row
+
+    def add_measurement(self, machine_id: int, task: str, kind: str, operator: str, status: str, data: dict) -> MeasurementRow:
+        with self.Session.begin() as s:
+            row = MeasurementRow(machine_id=machine_id, task=task, kind=kind, operator=operator, status=status, data=data)
             s.add(row)
             s.flush()
             return row

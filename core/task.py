@@ -251,6 +251,9 @@ class TaskDefinition(ABC):
     summary_keys: ClassVar[tuple[str, ...]] = ()  # per-method keys of the evaluation summary
     scalars: ClassVar[dict[str, tuple[str, ...]]] = {}  # TensorBoard name -> path in the summary
     eval_seed_base: ClassVar[int] = 5_000_000  # training-time evaluation machines
+    # Error preset of machines whose physics differs from the setup file (``tbsac ioc
+    # --foreign SEED``), for bring-up tests and benchmarks; None if the task has none.
+    foreign_errors: ClassVar[str | None] = None
 
     # -- setups (lattices) and simulated plants -------------------------------------
     @abstractmethod
@@ -335,6 +338,16 @@ class TaskDefinition(ABC):
         return None
 
     # -- machines: layout for consoles, virtual machine wiring ---------------------------------
+    def calibrate(self, setup: Any, measurement: dict, out: Path) -> dict | None:
+        """Fit the setup to a measured response (``controller.response``), write the
+        calibrated setup file and a report into `out`; None if the task cannot.
+
+        Returns ``{"setup_file", "knob_factors", "good", "verdict", "report"}``:
+        ``knob_factors[j]`` is the measured effect of one machine-file unit of knob j in
+        units of the calibrated setup (the machine file's scale is divided by it).
+        """
+        return None
+
     def panels(self, setup: Any) -> list[dict]:
         """Console panels (generic kinds: ``profile``, ``bars``) with their parameters."""
         return [{"kind": "bars", "title": "Readings", "readings": None}]

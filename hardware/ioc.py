@@ -72,7 +72,9 @@ def free_port() -> int:
 def start_virtual_ioc(lattice: str, seed: int, errors: str, port: int, ramp_s: float = 0.2,
                       put_log: Path | None = None, prefix: str | None = None, env: dict | None = None,
                       timeout_s: float = 60.0, task: str | None = None):
-    """The virtual IOC as a background process; returns the Popen once it printed READY."""
+    """The virtual IOC as a background process; returns the Popen once it printed READY.
+
+    ``errors="foreign"`` serves a machine of the task's foreign family (seed = `seed`)."""
     import subprocess
 
     cmd = [sys.executable, "-m", "hardware.ioc", "--lattice", lattice, "--seed", str(seed), "--errors", errors,
@@ -135,11 +137,21 @@ def reading_pv(name: str) -> str:
     return name.upper()
 
 
+FOREIGN = "foreign"  # --errors value asking for the task's foreign family
+
+
 def resolve(lattice: str, errors: str, task: str | None = None):
-    """(definition, setup, error model) for a setup name or file; ConfigError if unknown."""
+    """(definition, setup, error model) for a setup name or file; ConfigError if unknown.
+
+    ``errors="foreign"`` is the task's family of machines whose physics differs from the
+    setup file (``TaskDefinition.foreign_errors``)."""
     from core.registry import task_for_setup
 
     definition, setup = task_for_setup(lattice, task)
+    if errors == FOREIGN:
+        if not definition.foreign_errors:
+            raise ConfigError(f"--foreign: task {definition.name} has no family of foreign machines")
+        errors = definition.foreign_errors
     return definition, setup, definition.load_errors(errors)
 
 
@@ -244,11 +256,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task", default=None, help="registered task (default: the one the lattice belongs to)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--errors", default="test")
+    parser.add_argument("--foreign", type=int, default=None, metavar="SEED",
+                        help="a machine whose physics differs from the lattice file (hidden, drawn from SEED)")
     parser.add_argument("--port", type=int, default=5064)
     parser.add_argument("--ramp", type=float, default=0.2)
     parser.add_argument("--put-log", type=Path, default=None)
     parser.add_argument("--prefix", default=None)
     args = parser.parse_args(argv)
+    if args.foreign is not None:
+        args.errors, args.seed = FOREIGN, args.foreign
     try:
         resolve(args.lattice, args.errors, args.task)  # fail with a clear message before starting EPICS
         serve(args.lattice, args.seed, args.errors, args.port, args.ramp, args.put_log, args.prefix, args.task)

@@ -68,6 +68,22 @@ class InterlockRule:
             return f"{self.name} is {value:.4g}, must be {self.threshold:.4g}"
         return ""
 
+    def margin_used(self, value: float, start: float | None) -> float:
+        """How much of the margin between the start value and the trip level `value` has
+        used: 0 at the start value (or better), 1 at the trip level; NaN-safe (1 if unreadable)."""
+        if not np.isfinite(value):
+            return 1.0
+        if self.rule == "equals":
+            return 0.0 if value == self.threshold else 1.0
+        if self.rule == "min_fraction_of_start" and (start is None or not np.isfinite(start)):
+            return 0.0  # no baseline yet: nothing to compare with
+        level = {"min_fraction_of_start": self.threshold * start, "min": self.threshold, "max": self.threshold}[self.rule]
+        margin = abs(start - level)
+        if margin == 0:
+            return 1.0
+        moved = (start - value) if self.rule != "max" else (value - start)
+        return float(max(0.0, moved / margin))
+
 
 SafetyEvent = Event  # clamp, delay, proposal, approved, rejected, trip, restore, abort, ...
 
@@ -322,6 +338,11 @@ class GuardedPlant(Plant):
         self._check_readings(readings)
         self.last_readings = readings
         return readings
+
+    def margin_used(self, r: Readings) -> float:
+        """The largest fraction of any interlock's margin (start value to trip level) used by `r`."""
+        return max((rule.margin_used(r.interlocks.get(rule.name, float("nan")), self._interlock_start.get(rule.name))
+                    for rule in self.interlocks), default=0.0)
 
     def _check_readings(self, r: Readings, baseline: bool = False) -> None:
         names = [s.name for s in self.readings]

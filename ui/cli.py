@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import statistics
 import sys
 from pathlib import Path
 from typing import Optional
@@ -158,10 +159,14 @@ def ioc(
     ramp: float = typer.Option(0.2, "--ramp", min=0.0, help="Supply ramp time in s; puts complete when it ends."),
     put_log: Optional[Path] = typer.Option(None, "--put-log", help="JSON-lines file recording every put received."),
     prefix: Optional[str] = typer.Option(None, "--prefix", help="PV prefix (default V + the lattice name, e.g. VCAFE2:CM1)."),
+    foreign: Optional[int] = typer.Option(None, "--foreign", metavar="SEED", help="Serve a machine whose physics differs "
+                                          "from the lattice file (drawn from SEED; the machine file stays the nominal one)."),
 ):
     """Serve a simulated machine with hidden errors as a real EPICS IOC (softioc)."""
     from controller import api
 
+    if foreign is not None:
+        errors, seed = "foreign", foreign
     api.serve_virtual_machine(lattice, seed, errors, port, ramp, put_log, prefix, task)
 
 
@@ -229,6 +234,56 @@ def run(
         raise typer.Exit(3)
 
 
+@app.command("measure-response")
+def measure_response_cmd(
+    machine: str = typer.Option(..., "--machine", "-m", help="Machine file (or shipped name)."),
+    probe_fraction: float = typer.Option(0.5, "--probe-fraction", min=0.01, max=1.0, help="Largest probe, as a fraction of each knob's largest step."),
+    samples: int = typer.Option(4, "--samples", min=2, max=100, help="Readings averaged at every point."),
+    sample_interval: float = typer.Option(0.12, "--sample-interval", min=0.0, help="Seconds between readings (an IOC refreshing at 10 Hz needs >= 0.1)."),
+    max_margin_use: float = typer.Option(0.3, "--max-margin-use", min=0.01, max=0.9, help="Largest fraction of an interlock's margin a probe may use."),
+    operator: str = typer.Option(os.environ.get("USER", "operator"), "--operator", help="Who measures (recorded)."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Measure a machine's response: each knob up and down in turn through the safety layer, then restore."""
+    from controller import api
+    from controller.response import ResponseSettings
+
+    def on_event(event) -> None:
+        if event.kind in ("warning", "trip", "restore_failed"):
+            _error(f"{event.kind}: {event.reason}")
+
+    settings = ResponseSettings(probe_fraction, samples, sample_interval, 0.0, max_margin_use)
+    result, measurement_id = api.measure_response(machine, operator, settings, on_event)
+    if as_json:
+        print(json.dumps({"measurement": measurement_id, **result.as_dict()}))
+    else:
+        noise = [n for n in result.noise if n is not None]
+        console.print(f"measurement {measurement_id} on {machine}: {result.status}; {len(result.knobs)} knobs x "
+                      f"{len(result.readings)} readings; {result.writes} writes in {result.wall_s} s; "
+                      f"reading noise median {statistics.median(noise) if noise else float('nan'):.4g}; "
+                      f"probes {min(result.probes):.3g}-{max(result.probes):.3g} ({result.knob_units[0]}); "
+                      f"export: tbsac export --measurement {measurement_id}")
+    if result.status != "completed":
+        _error(f"measurement {result.status}: {result.message}; the safety layer restored the starting settings")
+        raise typer.Exit(3)
+
+
+@app.command()
+def calibrate(
+    measurement: int = typer.Option(..., "--measurement", help="Id of a response measurement (tbsac measure-response)."),
+    out: Path = typer.Option(..., "--out", help="Directory for lattice.yaml, machine.yaml, report.md/json, response.png."),
+    machine: Optional[str] = typer.Option(None, "--machine", "-m", help="Machine file (default: the one the measurement was taken on)."),
+):
+    """Fit the machine's lattice to a measured response (differentiable Cheetah tracking); write calibrated files."""
+    from controller import api
+
+    report = api.calibrate(machine, measurement, out)
+    console.print(f"{report['verdict']}")
+    console.print(f"written {report['setup_file']}, {report['machine_file']}, {out / 'report.md'}, {report['plot']}")
+    if not report["good"]:
+        raise typer.Exit(3)
+
+
 @app.command()
 def restore(
     snapshot: Path = typer.Argument(..., help="Snapshot file written by `tbsac run`."),
@@ -290,14 +345,21 @@ def replay_cmd(
 
 @app.command("export")
 def export_cmd(
-    session: int = typer.Argument(...),
-    fmt: str = typer.Option("csv", "--format", help="csv or parquet"),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output file (default session-N.csv/.parquet)."),
+    session: Optional[int] = typer.Argument(None, help="Session id."),
+    fmt: str = typer.Option("csv", "--format", help="csv or parquet (sessions)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output file (default session-N.csv/.parquet, measurement-N.json)."),
+    measurement: Optional[int] = typer.Option(None, "--measurement", help="Export a recorded measurement (JSON) instead."),
 ):
-    """Export a session's steps (one row per step, named columns)."""
+    """Export a session's steps (one row per step, named columns) or a measurement (JSON)."""
     from controller import api
 
-    path = api.export(api.open_store(), session, fmt, out or Path(f"session-{session}.{fmt}"))
+    if (session is None) == (measurement is None):
+        raise ConfigError("export: give a session id or --measurement ID (one of them)")
+    if measurement is not None:
+        path = out or Path(f"measurement-{measurement}.json")
+        path.write_text(json.dumps(api.measurement(measurement), indent=1))
+    else:
+        path = api.export(api.open_store(), session, fmt, out or Path(f"session-{session}.{fmt}"))
     console.print(f"written {path}")
 
 

@@ -56,6 +56,7 @@ class OrbitDefinition(TaskDefinition):
     scalars = {"eval/success_rate": ("success_rate",), "eval/median_steps": ("steps", "median"),
                "eval/final_rms_p95_mm": ("final_rms_mm", "p95")}
     eval_seed_base = 5_000_000
+    foreign_errors = "foreign"
 
     def shipped_setups(self) -> list[str]:
         return shipped_lattices()
@@ -139,6 +140,43 @@ class OrbitDefinition(TaskDefinition):
         return [{"kind": "profile", "title": "Orbit", "positions": positions, "position_title": "position s (m)",
                  "groups": [p for _ in setup.bpm_names for p in ("x", "y")], "value_title": "beam offset (mm)",
                  "band_metric": "rms_mm", "band_config": "target_rms_mm", "caption": "orbit per plane; green band: target"}]
+
+    def calibrate(self, setup: Lattice, measurement: dict, out: Path) -> dict:
+        import json
+
+        import numpy as np
+        import yaml
+
+        from core.config import ConfigError
+
+        from .calibration import calibrated_lattice, fit_response, plot_columns
+
+        for field, mine in (("knobs", setup.corrector_names), ("readings", setup.reading_names)):
+            if measurement.get(field) != mine:
+                raise ConfigError(f"measurement field '{field}': {measurement.get(field)} do not match lattice {setup.name} {mine}")
+        if measurement.get("status") != "completed":
+            raise ConfigError(f"measurement status is {measurement.get('status')!r}: only a completed measurement can be fitted")
+        measured = np.array(measurement["matrix"], dtype=float)
+        sigma = np.array(measurement["sigma"], dtype=float)
+        if not np.all(np.isfinite(measured)):
+            raise ConfigError("measurement field 'matrix': contains missing or non-finite values")
+        cal = fit_response(setup, measured, sigma)
+        lattice = calibrated_lattice(setup, cal)
+        out.mkdir(parents=True, exist_ok=True)
+        setup_file = out / "lattice.yaml"
+        header = (f"# {lattice.name}: fitted by `tbsac calibrate` to a measured response.\n# {cal.verdict}\n"
+                  "# Corrector kicks per unit are in the calibrated machine file's scales, not here.\n")
+        setup_file.write_text(header + yaml.safe_dump(lattice.model_dump(mode="json", exclude_defaults=False), sort_keys=False))
+        plot = plot_columns(measured, sigma, np.array(cal.model_matrix), setup.corrector_names, setup.reading_names,
+                            out / "response.png", f"{setup.name}: measured vs calibrated model ({cal.verdict.split(':')[0]})")
+        report = {"lattice": setup.name, "calibrated_lattice": lattice.name, **cal.as_dict(),
+                  "parameters": {"solenoids": [e.name for e in setup.elements if e.type == "solenoid"],
+                                 "drifts": [e.name for e in setup.elements if e.type == "drift"],
+                                 "bpms": setup.bpm_names, "correctors": setup.corrector_names},
+                  "noise_per_reading": measurement.get("noise"), "plot": str(plot)}
+        (out / "report.json").write_text(json.dumps(report, indent=1))
+        return {"setup_file": setup_file, "knob_factors": cal.kick_scale, "good": cal.good, "verdict": cal.verdict,
+                "report": report}
 
     def wiring(self, setup: Lattice, knobs: list[KnobSpec]) -> tuple[list[float], str]:
         return [AMPS_PER_UNIT * corrector_polarity(i) for i in range(len(knobs))], "A"

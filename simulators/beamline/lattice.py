@@ -87,11 +87,19 @@ class Cavity(_Strict):
     phase_deg: float = Field(ge=-180, le=180, description="synchronous phase, 0 = crest, <0 bunching")
     frequency_mhz: PositiveFloat
     aperture_mm: PositiveFloat = 20.0
+    defocus_scale: PositiveFloat = Field(1.0, description="transverse RF defocusing relative to the thin-gap formula "
+                                         "(1 = nominal; calibration fits it)")
 
 
 class Bpm(_Strict):
+    """Beam position monitor; gain and rotation are its electronics' calibration:
+    reading = gain * rotation(rotation_mrad) @ (position - offset)."""
+
     type: Literal["bpm"]
     name: str
+    gain_x: PositiveFloat = 1.0
+    gain_y: PositiveFloat = 1.0
+    rotation_mrad: float = Field(0.0, ge=-500, le=500)
 
 
 class Aperture(_Strict):

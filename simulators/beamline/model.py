@@ -65,6 +65,7 @@ class LowBetaCavity(Element):
         frequency: torch.Tensor,
         misalignment: torch.Tensor | None = None,
         name: str | None = None,
+        defocus: torch.Tensor | None = None,
     ) -> None:
         super().__init__(name=name, sanitize_name=True, dtype=length.dtype)
         self.length = length
@@ -72,6 +73,8 @@ class LowBetaCavity(Element):
         self.register_buffer("transit_time_factor", transit_time_factor)
         self.register_buffer("phase", phase)
         self.register_buffer("frequency", frequency)
+        # Scale of the transverse RF kick (1: the thin-gap formula; calibration fits it).
+        self.defocus = defocus if defocus is not None else torch.ones((), dtype=length.dtype)
         self.register_buffer(
             "misalignment",
             misalignment if misalignment is not None else torch.zeros(2, dtype=length.dtype),
@@ -92,7 +95,7 @@ class LowBetaCavity(Element):
             0.5 * (energy + energy_out), species.mass_eV
         )
         wavelength = 299_792_458.0 / self.frequency
-        kick = (
+        kick = self.defocus * (
             -math.pi
             * species.num_elementary_charges
             * self.voltage
@@ -133,8 +136,15 @@ class LowBetaCavity(Element):
     @property
     def defining_features(self) -> list[str]:
         return super().defining_features + [
-            "length", "voltage", "transit_time_factor", "phase", "frequency", "misalignment",
+            "length", "voltage", "transit_time_factor", "phase", "frequency", "misalignment", "defocus",
         ]
+
+
+def as_tensor(a) -> torch.Tensor:
+    """float64 tensor of an array or a tensor (a tensor keeps its autograd graph)."""
+    if isinstance(a, torch.Tensor):
+        return a.to(DTYPE)
+    return torch.as_tensor(np.asarray(a), dtype=DTYPE)
 
 
 def cheetah_species(species: lat.Species) -> Species:
@@ -204,14 +214,15 @@ class BeamlineModel:
         `settings` has shape (B, K, n_correctors): K corrector configurations for each
         of the B machines; element parameters broadcast to (B, K).
         """
-        t = lambda a: torch.as_tensor(np.asarray(a), dtype=DTYPE)  # noqa: E731
+        t = as_tensor
         lattice = self.lattice
         kick_rad = lattice.corrector_kick_mrad_per_unit * 1e-3
         angles = settings * t(errors.corrector_scale)[:, None, :] * kick_rad
         corrector_index = {n: i for i, n in enumerate(lattice.corrector_names)}
         energy = self.energy_ev
         elements: list[Element] = []
-        n_sol = n_cav = n_bpm = n_ap = 0
+        n_sol = n_cav = n_bpm = n_ap = n_drift = 0
+        batch = errors.batch
 
         def monitor(name: str, offset: torch.Tensor | None = None) -> None:
             elements.append(BPM(is_active=True, name=name, misalignment=offset, dtype=DTYPE, sanitize_name=True))
@@ -228,7 +239,11 @@ class BeamlineModel:
         for e in lattice.elements:
             brho = lat.rigidity(energy / 1e6 - lattice.species.mass_mev, lattice.species)
             if isinstance(e, lat.Drift):
-                elements.append(Drift(length=t(e.length), dtype=DTYPE))
+                length = t(e.length)
+                if errors.drift_delta_mm is not None:  # an element sits elsewhere than the file says
+                    length = (length + t(errors.drift_delta_mm)[:, n_drift, None] * 1e-3).clamp_min(0.0)
+                elements.append(Drift(length=length, dtype=DTYPE))
+                n_drift += 1
             elif isinstance(e, lat.Solenoid):
                 field = e.field * lattice.solenoid_max_field_t * t(errors.solenoid_scale[:, n_sol])[:, None]
                 mis = t(errors.solenoid_offset_mm[:, n_sol] * 1e-3)[:, None, :]
@@ -252,6 +267,8 @@ class BeamlineModel:
                     transit_time_factor=t(e.transit_time_factor), phase=t(math.radians(e.phase_deg)),
                     frequency=t(e.frequency_mhz * 1e6),
                     misalignment=t(errors.cavity_offset_mm[:, n_cav] * 1e-3)[:, None, :], name=e.name,
+                    defocus=e.defocus_scale * (t(errors.cavity_defocus)[:, n_cav, None] if errors.cavity_defocus is not None
+                                               else torch.ones(batch, 1, dtype=DTYPE)),
                 )
                 energy += float(cav.energy_gain(self.species))
                 elements.append(cav)
@@ -274,7 +291,7 @@ class BeamlineModel:
 
     def track(self, errors: MachineErrors, settings: np.ndarray | torch.Tensor) -> Observables:
         """Track the centroid with Cheetah; settings (B, K, n_correctors) -> (B, K, ...) mm."""
-        settings = torch.as_tensor(np.array(settings), dtype=DTYPE)
+        settings = as_tensor(settings)
         segment = self.segment(errors, settings)
         segment.track(self.incoming_beam(errors))
         bpms = [e for e in segment.elements if isinstance(e, BPM)]
@@ -286,25 +303,40 @@ class BeamlineModel:
             return torch.stack([b.reading.expand(*shape, 2) for b in items], dim=-2) * 1e3
 
         return Observables(
-            bpm_mm=stack([b for b in bpms if b.name.startswith("bpm_")]),
+            bpm_mm=self._bpm_electronics(errors, stack([b for b in bpms if b.name.startswith("bpm_")])),
             aperture_mm=stack([b for b in bpms if b.name.startswith("ap")]),
         )
 
+    def _bpm_electronics(self, errors: MachineErrors, position_mm: torch.Tensor) -> torch.Tensor:
+        """What BPMs report: gain * rotation @ (position - offset) per BPM."""
+        specs = [e for e in self.lattice.elements if isinstance(e, lat.Bpm)]
+        gain = torch.tensor([[b.gain_x, b.gain_y] for b in specs], dtype=DTYPE)  # (n_bpm, 2)
+        angle = torch.tensor([b.rotation_mrad * 1e-3 for b in specs], dtype=DTYPE)  # (n_bpm,)
+        if errors.bpm_gain is not None:
+            gain = gain * as_tensor(errors.bpm_gain)[:, None]  # (B, 1, n_bpm, 2)
+        if errors.bpm_rotation_mrad is not None:
+            angle = angle + as_tensor(errors.bpm_rotation_mrad)[:, None] * 1e-3  # (B, 1, n_bpm)
+        if not angle.requires_grad and not torch.any(angle != 0) and not gain.requires_grad and torch.all(gain == 1):
+            return position_mm  # an ideal BPM: keep the published numbers bit for bit
+        x, y = position_mm[..., 0], position_mm[..., 1]
+        c, s = angle.cos(), angle.sin()
+        return torch.stack([c * x + s * y, -s * x + c * y], dim=-1) * gain
+
+    def response_tensors(self, errors: MachineErrors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(b0, r, ap0, ap_r) as tensors, differentiable in any tensor-valued error field."""
+        n = self.lattice.n_correctors
+        probes = torch.cat([torch.zeros(1, n, dtype=DTYPE), torch.eye(n, dtype=DTYPE)])  # (1 + n, n), unit kicks
+        obs = self.track(errors, probes.expand(errors.batch, 1 + n, n))
+        flat_bpm = obs.bpm_mm.flatten(-2)  # (B, 1+n, n_readings)
+        flat_ap = obs.aperture_mm.flatten(-2)
+        return (flat_bpm[:, 0], (flat_bpm[:, 1:] - flat_bpm[:, :1]).transpose(1, 2),
+                flat_ap[:, 0], (flat_ap[:, 1:] - flat_ap[:, :1]).transpose(1, 2))
+
     def response(self, errors: MachineErrors) -> Response:
         """B0 and R for each machine, from one batched tracking call."""
-        n = self.lattice.n_correctors
-        probes = np.concatenate([np.zeros((1, n)), np.eye(n)])  # (1 + n, n), unit kicks
-        settings = np.broadcast_to(probes, (errors.batch, 1 + n, n))
-        obs = self.track(errors, settings)
-        flat_bpm = obs.bpm_mm.flatten(-2).numpy()  # (B, 1+n, n_readings)
-        flat_ap = obs.aperture_mm.flatten(-2).numpy()
-        return Response(
-            b0=flat_bpm[:, 0],
-            r=np.swapaxes(flat_bpm[:, 1:] - flat_bpm[:, :1], 1, 2),
-            ap0=flat_ap[:, 0],
-            ap_r=np.swapaxes(flat_ap[:, 1:] - flat_ap[:, :1], 1, 2),
-            aperture_radius_mm=self.aperture_radius_mm,
-        )
+        with torch.no_grad():
+            b0, r, ap0, ap_r = (x.numpy() for x in self.response_tensors(errors))
+        return Response(b0=b0, r=r, ap0=ap0, ap_r=ap_r, aperture_radius_mm=self.aperture_radius_mm)
 
     def exit_energy_mev_per_u(self) -> float:
         """Kinetic energy per nucleon after the lattice (design beam)."""

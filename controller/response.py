@@ -1,0 +1,182 @@
+"""Measuring a machine's response: every knob probed in turn, through the safety layer.
+
+Control rooms measure orbit response matrices before they trust a model of a machine
+(and LOCO-style fits start from one). Each knob is moved up and down by a probe, one at
+a time, averaging several readings at each point; the column is the central difference.
+The probe is bounded by the knob's largest step and chosen from the interlock margin: a
+small "feeler" step first, and the full probe shrunk so that the interlock closest to
+tripping uses at most a set fraction of its margin. Every write goes through
+:class:`GuardedPlant` (snapshot first, limits, interlocks, verified restore at the end
+or on any trip). Task-agnostic: knobs and readings come from the plant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from core.plant import Plant, Readings
+from safety.guard import GuardedPlant, InterlockRule, SafetyConfig, SafetyEvent, SafetyTrip
+
+FEELER_FRACTION = 0.25  # the feeler step, as a fraction of the probe limit
+
+
+@dataclass
+class ResponseSettings:
+    """How to probe: amounts relative to each knob's largest step, averaging, margins."""
+
+    probe_fraction: float = 0.5  # full probe as a fraction of the knob's largest step (at most 1)
+    samples: int = 4  # readings averaged at every point
+    sample_interval_s: float = 0.0  # wait between readings (an IOC refreshing at 10 Hz wants 0.1 s or more)
+    settle_s: float = 0.0  # wait after each write before reading
+    max_margin_use: float = 0.3  # largest fraction of any interlock margin a probe may use
+
+    def __post_init__(self) -> None:
+        if not 0 < self.probe_fraction <= 1:
+            raise ValueError("probe_fraction must be in (0, 1]: a probe never exceeds a knob's largest step")
+        if self.samples < 2:
+            raise ValueError("samples must be at least 2 (the noise estimate needs repeats)")
+
+
+@dataclass
+class ResponseMeasurement:
+    """A measured response matrix: readings change per knob unit, with its noise."""
+
+    knobs: list[str]
+    readings: list[str]
+    knob_units: list[str]
+    reading_units: list[str]
+    matrix: list[list[float]]  # (n_readings, n_knobs): d reading / d knob
+    sigma: list[list[float]]  # standard error of every element
+    noise: list[float]  # standard deviation of one reading, per reading channel
+    probes: list[float]  # probe amplitude used per knob (knob units)
+    margin_used: list[float]  # largest interlock margin fraction used while probing each knob
+    baseline: list[float]  # mean readings at the starting settings
+    settings: list[float]  # the starting settings (restored at the end)
+    writes: int
+    wall_s: float
+    status: str = "completed"  # completed, tripped, faulted
+    message: str = ""
+    events: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ResponseMeasurement":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @property
+    def matrix_array(self) -> np.ndarray:
+        return np.asarray(self.matrix, dtype=float)
+
+    @property
+    def sigma_array(self) -> np.ndarray:
+        return np.asarray(self.sigma, dtype=float)
+
+
+def _average(guard: GuardedPlant, settings: ResponseSettings) -> tuple[np.ndarray, np.ndarray, Readings]:
+    """Mean and samples of `settings.samples` reads (each checked by the guard)."""
+    samples, last = [], None
+    for k in range(settings.samples):
+        if k and settings.sample_interval_s:
+            time.sleep(settings.sample_interval_s)
+        last = guard.read()
+        samples.append(np.asarray(last.values, dtype=float))
+    stack = np.array(samples)
+    return stack.mean(axis=0), stack, last
+
+
+def measure_response(
+    plant: Plant,
+    interlocks: list[InterlockRule],
+    snapshot_path: Path | None = None,
+    snapshot_context: dict | None = None,
+    settings: ResponseSettings | None = None,
+    on_event: Callable[[SafetyEvent], None] | None = None,
+    max_duration_s: float = 1800.0,
+) -> ResponseMeasurement:
+    """Probe every knob of `plant` up and down in turn; restore the start, verified.
+
+    Never raises on a trip: the result says ``tripped`` and the safety layer restored
+    the starting settings. Per knob the writes are start -> +feeler -> +probe -> start
+    -> -probe -> start, each within the knob's largest step.
+    """
+    settings = settings or ResponseSettings()
+    started = time.perf_counter()
+    n_knobs = len(plant.knobs)
+    # No knob may leave its start by more than one largest step (the probes never do).
+    limits = SafetyConfig(max_steps=6 * n_knobs + 10, max_duration_s=max_duration_s, max_excursion_steps=1.0 + 1e-9)
+    guard = GuardedPlant(plant, limits, interlocks, "auto", snapshot_path, None, on_event, snapshot_context)
+    names = [k.name for k in plant.knobs]
+    n_readings = len(plant.readings)
+    matrix = np.full((n_readings, n_knobs), np.nan)
+    probes, used = np.zeros(n_knobs), np.zeros(n_knobs)
+    base_groups: list[np.ndarray] = []
+    status, message = "completed", ""
+    start = baseline = None
+    try:
+        start = guard.begin()
+        baseline, group, _ = _average(guard, settings)
+        base_groups.append(group)
+
+        def move(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+            guard.write_knobs(values)
+            if settings.settle_s:
+                time.sleep(settings.settle_s)
+            mean, group, last = _average(guard, settings)
+            return mean, group, guard.margin_used(last)
+
+        for j, knob in enumerate(plant.knobs):
+            limit = settings.probe_fraction * knob.max_step
+            unit = np.zeros(n_knobs)
+            unit[j] = 1.0
+            feeler = FEELER_FRACTION * limit
+            _, _, use = move(start + feeler * unit)
+            # Linear extrapolation from the feeler: the full probe may use at most
+            # max_margin_use of the tightest interlock margin.
+            probe = limit if use <= 0 else float(np.clip(feeler * settings.max_margin_use / use, feeler / 4, limit))
+            plus, _, use_plus = move(start + probe * unit)
+            _, group, _ = move(start)
+            base_groups.append(group)
+            minus, _, use_minus = move(start - probe * unit)
+            _, group, _ = move(start)
+            base_groups.append(group)
+            matrix[:, j] = (plus - minus) / (2 * probe)
+            probes[j], used[j] = probe, max(use, use_plus, use_minus)
+        guard.stop_and_restore("response measured")
+    except SafetyTrip as trip:
+        status, message = "tripped", trip.reason
+    except Exception as exc:  # noqa: BLE001 - whatever failed, the machine goes back to its start
+        status, message = "faulted", f"{type(exc).__name__}: {exc}"
+        if guard.snapshot is not None:
+            guard.fault(f"internal error: {message}")
+    # Noise from the repeated readings at the starting settings (pooled within groups).
+    if base_groups:
+        deviations = np.concatenate([g - g.mean(axis=0) for g in base_groups])
+        dof = max(1, sum(len(g) - 1 for g in base_groups))
+        noise = np.sqrt((deviations ** 2).sum(axis=0) / dof)
+    else:
+        noise = np.full(n_readings, np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sigma = noise[:, None] * np.sqrt(2.0 / settings.samples) / (2 * np.where(probes > 0, probes, np.nan))[None, :]
+    return ResponseMeasurement(
+        knobs=names, readings=[r.name for r in plant.readings],
+        knob_units=[k.unit for k in plant.knobs], reading_units=[r.unit for r in plant.readings],
+        matrix=_json_floats(matrix), sigma=_json_floats(sigma), noise=_json_floats(noise), probes=probes.tolist(),
+        margin_used=used.tolist(), baseline=_json_floats(baseline if baseline is not None else np.full(n_readings, np.nan)),
+        settings=_json_floats(start if start is not None else np.full(n_knobs, np.nan)),
+        writes=guard.writes, wall_s=round(time.perf_counter() - started, 2), status=status, message=message,
+        events=[{"time": e.time, "kind": e.kind, "reason": e.reason} for e in guard.events],
+    )
+
+
+def _json_floats(a: np.ndarray) -> list:
+    """Nested lists with NaN as None (JSON has no NaN)."""
+    return np.where(np.isfinite(a), a, None).tolist() if np.ndim(a) else a
