@@ -25,6 +25,7 @@ from .machines import Machine, list_machines, open_machine
 from .paths import data_dir, unique_snapshot_path
 from .policy import POLICY_DIR, Policy, file_sha256
 from .recording import SessionRecorder, register_policy
+from .response import recorded_response
 from .replay import export, replay
 from .session import SessionResult, default_safety, run_session
 from .store import Store, default_url
@@ -67,8 +68,10 @@ def _setup(task: str, lattice: str | None) -> tuple[TaskDefinition, object]:
 
 def train(task: str, lattice: str | None, errors: str, eval_errors: str, steps: int | None, seed: int, out: Path,
           arch: str | None = None, eval_every: int | None = None, eval_episodes: int | None = None,
-          stop_at_bar: bool = False, sac_overrides: dict | None = None, progress: bool = True):
-    """Train an agent on `task`, recorded in the store as a training run; registers its policy."""
+          stop_at_bar: bool = False, sac_overrides: dict | None = None, progress: bool = True, init_from: str | None = None):
+    """Train an agent on `task`, recorded in the store as a training run; registers its policy.
+
+    `init_from` (a policy file or ``pretrained``) fine-tunes a trained policy instead of starting afresh."""
     from .training import train as train_task
 
     definition, setup = _setup(task, lattice)
@@ -76,6 +79,11 @@ def train(task: str, lattice: str | None, errors: str, eval_errors: str, steps: 
     if arch not in definition.architectures:
         raise ConfigError(f"--arch: {arch!r} is not available for task {task}; expected one of {', '.join(definition.architectures)}")
     em, eval_em = definition.load_errors(errors), definition.load_errors(eval_errors)
+    init_policy = None
+    if init_from:
+        from .policy import resolve_init_policy
+
+        init_policy = Policy.load(resolve_init_policy(init_from, setup), definition, setup)
     steps = steps or definition.train_defaults["steps"]
     eval_every = eval_every or definition.train_defaults["eval_every"]
     eval_episodes = eval_episodes or definition.train_defaults["eval_episodes"]
@@ -83,10 +91,11 @@ def train(task: str, lattice: str | None, errors: str, eval_errors: str, steps: 
     overrides = {**definition.sac_overrides, **(sac_overrides or {})}
     run_row = store.start_training_run(
         task=task, lattice=setup.name, errors=em.name, arch=arch, steps=steps, seed=seed, out_dir=str(out.resolve()),
-        config={"eval_errors": eval_em.name, "eval_every": eval_every, "eval_episodes": eval_episodes, **overrides})
+        config={"eval_errors": eval_em.name, "eval_every": eval_every, "eval_episodes": eval_episodes, **overrides,
+                **({"init_from": str(init_policy.path)} if init_policy else {})})
     try:
         result = train_task(definition, setup, em, steps, seed, out, arch, eval_em, eval_every, eval_episodes,
-                            progress=progress, stop_at_bar=stop_at_bar, sac_overrides=sac_overrides)
+                            progress=progress, stop_at_bar=stop_at_bar, sac_overrides=sac_overrides, init_policy=init_policy)
     except BaseException:
         store.finish_training_run(run_row.id, "failed", {}, [])
         raise
@@ -182,6 +191,7 @@ def _run_recorded(opened: Machine, agent: Policy, mode: str, safety: SafetyConfi
                           "session": recorder.session_id},
         approver=approver_for(opened) if approver_for and mode == "approve" else None,
         guard_ready=guard_ready, on_step=recorder.on_step, on_event=record_event,
+        measured_response=recorded_response(recorder.store, opened) if mode == "dry-run" else None,
     )
     recorder.finish(result)
     return result

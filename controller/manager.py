@@ -174,6 +174,7 @@ def session_process(conn, store_url: str, request: dict, sim_step_interval: floa
     sys.path[:] = request["context"]["sys_path"]
     import torch
 
+    from .response import recorded_response
     from .session import run_session
 
     torch.set_num_threads(1)
@@ -195,6 +196,7 @@ def session_process(conn, store_url: str, request: dict, sim_step_interval: floa
             approver=controls.approver if request["mode"] == "approve" else None,
             on_step=recorder.on_step, on_event=recorder.on_event,
             guard_ready=lambda g: setattr(controls, "guard", g), before_step=controls.before_step,
+            measured_response=recorded_response(store, opened) if request["mode"] == "dry-run" else None,
         )
         recorder.finish(result)
         status = result.status

@@ -153,5 +153,18 @@ def resolve_policy_path(path: str | Path, setup=None) -> Path:
     return p
 
 
+def resolve_init_policy(path: str | Path, setup) -> Path:
+    """The policy a fine-tuning run starts from: a file, or `pretrained` = the shipped policy
+    of the setup or of the setup it was calibrated from (``derived_from``)."""
+    if str(path) == "pretrained":
+        for name in (setup.name, getattr(setup, "derived_from", "")):
+            shipped = POLICY_DIR / f"{name}.pt"
+            if name and shipped.is_file():
+                return Path(str(shipped))
+        raise ConfigError(f"--init-from pretrained: no pretrained policy ships for lattice {setup.name!r}"
+                          + (f" or {setup.derived_from!r}" if getattr(setup, "derived_from", "") else ""))
+    return resolve_policy_path(path)
+
+
 def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()

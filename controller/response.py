@@ -180,3 +180,60 @@ def measure_response(
 def _json_floats(a: np.ndarray) -> list:
     """Nested lists with NaN as None (JSON has no NaN)."""
     return np.where(np.isfinite(a), a, None).tolist() if np.ndim(a) else a
+
+
+@dataclass
+class ResponseCheck:
+    """How far a measured change of the readings is from what a model predicts."""
+
+    mismatch: float  # |measured - predicted| / |predicted| (0: identical)
+    cosine: float  # cosine similarity of measured and predicted changes
+    noise_floor: float  # the mismatch reading noise alone would give
+    predicted_norm: float
+
+    def describe(self) -> str:
+        return (f"response mismatch {self.mismatch:.2f} (cosine similarity {self.cosine:.2f}; "
+                f"reading noise alone would give about {self.noise_floor:.2f})")
+
+
+def check_response(expected: np.ndarray, knob_change: np.ndarray, reading_change: np.ndarray,
+                   noise: float | np.ndarray = 0.0) -> ResponseCheck | None:
+    """Compare a measured reading change with the model's prediction ``expected @ knob_change``.
+
+    `noise` is the standard deviation of one reading (a change of two readings has sqrt(2)
+    times it). None if the knob change predicts nothing measurable.
+    """
+    expected = np.asarray(expected, dtype=float)
+    predicted = expected @ np.asarray(knob_change, dtype=float)
+    measured = np.asarray(reading_change, dtype=float)[: len(predicted)]
+    norm = float(np.linalg.norm(predicted))
+    noise_norm = float(np.linalg.norm(np.broadcast_to(np.asarray(noise, dtype=float) * np.sqrt(2), predicted.shape)))
+    if norm == 0 or norm < 2 * noise_norm or not np.all(np.isfinite(measured)):
+        return None
+    cosine = float(predicted @ measured / (norm * max(np.linalg.norm(measured), 1e-12)))
+    return ResponseCheck(float(np.linalg.norm(measured - predicted) / norm), cosine, noise_norm / norm, norm)
+
+
+class ResponseMismatch(RuntimeError):
+    """The machine does not respond as the policy's model predicts."""
+
+
+def latest_response(store, machine: str, knobs: list[str], readings: list[str]) -> np.ndarray | None:
+    """The newest completed response measurement of `machine` with these knobs and readings."""
+    from sqlalchemy import select
+
+    from .store import MachineRow, MeasurementRow
+
+    with store.Session() as s:
+        rows = s.scalars(select(MeasurementRow).join(MachineRow, MachineRow.id == MeasurementRow.machine_id)
+                         .where(MachineRow.name == machine, MeasurementRow.kind == "response",
+                                MeasurementRow.status == "completed").order_by(MeasurementRow.id.desc()).limit(5)).all()
+    for row in rows:
+        if row.data.get("knobs") == knobs and row.data.get("readings") == readings:
+            return ResponseMeasurement.from_dict(row.data).matrix_array
+    return None
+
+
+def recorded_response(store, opened) -> np.ndarray | None:
+    """The newest completed response measurement of an opened machine (None if there is none)."""
+    return latest_response(store, opened.name, [k.name for k in opened.plant.knobs], [r.name for r in opened.plant.readings])

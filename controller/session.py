@@ -23,6 +23,7 @@ from safety.guard import (
 )
 
 from .policy import Policy
+from .response import ResponseMismatch, check_response
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class SessionResult:
     trips: list[str]
     restored: bool
     snapshot: str | None
-    status: str = "completed"  # completed, not_converged, tripped, aborted, rejected, dry-run, faulted
+    status: str = "completed"  # completed, not_converged, tripped, aborted, rejected, dry-run, faulted, mismatch
     step_records: list[StepRecord] = field(default_factory=list)
     events: list[SafetyEvent] = field(default_factory=list)
 
@@ -107,8 +108,16 @@ def run_session(
     on_event: Callable[[SafetyEvent], None] | None = None,
     guard_ready: Callable[[GuardedPlant], None] | None = None,
     before_step: Callable[[], None] | None = None,
+    measured_response: np.ndarray | None = None,
 ) -> SessionResult:
-    """Tune `plant` with `policy` (any registered task, from the policy); never raises on a trip."""
+    """Tune `plant` with `policy` (any registered task, from the policy); never raises on a trip.
+
+    Mismatch guard: if the policy's task has a response model, the machine's response to
+    the opening probe is compared with it before the first policy step; beyond
+    ``safety.max_response_mismatch`` the session stops and restores (status ``mismatch``).
+    A dry-run writes nothing, so it compares `measured_response` (the machine's last
+    recorded response measurement) instead, when there is one.
+    """
     start = time.perf_counter()
     task = policy_task(plant, policy)
     primary = task.metrics[0]
@@ -139,6 +148,37 @@ def run_session(
         guard.on_event_and_store(Event(time.time(), "start", f"starting {primary.label or primary.name} {initial:.3f}{unit}", {
             "readings": np.asarray(task.initial_readings).tolist(), "settings": guard.snapshot.tolist(),
             "readings_after_probe": np.asarray(task.last_readings).tolist(), "metrics": now}))
+        check_machine_matches_policy()
+
+    def check_machine_matches_policy() -> None:
+        expected = get_task(policy.task).expected_response(policy.metadata)
+        if expected is None:
+            return
+        knob_change = np.asarray(guard.settings, dtype=float) - guard.snapshot
+        if mode == "dry-run":
+            if measured_response is None:
+                guard.on_event_and_store(Event(time.time(), "warning", "dry-run writes nothing, so it cannot check that "
+                                               "the machine responds as the policy's model predicts (no response "
+                                               "measurement of this machine: run tbsac measure-response)"))
+                return
+            reading_change, source = np.asarray(measured_response) @ knob_change, "recorded response measurement"
+        else:
+            reading_change, source = np.asarray(task.last_readings) - np.asarray(task.initial_readings), "opening probe"
+        check = check_response(np.asarray(expected["matrix"]), knob_change, reading_change, expected["noise"])
+        limit = guard.config.max_response_mismatch
+        if check is None:
+            guard.on_event_and_store(Event(time.time(), "warning", f"{source}: too small to check the machine responds "
+                                           "as the policy's model predicts"))
+            return
+        data = {"mismatch": check.mismatch, "cosine": check.cosine, "noise_floor": check.noise_floor, "limit": limit,
+                "source": source}
+        if check.mismatch > limit:
+            message = (f"this machine does not match the policy's lattice ({check.describe()} > {limit:.2f}, "
+                       f"from the {source}): run measure-response and calibrate")
+            guard.on_event_and_store(Event(time.time(), "mismatch", message, data))
+            raise ResponseMismatch(message)
+        guard.on_event_and_store(Event(time.time(), "response_check", f"machine matches the policy's model: "
+                                       f"{check.describe()} <= {limit:.2f} ({source})", data))
 
     def stepped(s: StepOutcome) -> None:
         nonlocal final
@@ -176,6 +216,12 @@ def run_session(
                 guard.stop_and_restore(outcome.restore_reason)
             elif outcome.note:
                 guard.on_event_and_store(Event(time.time(), "stop", outcome.note))
+    except ResponseMismatch as exc:
+        status = "mismatch"
+        if mode == "dry-run":
+            status = "dry-run"  # nothing was written; the mismatch event says what a real run would do
+        else:
+            guard.stop_and_restore(str(exc))
     except OperatorRejected:
         status = "rejected"
     except OperatorAbort:

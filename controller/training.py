@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 
+from core.config import ConfigError
 from core.task import TaskDefinition, TaskEnv
 
 from .agents import make_sac
@@ -73,10 +74,40 @@ class PolicyEvalCallback(BaseCallback):
         return True
 
 
-def _learn(model, callback: PolicyEvalCallback, steps: int, out: Path, progress: bool, record: dict) -> TrainResult:
+# Fine-tuning from a trained policy: its actor, fresh critics that first learn its value,
+# a small starting entropy weight (the actor is already nearly deterministic) and learning
+# from the first batch on.
+FINE_TUNE_CRITIC_WARMUP = 1500
+FINE_TUNE_OVERRIDES = {"learning_starts": 256, "ent_coef": "auto_0.02"}
+
+
+class FrozenActorWarmup(BaseCallback):
+    """Keeps the actor's weights fixed for the first `steps` environment steps."""
+
+    def __init__(self, steps: int):
+        super().__init__()
+        self.steps = steps
+
+    def _set(self, trainable: bool) -> None:
+        for p in self.model.policy.actor.parameters():
+            p.requires_grad_(trainable)
+
+    def _on_training_start(self) -> None:
+        self._set(False)
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps == self.steps:
+            self._set(True)
+        return True
+
+    def _on_training_end(self) -> None:
+        self._set(True)
+
+
+def _learn(model, callbacks, callback: PolicyEvalCallback, steps: int, out: Path, progress: bool, record: dict) -> TrainResult:
     """Run SAC with the evaluation callback; write sac_model.zip and training.json."""
     start = time.perf_counter()
-    model.learn(total_timesteps=steps, callback=callback, progress_bar=progress, tb_log_name="sac")
+    model.learn(total_timesteps=steps, callback=callbacks, progress_bar=progress, tb_log_name="sac")
     wall = time.perf_counter() - start
     model.save(out / "sac_model.zip")
     result = TrainResult(
@@ -128,12 +159,16 @@ def train(
     progress: bool = True,
     stop_at_bar: bool = False,
     sac_overrides: dict | None = None,
+    init_policy: Policy | None = None,
 ) -> TrainResult:
     """Train an agent on any registered task; writes checkpoints, TensorBoard logs and policy.pt.
 
     The periodic evaluation runs the deterministic policy through the one episode loop
     on machines ``definition.eval_seed_base + i`` (never the documented test seeds) and
-    keeps the checkpoint the task scores best.
+    keeps the checkpoint the task scores best. With `init_policy` (fine-tuning) the actor
+    starts from that policy's weights and stays frozen while the fresh critics learn its
+    value (``FINE_TUNE_CRITIC_WARMUP`` steps): an untrained critic would otherwise pull the
+    actor away from what it knew.
     """
     torch.set_num_threads(1)  # two threads on two busy cores made SAC up to 100x slower
     arch = arch or definition.default_arch
@@ -153,8 +188,22 @@ def train(
     eval_env = environment(eval_model)
     seeds = [definition.eval_seed_base + i for i in range(eval_episodes)]
     context = definition.evaluation_context(setup, eval_model, seeds)
+    if init_policy is not None:
+        if init_policy.metadata.get("arch") != arch:
+            raise ConfigError(f"--init-from: policy has architecture {init_policy.metadata.get('arch')!r}, training uses {arch!r}")
+        overrides = {**FINE_TUNE_OVERRIDES, **overrides}
     model = make_sac(env, arch=arch, seed=seed, tensorboard_log=str(out / "tensorboard"), **overrides)
+    callbacks = []
+    if init_policy is not None:
+        try:
+            model.policy.actor.load_state_dict(init_policy.sac_policy.actor.state_dict())
+        except RuntimeError as exc:
+            raise ConfigError(f"--init-from: the policy's network does not fit this task's ({' '.join(str(exc).split())[:200]})") from None
+        callbacks.append(FrozenActorWarmup(FINE_TUNE_CRITIC_WARMUP))
     training = {"steps": steps, "seed": seed, "errors": errors.name, "eval_errors": eval_model.name}
+    if init_policy is not None:
+        training["init_from"] = {"path": str(init_policy.path), "sha256": init_policy.sha256,
+                                 "lattice": init_policy.metadata.get("lattice", {}).get("name")}
     if overrides:
         training["sac_overrides"] = overrides
     base_meta = policy_metadata(definition, setup, errors, config, arch, training)
@@ -168,6 +217,6 @@ def train(
 
     scalars = {name: (lambda m, keys=keys: _path(m, keys)) for name, keys in definition.scalars.items()}
     callback = PolicyEvalCallback(make_policy, evaluate, definition.score, definition.bar_met, scalars, out, eval_every, stop_at_bar)
-    return _learn(model, callback, steps, out, progress, {
+    return _learn(model, CallbackList([*callbacks, callback]) if callbacks else callback, callback, steps, out, progress, {
         "task": definition.name, "lattice": setup.name, "errors": errors.name, "eval_errors": eval_model.name,
         "arch": arch, "seed": seed})

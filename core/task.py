@@ -27,7 +27,7 @@ from typing import Any, Callable, ClassVar
 import gymnasium as gym
 import numpy as np
 
-from .plant import Event, KnobSpec, Plant, ReadingSpec, SimulatedPlant
+from .plant import Event, KnobSpec, Plant, PlantFault, ReadingSpec, SimulatedPlant
 
 
 @dataclass(frozen=True)
@@ -205,6 +205,29 @@ def run_episode(
     return result
 
 
+MAX_START_ATTEMPTS = 50
+
+
+def start_drawn_machine(task: Task, plant: SimulatedPlant, seed: int) -> np.ndarray:
+    """Draw machine `seed` and start the task on it; if the task cannot start there (a
+    PlantFault, e.g. the opening probe loses the beam of a badly mis-steered machine),
+    draw the next machine from a generator seeded by `seed` (reproducible). The seed of
+    the machine used is left in ``plant.drawn_seed``."""
+    redraws = np.random.default_rng(seed)
+    current = seed
+    for attempt in range(MAX_START_ATTEMPTS):
+        plant.reset(current)
+        try:
+            obs = task.start(plant)
+            plant.drawn_seed = current
+            return obs
+        except PlantFault:
+            if attempt == MAX_START_ATTEMPTS - 1:
+                raise
+            current = int(redraws.integers(2**62))
+    raise AssertionError("unreachable")
+
+
 class TaskEnv(gym.Env):
     """A Gymnasium environment: a task on a simulated plant (``reset(seed)`` draws a machine)."""
 
@@ -219,8 +242,7 @@ class TaskEnv(gym.Env):
         super().reset(seed=seed)
         if seed is not None:
             self._seeds = np.random.default_rng(seed)
-        self.plant.reset(seed if seed is not None else int(self._seeds.integers(2**63)))
-        obs = self.task.start(self.plant)
+        obs = start_drawn_machine(self.task, self.plant, seed if seed is not None else int(self._seeds.integers(2**63)))
         return obs, dict(self.task.metric_values())
 
     def step(self, action):
@@ -320,7 +342,8 @@ class TaskDefinition(ABC):
 
     def run_evaluation_episode(self, env: TaskEnv, policy, seed: int, max_steps: int | None = None) -> EpisodeResult:
         """One agent (or step-wise baseline) episode on machine `seed`."""
-        env.plant.reset(seed)
+        start_drawn_machine(env.task, env.plant, seed)  # the machine the seed draws (one the task can start on)
+        env.plant.reset(env.plant.drawn_seed)
         getattr(policy, "begin", lambda: None)()
         return run_episode(env.task, env.plant, policy.act, max_steps=max_steps, seed=seed)
 
@@ -338,6 +361,12 @@ class TaskDefinition(ABC):
         return None
 
     # -- machines: layout for consoles, virtual machine wiring ---------------------------------
+    def expected_response(self, metadata: dict) -> dict | None:
+        """The linear response the policy's model predicts near the start:
+        ``{"matrix": (n_readings x n_knobs), "noise": std of one reading}``; None if the
+        task has no such model (sessions then cannot check the machine matches)."""
+        return None
+
     def calibrate(self, setup: Any, measurement: dict, out: Path) -> dict | None:
         """Fit the setup to a measured response (``controller.response``), write the
         calibrated setup file and a report into `out`; None if the task cannot.

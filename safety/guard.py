@@ -45,6 +45,9 @@ class SafetyConfig(BaseModel):
         "(knobs in different units, e.g. solenoids in T and steerers in mrad)")
     min_write_interval_s: float = Field(0.0, ge=0, description="writes closer than this are delayed")
     saturation_margin: float = Field(1e-6, ge=0, description="|reading| >= range - margin is saturated")
+    max_response_mismatch: PositiveFloat = Field(
+        0.35, description="largest relative difference between the machine's response to the opening probe and the "
+        "policy's model before the session stops (the policy does not know this machine)")
 
 
 @dataclass(frozen=True)

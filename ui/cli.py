@@ -62,6 +62,8 @@ def train(
     eval_episodes: Optional[int] = typer.Option(None, "--eval-episodes", min=1),
     gamma: Optional[float] = typer.Option(None, "--gamma", min=0.0, max=1.0, help="Discount factor (default: the task's)."),
     stop_at_bar: bool = typer.Option(False, "--stop-at-bar", help="Stop at the first evaluation meeting the acceptance bar."),
+    init_from: Optional[str] = typer.Option(None, "--init-from", help="Fine-tune: start from a policy file or 'pretrained' "
+                                            "(the shipped policy of the lattice, or of the lattice it was calibrated from)."),
 ):
     """Train an agent in simulation; writes policy.pt, checkpoints/, tensorboard/ and training.json."""
     from controller import api
@@ -69,7 +71,7 @@ def train(
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("controller.training").setLevel(logging.INFO)  # one line per evaluation
     result = api.train(task, lattice, errors, eval_errors, steps, seed, out or Path("runs") / task, arch, eval_every,
-                       eval_episodes, stop_at_bar, {"gamma": gamma} if gamma is not None else None)
+                       eval_episodes, stop_at_bar, {"gamma": gamma} if gamma is not None else None, init_from=init_from)
     console.print(f"best checkpoint: step {result.best_step}: {json.dumps(result.best_summary)}")
     if result.first_bar_step is not None:
         console.print(f"acceptance bar first met at step {result.first_bar_step} after {result.first_bar_seconds} s")
@@ -209,8 +211,8 @@ def run(
     signal.signal(signal.SIGINT, lambda *_: guards and guards[0].abort("operator abort (Ctrl-C)"))
 
     def on_event(event) -> None:
-        if event.kind == "warning":  # the operator should see it now, not only in the log
-            _error(f"warning: {event.reason}")
+        if event.kind in ("warning", "mismatch"):  # the operator should see it now, not only in the log
+            _error(f"{event.kind}: {event.reason}")
 
     result, session_id, opened = api.run_on_machine(
         machine, policy, mode, operator, max_steps, max_excursion, max_excursion_steps, snapshot,

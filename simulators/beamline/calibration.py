@@ -204,7 +204,7 @@ def calibrated_lattice(lattice: Lattice, cal: Calibration) -> Lattice:
             i_bpm += 1
         elements.append(e)
     return lattice.model_copy(update={
-        "name": f"{lattice.name}-calibrated",
+        "name": f"{lattice.name}-calibrated", "derived_from": lattice.derived_from or lattice.name,
         "description": f"{lattice.name} fitted to a measured response ({cal.verdict.split(':')[0]})",
         "solenoid_max_field_t": lattice.solenoid_max_field_t * common, "elements": elements})
 

@@ -18,6 +18,14 @@ from .task import OrbitTask, OrbitTaskConfig, rms_metric
 AMPS_PER_UNIT = 1.85
 
 
+def nominal_response(lattice: Lattice):
+    """Orbit response (mm per unit) of the lattice as its file describes it."""
+    from .errors import MachineErrors
+    from .model import BeamlineModel
+
+    return BeamlineModel(lattice).response(MachineErrors.nominal(lattice)).r[0]
+
+
 def corrector_polarity(index: int) -> int:
     """Wiring polarity of corrector `index` on the virtual machines."""
     return -1 if index % 3 == 1 else 1
@@ -85,7 +93,18 @@ class OrbitDefinition(TaskDefinition):
             "observation": {"size": 3 * setup.n_readings, "layout": "[dB_{t-1}, dB_t, B_t], each over readings in mm",
                             "readings": setup.reading_names},
             "action": {"size": setup.n_correctors, "scale": config.action_scale, "unit": "simulator units per step"},
+            # What the policy's lattice predicts (the mismatch guard compares the machine with it).
+            "response": {"matrix": nominal_response(setup).round(6).tolist(), "unit": "mm per simulator unit"},
         }
+
+    def expected_response(self, metadata: dict) -> dict | None:
+        matrix = metadata.get("response", {}).get("matrix")
+        if matrix is None:  # policies trained before the response was recorded: their shipped lattice
+            name = metadata.get("lattice", {}).get("name")
+            if name not in shipped_lattices():
+                return None
+            matrix = nominal_response(load_lattice(name)).tolist()
+        return {"matrix": matrix, "noise": float(metadata.get("error_model", {}).get("bpm_noise_mm", 0.05))}
 
     def check_policy(self, metadata: dict, setup: Lattice) -> str | None:
         trained, mine = metadata.get("lattice", {}), setup.fingerprint()

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from core.task import EpisodeResult
+from core.task import EpisodeResult, start_drawn_machine
+from core.task import run_episode as loop
 
 from .baselines import BaselineController, DoNothing, SvdMeasured, SvdModel
 from .errors import ErrorModel
@@ -22,10 +23,9 @@ METHODS = ("agent", "svd_model", "svd_measured", "nothing")
 
 def run_episode(env: OrbitEnv, controller: BaselineController, seed: int) -> EpisodeResult:
     """Reset `env` to machine `seed` and let `controller` correct it."""
-    env.plant.reset(seed)
+    start_drawn_machine(env.task, env.plant, seed)  # the machine the seed draws (one the task can start on)
+    env.plant.reset(env.plant.drawn_seed)
     controller.begin()
-    from core.task import run_episode as loop
-
     return loop(env.task, env.plant, controller.act, seed=seed)
 
 

@@ -128,6 +128,8 @@ class Lattice(_Strict):
         description="Kick in mrad of one simulator unit at the design rigidity"
     )
     corrector_limit: PositiveFloat = Field(default=40.0, description="simulator units")
+    derived_from: str = Field("", description="the lattice this one was calibrated from (its pretrained policy "
+                              "is the starting point for fine-tuning)")
     elements: list[ElementSpec] = Field(min_length=1)
 
     @model_validator(mode="after")

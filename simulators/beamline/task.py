@@ -42,6 +42,9 @@ class OrbitTaskConfig(BaseModel):
     # interlock (transmitted fraction, as the simulator and the virtual machines report it)
     # reads below this. Near an aperture the probe alone could trip the beam-loss interlock.
     probe_skip_below_current: float = Field(0.999, ge=0.0, le=1.0)
+    # ... and made this much smaller instead: small enough not to trip, large enough for
+    # the session to check the machine responds as the policy's model says.
+    scraping_probe_fraction: float = Field(1 / 3, ge=0.0, le=1.0)
     trend_weight: NonNegativeFloat = 0.4
     success_bonus: NonNegativeFloat = 50.0
     bonus_per_step_left: NonNegativeFloat = 3.0
@@ -150,11 +153,12 @@ class OrbitTask(Task):
 
     def probe(self) -> np.ndarray:
         """The opening probe per knob: the configured one, at most a knob's largest step,
-        none when the beam is already scraping (read just before)."""
+        reduced (``scraping_probe_fraction``) when the beam is already scraping (read just before)."""
+        amount = self.config.initial_probe
         if self.last_interlocks.get("beam_current", 1.0) < self.config.probe_skip_below_current:
-            return np.zeros(len(self.knob_lower))
+            amount *= self.config.scraping_probe_fraction
         step = np.full(len(self.knob_lower), np.inf) if self.knob_step is None else np.asarray(self.knob_step)
-        return np.clip(np.full(len(self.knob_lower), self.config.initial_probe), -step, step)
+        return np.clip(np.full(len(self.knob_lower), amount), -step, step)
 
     def clip(self, settings: np.ndarray) -> np.ndarray:
         return np.clip(settings, self.knob_lower, self.knob_upper)

@@ -116,7 +116,7 @@ def test_batched_env_matches_task_semantics(cm1):
     np.testing.assert_array_equal(terminated, success)
 
 
-def test_opening_probe_is_bounded_by_the_largest_step_and_skipped_when_scraping():
+def test_opening_probe_is_bounded_by_the_largest_step_and_reduced_when_scraping():
     """Issue 13, item 4: the +0.3 probe on every corrector tripped machines that start near an aperture."""
     import dataclasses
 
@@ -135,4 +135,5 @@ def test_opening_probe_is_bounded_by_the_largest_step_and_skipped_when_scraping(
     seed = next(s for s in range(200) if (scraping.reset(s), 0.0 < scraping.beam_current() < 0.999)[1])
     task = orbit.make_task(lattice, plant.knobs, plant.readings, OrbitTaskConfig())
     task.start(scraping)
-    np.testing.assert_array_equal(scraping.read_knobs(), 0.0), seed  # no probe: the beam is already scraping
+    # the beam is already scraping: a third of the probe (enough to check the response)
+    np.testing.assert_allclose(scraping.read_knobs(), 0.1), seed
