@@ -302,12 +302,6 @@ def calibrate(machine: str | None, measurement_id: int, out: Path) -> dict:
     if fitted is None:
         raise ConfigError(f"task {opened.definition.name} cannot calibrate its setup from a response measurement")
     factors = fitted["knob_factors"]
-    uncertain = fitted["report"].get("uncertainty", {}).get("kick_scale") or [0.0] * len(factors)
-    dead = [k.name for k, f, u in zip(opened.machine_file.knobs, factors, uncertain) if abs(f) < max(3 * u, 1e-3)]
-    if dead:
-        fitted["good"] = False
-        fitted["verdict"] = (f"BAD FIT: no measurable effect of {', '.join(dead)} (dead, disconnected or mis-named): "
-                             "do not use the calibrated files; " + fitted["verdict"])
     content = yaml.safe_load(Path(opened.path).read_text())
     knobs = content.get("knobs", content.get("correctors"))
     for knob, factor in zip(knobs, factors):

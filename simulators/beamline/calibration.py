@@ -48,6 +48,7 @@ class Calibration:
     bpm_gain: list[list[float]]  # per BPM (x, y)
     bpm_rotation_mrad: list[float]
     kick_scale: list[float]  # per corrector: kick per measured unit / nominal kick per unit (signed)
+    unit_scale: list[float]  # per corrector: kick of one calibrated unit / nominal kick (orbit effect as nominal)
     uncertainty: dict  # same keys, one sigma
     chi2_reduced: float
     residual_per_reading: list[float]  # rms over knobs of (measured - model) / sigma
@@ -146,6 +147,11 @@ def fit_response(lattice: Lattice, measured: np.ndarray, sigma: np.ndarray, iter
     with torch.no_grad():
         unit = fit.unit_response(best)
         kicks = fit.kicks(unit)
+        nominal = fit.unit_response(torch.zeros_like(best))
+    # Calibrated units: one unit of every corrector moves the orbit as much (rms over the
+    # readings) as one unit does on the lattice file, whatever the fitted optics: the
+    # steps a policy was trained with keep their size.
+    unit_scale = (nominal[0].norm(dim=0) / unit[0].norm(dim=0).clamp_min(1e-12)).numpy()
     # Uncertainties: Gauss-Newton covariance of (theta, kicks), scaled by the fit quality.
     full = torch.cat([best[0], kicks[0]])
 
@@ -172,7 +178,7 @@ def fit_response(lattice: Lattice, measured: np.ndarray, sigma: np.ndarray, iter
     return Calibration(
         solenoid_scale=sol.tolist(), defocus_scale=float(np.exp(p["log_defocus"][0])), drift_delta_mm=p["drift_mm"].tolist(),
         bpm_gain=np.exp(p["log_bpm_gain"]).reshape(-1, 2).tolist(), bpm_rotation_mrad=p["bpm_rotation_mrad"].tolist(),
-        kick_scale=kicks[0].numpy().tolist(),
+        kick_scale=kicks[0].numpy().tolist(), unit_scale=unit_scale.tolist(),
         uncertainty={"solenoid_scale": (sol * s["log_solenoid"].numpy()).tolist(),
                      "defocus_scale": float(np.exp(p["log_defocus"][0]) * s["log_defocus"][0]),
                      "drift_delta_mm": s["drift_mm"].numpy().tolist(),
@@ -185,7 +191,8 @@ def fit_response(lattice: Lattice, measured: np.ndarray, sigma: np.ndarray, iter
 
 
 def calibrated_lattice(lattice: Lattice, cal: Calibration) -> Lattice:
-    """The lattice with the fitted optics (kicks are not in it: the machine file carries them)."""
+    """The lattice with the fitted optics; its corrector units are the calibrated ones
+    (``unit_scale``); the machine file maps them to amperes with the fitted kicks."""
     common = float(np.median(cal.solenoid_scale))  # keeps every normalised field within its bounds
     elements, i_sol, i_drift, i_bpm = [], 0, 0, 0
     for e in lattice.elements:
@@ -203,7 +210,9 @@ def calibrated_lattice(lattice: Lattice, cal: Calibration) -> Lattice:
                                      "rotation_mrad": e.rotation_mrad + cal.bpm_rotation_mrad[i_bpm]})
             i_bpm += 1
         elements.append(e)
+    scales = {n: lattice.corrector_kick_scale.get(n, 1.0) * u for n, u in zip(lattice.corrector_names, cal.unit_scale)}
     return lattice.model_copy(update={
+        "corrector_kick_scale": scales,
         "name": f"{lattice.name}-calibrated", "derived_from": lattice.derived_from or lattice.name,
         "description": f"{lattice.name} fitted to a measured response ({cal.verdict.split(':')[0]})",
         "solenoid_max_field_t": lattice.solenoid_max_field_t * common, "elements": elements})

@@ -180,11 +180,20 @@ class OrbitDefinition(TaskDefinition):
         if not np.all(np.isfinite(measured)):
             raise ConfigError("measurement field 'matrix': contains missing or non-finite values")
         cal = fit_response(setup, measured, sigma)
+        # One machine-file unit of knob j moves it by kick_scale[j] nominal kicks, i.e.
+        # kick_scale[j] / unit_scale[j] calibrated units.
+        factors = [k / u for k, u in zip(cal.kick_scale, cal.unit_scale)]
+        dead = [n for n, k, s in zip(setup.corrector_names, cal.kick_scale, cal.uncertainty["kick_scale"])
+                if abs(k) < max(3 * s, 1e-3)]
+        if dead:
+            cal.good = False
+            cal.verdict = (f"BAD FIT: no measurable effect of {', '.join(dead)} (dead, disconnected or mis-named): "
+                           "do not use the calibrated files; " + cal.verdict)
         lattice = calibrated_lattice(setup, cal)
         out.mkdir(parents=True, exist_ok=True)
         setup_file = out / "lattice.yaml"
         header = (f"# {lattice.name}: fitted by `tbsac calibrate` to a measured response.\n# {cal.verdict}\n"
-                  "# Corrector kicks per unit are in the calibrated machine file's scales, not here.\n")
+                  "# Corrector units are calibrated units (corrector_kick_scale); the machine file's scales map them to amperes.\n")
         setup_file.write_text(header + yaml.safe_dump(lattice.model_dump(mode="json", exclude_defaults=False), sort_keys=False))
         plot = plot_columns(measured, sigma, np.array(cal.model_matrix), setup.corrector_names, setup.reading_names,
                             out / "response.png", f"{setup.name}: measured vs calibrated model ({cal.verdict.split(':')[0]})")
@@ -194,7 +203,7 @@ class OrbitDefinition(TaskDefinition):
                                  "bpms": setup.bpm_names, "correctors": setup.corrector_names},
                   "noise_per_reading": measurement.get("noise"), "plot": str(plot)}
         (out / "report.json").write_text(json.dumps(report, indent=1))
-        return {"setup_file": setup_file, "knob_factors": cal.kick_scale, "good": cal.good, "verdict": cal.verdict,
+        return {"setup_file": setup_file, "knob_factors": factors, "good": cal.good, "verdict": cal.verdict,
                 "report": report}
 
     def wiring(self, setup: Lattice, knobs: list[KnobSpec]) -> tuple[list[float], str]:

@@ -128,6 +128,9 @@ class Lattice(_Strict):
         description="Kick in mrad of one simulator unit at the design rigidity"
     )
     corrector_limit: PositiveFloat = Field(default=40.0, description="simulator units")
+    corrector_kick_scale: dict[str, PositiveFloat] = Field(
+        default_factory=dict, description="per-corrector multiplier of corrector_kick_mrad_per_unit (default 1); "
+        "calibration sets it so one unit of every corrector moves the orbit about as much as on the nominal lattice")
     derived_from: str = Field("", description="the lattice this one was calibrated from (its pretrained policy "
                               "is the starting point for fine-tuning)")
     elements: list[ElementSpec] = Field(min_length=1)
@@ -143,6 +146,9 @@ class Lattice(_Strict):
             raise ValueError("a lattice needs at least one bpm")
         if not self.corrector_names:
             raise ValueError("a lattice needs at least one corrector or solenoid steerer")
+        unknown = sorted(set(self.corrector_kick_scale) - set(self.corrector_names))
+        if unknown:
+            raise ValueError(f"corrector_kick_scale names unknown correctors {unknown}")
         return self
 
     @cached_property

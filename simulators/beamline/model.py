@@ -217,7 +217,8 @@ class BeamlineModel:
         t = as_tensor
         lattice = self.lattice
         kick_rad = lattice.corrector_kick_mrad_per_unit * 1e-3
-        angles = settings * t(errors.corrector_scale)[:, None, :] * kick_rad
+        per_unit = t([lattice.corrector_kick_scale.get(n, 1.0) for n in lattice.corrector_names]) * kick_rad
+        angles = settings * t(errors.corrector_scale)[:, None, :] * per_unit
         corrector_index = {n: i for i, n in enumerate(lattice.corrector_names)}
         energy = self.energy_ev
         elements: list[Element] = []

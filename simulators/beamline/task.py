@@ -28,6 +28,13 @@ from .plant import OrbitSimPlant
 BEAM_LOSS_PENALTY = 100.0
 
 
+def beam_loss_penalty(rms_before: np.ndarray | float, steps_taken, max_steps: int) -> np.ndarray:
+    """Losing the beam costs the fixed penalty plus the RMS it had for every step left:
+    otherwise ending an episode by losing the beam can pay better than a long correction
+    (a fine-tuned policy on different optics learned exactly that)."""
+    return -(BEAM_LOSS_PENALTY + np.asarray(rms_before) * np.maximum(0, max_steps - np.asarray(steps_taken)))
+
+
 class OrbitTaskConfig(BaseModel):
     """Task parameters; the defaults follow the paper."""
 
@@ -181,7 +188,7 @@ class OrbitTask(Task):
             obs = trend_observation(self._db, prev_b, prev_b)
             self.beam_lost = True
             info = {"rms_mm": float("nan"), "success": False, "beam_lost": True}
-            return obs, -BEAM_LOSS_PENALTY, True, False, info
+            return obs, float(beam_loss_penalty(rms(prev_b), self.steps, self.config.max_steps)), True, False, info
         reward, success = orbit_reward(prev_b, b, self.steps, self.config)
         obs = trend_observation(self._db, prev_b, b)
         self._db, self._b = b - prev_b, b
@@ -274,7 +281,7 @@ class BatchedOrbitEnv:
         b = self._read(everyone)
         reward, success = orbit_reward(self._b, b, self.steps, self.config)
         lost = transmission(self.response, self.settings) <= 0.0
-        reward = np.where(lost, -BEAM_LOSS_PENALTY, reward)
+        reward = np.where(lost, beam_loss_penalty(rms(self._b), self.steps, self.config.max_steps), reward)
         terminated = success | lost
         truncated = (self.steps >= self.config.max_steps) & ~terminated
         self._obs = trend_observation(self._prev_db, self._b, b)

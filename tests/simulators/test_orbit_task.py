@@ -77,8 +77,10 @@ def test_corrector_limits_are_enforced(cm1):
 def test_beam_loss_ends_the_episode_with_penalty(cm1):
     env = OrbitEnv(cm1, load_error_model("train"), OrbitTaskConfig(action_scale=40.0))
     env.reset(seed=2)
+    before = float(np.sqrt(np.mean(env.task.readings ** 2)))
     _, reward, terminated, _, info = env.step(np.ones(cm1.n_correctors))
-    assert info["beam_lost"] and terminated and reward == -100.0
+    # never cheaper than staying: the fixed penalty plus the RMS it had for every step left
+    assert info["beam_lost"] and terminated and reward == pytest.approx(-100.0 - before * 49)
 
 
 def test_episode_truncates_at_step_limit(cm1):
