@@ -1,6 +1,6 @@
 """Bringing up foreign machines: the documented flow against the shortcuts, over real CA.
 
-    python benchmarks/foreign.py [--seeds 0-19] [--lattice cafe2-cm1] [--finetune-steps 15000]
+    python benchmarks/foreign.py [--seeds 0-19] [--lattice cafe2-cm1] [--finetune-minutes 5]
                                  [--broad-policy FILE] [--out benchmarks/results]
 
 For every seed a virtual IOC serves ``tbsac ioc --foreign SEED`` (hidden optics drawn
@@ -9,7 +9,7 @@ from the wide family; the machine file stays the nominal one; ramp 0.2 s), and o
 1. ``shipped``: ``tbsac run --policy pretrained --mode auto`` without calibration
    (expected: stopped by the mismatch guard, not by an interlock);
 2. the documented flow: ``tbsac measure-response`` -> ``tbsac calibrate`` -> ``tbsac
-   train orbit --lattice DIR/lattice.yaml --init-from pretrained --stop-at-bar`` ->
+   train orbit --lattice DIR/lattice.yaml --init-from pretrained --stop-at-bar --max-minutes 5`` ->
    ``tbsac run --machine DIR/machine.yaml --policy FINE_TUNED --mode auto``;
 3. ``svd_measured``: iterative SVD correction with the measured response matrix,
    each write through the safety layer (GuardedPlant);
@@ -134,8 +134,8 @@ def one_machine(lattice: str, seed: int, args, tmp: Path) -> dict:
         t1 = time.perf_counter()
         ft_dir = tmp / f"ft-{seed}"
         proc = tbsac("train", "orbit", "--lattice", str(cal_dir / "lattice.yaml"), "--init-from", "pretrained", "--steps",
-                     str(args.finetune_steps), "--eval-every", "1000", "--eval-episodes", "50", "--stop-at-bar", "--out",
-                     str(ft_dir), env=env)
+                     str(args.finetune_steps), "--eval-every", "1000", "--eval-episodes", "50", "--stop-at-bar", "--max-minutes",
+                     str(args.finetune_minutes), "--out", str(ft_dir), env=env)
         record = json.loads((ft_dir / "training.json").read_text()) if (ft_dir / "training.json").exists() else {}
         out["finetune"] = {"exit": proc.returncode, "wall_s": round(time.perf_counter() - t1, 1),
                            "first_bar_step": record.get("first_bar_step"), "first_bar_seconds": record.get("first_bar_seconds"),
@@ -184,7 +184,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0-19", help="e.g. 0-19 or 0,3,5")
     parser.add_argument("--lattice", default="cafe2-cm1")
     parser.add_argument("--ramp", type=float, default=0.2)
-    parser.add_argument("--finetune-steps", type=int, default=15000)
+    parser.add_argument("--finetune-steps", type=int, default=30000)
+    parser.add_argument("--finetune-minutes", type=float, default=5.0)
     parser.add_argument("--broad-policy", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()

@@ -68,7 +68,8 @@ def _setup(task: str, lattice: str | None) -> tuple[TaskDefinition, object]:
 
 def train(task: str, lattice: str | None, errors: str, eval_errors: str, steps: int | None, seed: int, out: Path,
           arch: str | None = None, eval_every: int | None = None, eval_episodes: int | None = None,
-          stop_at_bar: bool = False, sac_overrides: dict | None = None, progress: bool = True, init_from: str | None = None):
+          stop_at_bar: bool = False, sac_overrides: dict | None = None, progress: bool = True, init_from: str | None = None,
+          max_minutes: float | None = None):
     """Train an agent on `task`, recorded in the store as a training run; registers its policy.
 
     `init_from` (a policy file or ``pretrained``) fine-tunes a trained policy instead of starting afresh."""
@@ -95,7 +96,8 @@ def train(task: str, lattice: str | None, errors: str, eval_errors: str, steps: 
                 **({"init_from": str(init_policy.path)} if init_policy else {})})
     try:
         result = train_task(definition, setup, em, steps, seed, out, arch, eval_em, eval_every, eval_episodes,
-                            progress=progress, stop_at_bar=stop_at_bar, sac_overrides=sac_overrides, init_policy=init_policy)
+                            progress=progress, stop_at_bar=stop_at_bar, sac_overrides=sac_overrides, init_policy=init_policy,
+                            max_seconds=max_minutes * 60 if max_minutes else None)
     except BaseException:
         store.finish_training_run(run_row.id, "failed", {}, [])
         raise

@@ -109,6 +109,9 @@ def measure_response(
     -> -probe -> start, each within the knob's largest step.
     """
     settings = settings or ResponseSettings()
+    unbounded = [k.name for k in plant.knobs if not np.isfinite(k.max_step)]
+    if unbounded:
+        raise ValueError(f"knobs without a largest step cannot be probed safely: {', '.join(unbounded)}")
     started = time.perf_counter()
     n_knobs = len(plant.knobs)
     # No knob may leave its start by more than one largest step (the probes never do).

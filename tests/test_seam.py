@@ -116,7 +116,8 @@ def replayed(toy, session_id: int) -> dict:
     return json.loads(proc.stdout)
 
 
-@pytest.mark.parametrize("mode", ["auto", "approve", "dry-run"])
+@pytest.mark.parametrize("mode", ["auto", pytest.param("approve", marks=pytest.mark.slow),
+                                  pytest.param("dry-run", marks=pytest.mark.slow)])
 def test_run_on_the_virtual_oven_through_the_safety_layer(toy, oven, mode):
     ioc, machine = oven
     proc = toy["cli"]("run", "--machine", str(machine), "--policy", str(toy["policy"]), "--mode", mode, "--json",

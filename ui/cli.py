@@ -64,6 +64,8 @@ def train(
     stop_at_bar: bool = typer.Option(False, "--stop-at-bar", help="Stop at the first evaluation meeting the acceptance bar."),
     init_from: Optional[str] = typer.Option(None, "--init-from", help="Fine-tune: start from a policy file or 'pretrained' "
                                             "(the shipped policy of the lattice, or of the lattice it was calibrated from)."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", min=0.1, help="Stop at the first evaluation after this "
+                                                "wall time (the best checkpoint so far is kept)."),
 ):
     """Train an agent in simulation; writes policy.pt, checkpoints/, tensorboard/ and training.json."""
     from controller import api
@@ -71,7 +73,8 @@ def train(
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("controller.training").setLevel(logging.INFO)  # one line per evaluation
     result = api.train(task, lattice, errors, eval_errors, steps, seed, out or Path("runs") / task, arch, eval_every,
-                       eval_episodes, stop_at_bar, {"gamma": gamma} if gamma is not None else None, init_from=init_from)
+                       eval_episodes, stop_at_bar, {"gamma": gamma} if gamma is not None else None, init_from=init_from,
+                       max_minutes=max_minutes)
     console.print(f"best checkpoint: step {result.best_step}: {json.dumps(result.best_summary)}")
     if result.first_bar_step is not None:
         console.print(f"acceptance bar first met at step {result.first_bar_step} after {result.first_bar_seconds} s")
@@ -225,7 +228,8 @@ def run(
                       f"{result.initial} -> {result.final} ({metric.unit}) in {result.steps} steps ({result.wall_s} s); "
                       f"snapshot {result.snapshot}")
     if result.status not in ("completed", "dry-run"):
-        why = result.trips[-1] if result.trips else result.status.replace("_", " ")
+        stop = next((e.reason for e in reversed(result.events) if e.kind in ("mismatch", "stop")), None)
+        why = result.trips[-1] if result.trips else stop or result.status.replace("_", " ")
         _error(f"session {result.status}: {why}; restored: {'yes' if result.restored else 'NO'}; snapshot: {result.snapshot}")
         if any("connection lost" in t for t in result.trips):
             # libca's context teardown at exit blocks on the TCP circuit of a frozen

@@ -28,7 +28,7 @@ from controller.replay import load_session, replay, step_rows
 from controller.store import EvaluationRow, PolicyRow, SessionRow, Store, TrainingRunRow, row_dict
 from controller.api import ConfigError
 
-SessionStatus = Literal["running", "paused", "completed", "not_converged", "tripped", "aborted", "rejected", "dry-run", "interrupted", "faulted"]
+SessionStatus = Literal["running", "paused", "completed", "not_converged", "tripped", "aborted", "rejected", "dry-run", "interrupted", "faulted", "mismatch"]
 
 
 READ_THREADS = 4

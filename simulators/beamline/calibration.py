@@ -126,7 +126,7 @@ class _Fit:
         return theta[torch.argsort(cost)[:STARTS]].clone()
 
 
-def fit_response(lattice: Lattice, measured: np.ndarray, sigma: np.ndarray, iterations: int = 60) -> Calibration:
+def fit_response(lattice: Lattice, measured: np.ndarray, sigma: np.ndarray, iterations: int = 60, rounds: int = 3) -> Calibration:
     """Fit the lattice's optics and the correctors' kicks to a measured response (n_readings x n_correctors)."""
     fit = _Fit(lattice, np.asarray(measured, dtype=float), np.asarray(sigma, dtype=float))
     theta = fit.initial().requires_grad_(True)
@@ -139,7 +139,7 @@ def fit_response(lattice: Lattice, measured: np.ndarray, sigma: np.ndarray, iter
         loss.backward()
         return loss
 
-    for _ in range(3):
+    for _ in range(rounds):
         optimiser.step(closure)
     with torch.no_grad():
         costs = fit.residuals(theta).square().sum(1)

@@ -98,6 +98,14 @@ class OrbitDefinition(TaskDefinition):
         }
 
     def expected_response(self, metadata: dict) -> dict | None:
+        from .errors import ErrorModel
+
+        try:
+            trained_on = ErrorModel.model_validate(metadata.get("error_model", {}))
+        except ValueError:
+            trained_on = None
+        if trained_on is not None and trained_on.differs_from_lattice:
+            return None  # trained for a whole family of optics (e.g. `broad`): no single model to compare with
         matrix = metadata.get("response", {}).get("matrix")
         if matrix is None:  # policies trained before the response was recorded: their shipped lattice
             name = metadata.get("lattice", {}).get("name")

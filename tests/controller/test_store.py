@@ -36,9 +36,10 @@ def record_sim_session(store, seed=3, mode="auto", on_step=None, machine="sim-ca
 
 def test_migrations_create_the_schema_at_head(store):
     tables = set(inspect(store.engine).get_table_names())
-    assert {"machines", "policies", "training_runs", "evaluations", "sessions", "steps", "events", "alembic_version"} <= tables
+    assert {"machines", "policies", "training_runs", "evaluations", "sessions", "steps", "events", "measurements",
+            "alembic_version"} <= tables
     with store.engine.connect() as conn:
-        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0004"
+        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0005"
     Store(store.url)  # upgrading an up-to-date database is a no-op
 
 

@@ -50,7 +50,7 @@ def test_measure_response_restores_exactly_within_max_step_and_calibrate_fits_it
     path = ioc.machine_file()
     machine, _ = load_machine(path)
     before = setpoints(machine)
-    proc = run_cli("measure-response", "--machine", str(path), "--samples", "3", "--sample-interval", "0.11", "--json",
+    proc = run_cli("measure-response", "--machine", str(path), "--samples", "2", "--sample-interval", "0.11", "--json",
                    timeout=240)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)

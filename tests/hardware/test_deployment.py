@@ -255,7 +255,7 @@ def _run_in_background(ioc, tmp_path, *extra):
     return proc, snap
 
 
-@pytest.mark.parametrize("how", ["kill", "freeze"])
+@pytest.mark.parametrize("how", ["kill", pytest.param("freeze", marks=pytest.mark.slow)])  # one default, both in CI
 def test_ioc_lost_mid_session_stops_keeps_snapshot_and_restore_works(start_ioc, tmp_path, run_cli, how):
     ioc = start_ioc(seed=10, ramp=0.5)
     proc, snap = _run_in_background(ioc, tmp_path)

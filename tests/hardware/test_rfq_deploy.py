@@ -98,6 +98,7 @@ def test_excursion_limit_counts_each_knobs_own_steps(start_ioc, tmp_path, agent)
     assert any(e.kind == "clamp" and "excursion" in e.reason for e in result.events)
 
 
+@pytest.mark.slow  # 15 s; `tbsac run` is covered by the orbit CLI tests, the injector by test_zero_shot_tuning
 def test_run_cli_on_the_injector(start_ioc, tmp_path, run_cli):
     ioc = start_ioc(lattice="lpi", seed=6, ramp=0.0)
     store = {"TBSAC_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.sqlite'}"}

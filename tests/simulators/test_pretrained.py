@@ -10,7 +10,8 @@ from simulators.beamline.task import OrbitTaskConfig
 from conftest import for_setup
 
 
-@pytest.mark.parametrize("name", ["cafe2-cm1", "cafe2-cm2", "cafe2-cm3"])
+@pytest.mark.parametrize("name", ["cafe2-cm1", pytest.param("cafe2-cm2", marks=pytest.mark.slow),
+                                  pytest.param("cafe2-cm3", marks=pytest.mark.slow)])
 def test_shipped_policy_meets_the_bar(name):
     lattice = load_lattice(name)
     agent = Policy.load("pretrained", *for_setup(lattice))

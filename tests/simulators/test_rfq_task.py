@@ -77,6 +77,7 @@ def test_measured_plant_refuses_beyond_budget(lpi):
         m.measure(env.plant.read_knobs())
 
 
+@pytest.mark.slow  # 13 s; the JSON schema of `tbsac evaluate` is checked on orbit by default
 def test_evaluate_rfq_cli_json(run_cli):
     proc = run_cli("evaluate", "rfq", "--policy", "none", "--episodes", "1", "--seed", "5", "--methods", "nelder_mead,random", "--json", timeout=300)
     assert proc.returncode == 0, proc.stderr

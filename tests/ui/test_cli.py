@@ -52,6 +52,7 @@ def test_info_lists_shipped_things(run_cli):
         assert name in proc.stdout
 
 
+@pytest.mark.slow  # 19 s; training runs by default in test_seam.py and the fine-tuning test
 def test_short_training_writes_policy_checkpoints_and_logs(run_cli, tmp_path):
     out = tmp_path / "run"
     proc = run_cli("train", "orbit", "--lattice", "cafe2-cm2", "--steps", "1000", "--seed", "3",

@@ -140,6 +140,7 @@ def test_approve_mode_orbit_correction_through_the_console(stack, browser):
     assert (artifacts / "console-replay.png").stat().st_size > 20_000
 
 
+@pytest.mark.slow  # 30 s; the browser test of the orbit console runs by default
 def test_auto_mode_rfq_tuning_through_the_console(injector_stack, browser):
     stack = injector_stack
     artifacts = Path(os.environ.get("TBSAC_ARTIFACTS", ROOT / "test-artifacts"))

@@ -1,0 +1,82 @@
+"""Response measurement and the mismatch check on a small linear plant (no beamline)."""
+
+import numpy as np
+import pytest
+
+from core.plant import KnobSpec, Plant, ReadingSpec, Readings
+from controller.response import ResponseSettings, check_response, measure_response
+from safety.guard import InterlockRule
+
+TRUE_R = np.array([[2.0, -1.0, 0.0], [0.5, 1.0, 3.0]])
+
+
+class LinearPlant(Plant):
+    """readings = R @ knobs + noise; a 'current' interlock that drops as |knob 2| grows."""
+
+    def __init__(self, noise: float = 0.01, loss_per_unit: float = 0.0, scraping_from: float = 0.0):
+        self.knobs = [KnobSpec(f"k{i}", "A", -10, 10, 2.0, 1e-9) for i in range(3)]
+        self.readings = [ReadingSpec(f"r{i}", "mm", -100, 100) for i in range(2)]
+        self.values = np.array([0.5, -0.5, 1.0])
+        self.noise, self.loss, self.rng, self.writes = noise, loss_per_unit, np.random.default_rng(0), []
+        self.scraping_from = scraping_from
+
+    def read_knobs(self):
+        return self.values.copy()
+
+    def write_knobs(self, values):
+        self.writes.append(np.array(values, dtype=float))
+        self.values = np.array(values, dtype=float)
+
+    def read(self):
+        values = TRUE_R @ self.values + self.rng.normal(0, self.noise, 2)
+        current = 1.0 - self.loss * max(0.0, abs(self.values[2] - 1.0) - self.scraping_from)
+        return Readings(values, np.zeros(2), np.ones(2, bool), {"current": current})
+
+
+def test_measurement_recovers_the_matrix_restores_and_stays_within_the_largest_step(tmp_path):
+    plant = LinearPlant()
+    start = plant.values.copy()
+    result = measure_response(plant, [InterlockRule("current", "min_fraction_of_start", 0.8)], tmp_path / "snap.json",
+                              settings=ResponseSettings(samples=4))
+    assert result.status == "completed"
+    np.testing.assert_allclose(result.matrix, TRUE_R, atol=0.05)
+    assert np.all(np.abs(result.matrix_array - TRUE_R) < 5 * result.sigma_array + 1e-9)
+    assert 0.005 < np.median(result.noise) < 0.02
+    np.testing.assert_array_equal(plant.values, start)
+    previous = start
+    for w in plant.writes:
+        assert np.max(np.abs(w - previous)) <= 2.0 + 1e-12
+        previous = w
+    assert result.probes == [1.0, 1.0, 1.0]  # half the largest step: no interlock margin used
+
+
+def test_probe_shrinks_to_the_interlock_margin_and_a_trip_restores(tmp_path):
+    plant = LinearPlant(loss_per_unit=0.1)  # knob 2 eats 10 % of the beam per unit: margin 20 %
+    result = measure_response(plant, [InterlockRule("current", "min_fraction_of_start", 0.8)], tmp_path / "snap.json")
+    assert result.status == "completed"
+    assert result.probes[:2] == [1.0, 1.0] and result.probes[2] < 1.0
+    assert result.margin_used[2] <= 0.3 + 1e-9  # as chosen: at most 30 % of the margin
+    # An aperture the feeler does not reach: the full probe scrapes and trips.
+    plant = LinearPlant(loss_per_unit=0.5, scraping_from=0.3)
+    start = plant.values.copy()
+    result = measure_response(plant, [InterlockRule("current", "min_fraction_of_start", 0.8)], tmp_path / "snap2.json")
+    assert result.status == "tripped" and "current" in result.message
+    np.testing.assert_array_equal(plant.values, start)  # restored
+    assert any(e["kind"] == "restore" for e in result.events)
+
+
+def test_a_knob_without_a_largest_step_is_refused(tmp_path):
+    plant = LinearPlant()
+    plant.knobs[1] = KnobSpec("k1", "A", -10, 10, np.inf)
+    with pytest.raises(ValueError, match="k1"):
+        measure_response(plant, [], tmp_path / "snap.json")
+    assert plant.writes == []
+
+
+def test_check_response():
+    dk = np.array([0.3, 0.3, 0.3])
+    same = check_response(TRUE_R, dk, TRUE_R @ dk)
+    assert same.mismatch == pytest.approx(0.0) and same.cosine == pytest.approx(1.0)
+    assert check_response(TRUE_R, dk, 2 * TRUE_R @ dk).mismatch == pytest.approx(1.0)
+    assert check_response(TRUE_R, dk, -TRUE_R @ dk).cosine == pytest.approx(-1.0)
+    assert check_response(TRUE_R, 1e-6 * dk, TRUE_R @ dk, noise=0.05) is None  # nothing measurable predicted
