@@ -60,9 +60,28 @@ SAC_DEFAULTS = dict(
 )
 
 
-def make_sac(env: gym.Env, arch: str = "tbsac", seed: int = 0, tensorboard_log: str | None = None, **overrides) -> SAC:
-    """A TBSAC (or MLP ablation) SAC model on `env`."""
-    return SAC(
+class SlowActorSAC(SAC):
+    """SAC whose actor learns `actor_lr_factor` times slower than its critics.
+
+    For fine-tuning a trained actor: fresh critics are wrong away from the actions they
+    have seen, and an actor following them at the critics' pace forgets what it knew.
+    """
+
+    actor_lr_factor = 1.0
+
+    def _update_learning_rate(self, optimizers) -> None:
+        super()._update_learning_rate(optimizers)
+        for group in self.actor.optimizer.param_groups:
+            group["lr"] *= self.actor_lr_factor
+
+
+def make_sac(env: gym.Env, arch: str = "tbsac", seed: int = 0, tensorboard_log: str | None = None,
+             actor_lr_factor: float = 1.0, **overrides) -> SAC:
+    """A TBSAC (or MLP ablation) SAC model on `env` (the actor slower by `actor_lr_factor`)."""
+    cls = SAC
+    if actor_lr_factor != 1.0:
+        cls = type("SlowActorSAC", (SlowActorSAC,), {"actor_lr_factor": actor_lr_factor})
+    return cls(
         "MlpPolicy",
         env,
         policy_kwargs=policy_kwargs(arch),

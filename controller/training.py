@@ -79,27 +79,30 @@ class PolicyEvalCallback(BaseCallback):
         return True
 
 
-# Fine-tuning from a trained policy: its actor, fresh critics that first learn its value,
-# learning from the first batch on, and a small *fixed* entropy weight: tuned
-# automatically, the weight grows without bound while the frozen actor cannot raise its
-# entropy, and the unfrozen actor then turns random (measured: every beam lost).
-# Still weak (measured on a calibrated foreign cryomodule, README "Bringing up a new
-# machine"): once unfrozen, the actor degrades within 1000 steps (lr 1e-4 and 3e-5
-# alike), so a fine-tuning run usually returns its warm-up checkpoint, the best scored.
+# Fine-tuning from a trained policy: its actor, fresh critics that first learn its value
+# while the actor is frozen, then only the actor's output layers learn, ten times slower
+# than the critics, with a small fixed entropy weight (tuned automatically, the weight
+# grows without bound while the frozen actor cannot raise its entropy; the unfrozen
+# actor then turned random: every beam lost). Still weak, measured on a calibrated
+# foreign cryomodule (README, "Bringing up a new machine"): once it learns, the actor
+# degrades (whole actor at lr 1e-4, 3e-5 or 5e-6: beam lost; output layers only: final
+# RMS ~2-4 mm), so a fine-tuning run returns its warm-up checkpoint, the best scored.
 FINE_TUNE_CRITIC_WARMUP = 3000
-FINE_TUNE_OVERRIDES = {"learning_starts": 1000, "ent_coef": 0.01, "learning_rate": 1e-4}
+FINE_TUNE_OVERRIDES = {"learning_starts": 1000, "ent_coef": 0.01, "learning_rate": 1e-4, "actor_lr_factor": 0.1}
+FINE_TUNE_LAYERS = ("mu.", "log_std.")  # the actor's output layers; its trend features stay
 
 
 class FrozenActorWarmup(BaseCallback):
-    """Keeps the actor's weights fixed for the first `steps` environment steps."""
+    """Keeps the actor's weights fixed for the first `steps` environment steps; after
+    them only the parameters whose names start with one of `tune` learn (all if empty)."""
 
-    def __init__(self, steps: int):
+    def __init__(self, steps: int, tune: tuple[str, ...] = ()):
         super().__init__()
-        self.steps = steps
+        self.steps, self.tune = steps, tune
 
-    def _set(self, trainable: bool) -> None:
-        for p in self.model.policy.actor.parameters():
-            p.requires_grad_(trainable)
+    def _set(self, warm: bool) -> None:
+        for name, p in self.model.policy.actor.named_parameters():
+            p.requires_grad_(warm and (not self.tune or name.startswith(self.tune)))
 
     def _on_training_start(self) -> None:
         self._set(False)
@@ -110,7 +113,8 @@ class FrozenActorWarmup(BaseCallback):
         return True
 
     def _on_training_end(self) -> None:
-        self._set(True)
+        for p in self.model.policy.actor.parameters():
+            p.requires_grad_(True)
 
 
 def _learn(model, callbacks, callback: PolicyEvalCallback, steps: int, out: Path, progress: bool, record: dict) -> TrainResult:
@@ -209,7 +213,7 @@ def train(
             model.policy.actor.load_state_dict(init_policy.sac_policy.actor.state_dict())
         except RuntimeError as exc:
             raise ConfigError(f"--init-from: the policy's network does not fit this task's ({' '.join(str(exc).split())[:200]})") from None
-        callbacks.append(FrozenActorWarmup(FINE_TUNE_CRITIC_WARMUP))
+        callbacks.append(FrozenActorWarmup(FINE_TUNE_CRITIC_WARMUP, FINE_TUNE_LAYERS))
     training = {"steps": steps, "seed": seed, "errors": errors.name, "eval_errors": eval_model.name}
     if init_policy is not None:
         training["init_from"] = {"path": str(init_policy.path), "sha256": init_policy.sha256,
