@@ -319,33 +319,8 @@ def calibrate(machine: str | None, measurement_id: int, out: Path) -> dict:
     report = {**fitted["report"], "measurement": measurement_id, "machine": opened.name, "machine_file": str(machine_file),
               "setup_file": str(fitted["setup_file"]), "good": fitted["good"], "verdict": fitted["verdict"]}
     (out / "report.json").write_text(__import__("json").dumps(report, indent=1))
-    (out / "report.md").write_text(_calibration_markdown(report, [k.name for k in opened.machine_file.knobs]))
+    (out / "report.md").write_text(
+        f"# Calibration of {opened.name} (measurement {measurement_id})\n\n**{fitted['verdict']}**\n\n"
+        + fitted.get("markdown", "") + f"\nFiles: {Path(fitted['setup_file']).name} (calibrated setup), {machine_file.name} "
+        "(machine file with the fitted knob scales), report.json.\n")
     return report
-
-
-def _calibration_markdown(report: dict, knobs: list[str]) -> str:
-    """A readable calibration report: verdict, residual per reading against the noise, parameters."""
-    u = report.get("uncertainty", {})
-    lines = [f"# Calibration of {report['machine']} (measurement {report['measurement']})", "", f"**{report['verdict']}**", "",
-             "## Residual per reading (rms over knobs, in units of the measurement's standard error; ~1 is noise)", "",
-             "| reading | residual / sigma | reading noise |", "|---|---|---|"]
-    names = report["parameters"]["bpms"]
-    readings = [f"{b}:{p}" for b in names for p in ("x", "y")]
-    for name, res, noise in zip(readings, report["residual_per_reading"], report.get("noise_per_reading") or []):
-        lines.append(f"| {name} | {res:.2f} | {noise:.4g} |" if noise is not None else f"| {name} | {res:.2f} | - |")
-    lines += ["", "## Fitted parameters (one sigma)", "", "| parameter | value | sigma |", "|---|---|---|"]
-    for i, name in enumerate(report["parameters"]["solenoids"]):
-        lines.append(f"| {name} field scale | {report['solenoid_scale'][i]:.4f} | {u['solenoid_scale'][i]:.4f} |")
-    lines.append(f"| RF defocusing scale | {report['defocus_scale']:.4f} | {u['defocus_scale']:.4f} |")
-    for i, name in enumerate(knobs):
-        lines.append(f"| {name} kick per unit (x nominal, signed) | {report['kick_scale'][i]:.4f} | {u['kick_scale'][i]:.4f} |")
-    for i, name in enumerate(report["parameters"]["drifts"]):
-        lines.append(f"| {name} length change (mm) | {report['drift_delta_mm'][i]:.1f} | {u['drift_delta_mm'][i]:.1f} |")
-    for i, name in enumerate(names):
-        gx, gy = report["bpm_gain"][i]
-        lines.append(f"| {name} gain x, y | {gx:.4f}, {gy:.4f} | {u['bpm_gain'][i][0]:.4f}, {u['bpm_gain'][i][1]:.4f} |")
-        lines.append(f"| {name} rotation (mrad) | {report['bpm_rotation_mrad'][i]:.2f} | {u['bpm_rotation_mrad'][i]:.2f} |")
-    lines += ["", f"Measured vs model columns: {Path(report['plot']).name}", "",
-              f"Files: {Path(report['setup_file']).name} (calibrated lattice), {Path(report['machine_file']).name} "
-              "(machine file with the fitted knob scales)."]
-    return "\n".join(lines) + "\n"

@@ -1,6 +1,6 @@
 """Measuring a machine's response: every knob probed in turn, through the safety layer.
 
-Control rooms measure orbit response matrices before they trust a model of a machine
+Control rooms measure response matrices (e.g. of a beam position at every monitor) before they trust a model
 (and LOCO-style fits start from one). Each knob is moved up and down by a probe, one at
 a time, averaging several readings at each point; the column is the central difference.
 The probe is bounded by the knob's largest step and chosen from the interlock margin: a

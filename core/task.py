@@ -371,7 +371,7 @@ class TaskDefinition(ABC):
         """Fit the setup to a measured response (``controller.response``), write the
         calibrated setup file and a report into `out`; None if the task cannot.
 
-        Returns ``{"setup_file", "knob_factors", "good", "verdict", "report"}``:
+        Returns ``{"setup_file", "knob_factors", "good", "verdict", "report", "markdown"}``:
         ``knob_factors[j]`` is the measured effect of one machine-file unit of knob j in
         units of the calibrated setup (the machine file's scale is divided by it).
         """

@@ -248,3 +248,33 @@ def plot_columns(measured: np.ndarray, sigma: np.ndarray, model: np.ndarray, kno
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def report_markdown(report: dict) -> str:
+    """The readable part of a calibration report: residual per reading against the
+    measurement noise, every fitted parameter with its one-sigma uncertainty."""
+    u = report["uncertainty"]
+    p = report["parameters"]
+    lines = ["## Residual per reading (rms over knobs, in units of the measurement's standard error; ~1 is noise)", "",
+             "| reading | residual / sigma | reading noise |", "|---|---|---|"]
+    readings = [f"{b}:{plane}" for b in p["bpms"] for plane in ("x", "y")]
+    noise = report.get("noise_per_reading") or [None] * len(readings)
+    for name, res, n in zip(readings, report["residual_per_reading"], noise):
+        lines.append(f"| {name} | {res:.2f} | {n:.4g} |" if n is not None else f"| {name} | {res:.2f} | - |")
+    lines += ["", "## Fitted parameters (one sigma)", "", "| parameter | value | sigma |", "|---|---|---|"]
+    for i, name in enumerate(p["solenoids"]):
+        lines.append(f"| {name} field scale | {report['solenoid_scale'][i]:.4f} | {u['solenoid_scale'][i]:.4f} |")
+    lines.append(f"| RF defocusing scale | {report['defocus_scale']:.4f} | {u['defocus_scale']:.4f} |")
+    for i, name in enumerate(p["correctors"]):
+        lines.append(f"| {name} kick per machine-file unit (x nominal, signed) | {report['kick_scale'][i]:.4f} | "
+                     f"{u['kick_scale'][i]:.4f} |")
+    for i, name in enumerate(p["correctors"]):
+        lines.append(f"| {name} kick per calibrated unit (x nominal) | {report['unit_scale'][i]:.4f} | - |")
+    for i, name in enumerate(p["drifts"]):
+        lines.append(f"| {name} length change (mm) | {report['drift_delta_mm'][i]:.1f} | {u['drift_delta_mm'][i]:.1f} |")
+    for i, name in enumerate(p["bpms"]):
+        gx, gy = report["bpm_gain"][i]
+        lines.append(f"| {name} gain x, y | {gx:.4f}, {gy:.4f} | {u['bpm_gain'][i][0]:.4f}, {u['bpm_gain'][i][1]:.4f} |")
+        lines.append(f"| {name} rotation (mrad) | {report['bpm_rotation_mrad'][i]:.2f} | {u['bpm_rotation_mrad'][i]:.2f} |")
+    lines += ["", f"Measured vs model columns: {Path(report['plot']).name}", ""]
+    return "\n".join(lines)

@@ -176,7 +176,7 @@ class OrbitDefinition(TaskDefinition):
 
         from core.config import ConfigError
 
-        from .calibration import calibrated_lattice, fit_response, plot_columns
+        from .calibration import calibrated_lattice, fit_response, plot_columns, report_markdown
 
         for field, mine in (("knobs", setup.corrector_names), ("readings", setup.reading_names)):
             if measurement.get(field) != mine:
@@ -212,7 +212,7 @@ class OrbitDefinition(TaskDefinition):
                   "noise_per_reading": measurement.get("noise"), "plot": str(plot)}
         (out / "report.json").write_text(json.dumps(report, indent=1))
         return {"setup_file": setup_file, "knob_factors": factors, "good": cal.good, "verdict": cal.verdict,
-                "report": report}
+                "report": report, "markdown": report_markdown(report)}
 
     def wiring(self, setup: Lattice, knobs: list[KnobSpec]) -> tuple[list[float], str]:
         return [AMPS_PER_UNIT * corrector_polarity(i) for i in range(len(knobs))], "A"
