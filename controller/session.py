@@ -121,8 +121,10 @@ def run_session(
     start = time.perf_counter()
     task = policy_task(plant, policy)
     primary = task.metrics[0]
+    definition = get_task(policy.task)
     guard = GuardedPlant(plant, safety or default_safety(policy), interlocks, mode, snapshot_path, approver, on_event,
-                         snapshot_context)
+                         snapshot_context, lambda start: definition.safe_settings(plant.knobs, start),
+                         definition.safe_state_label)
     if guard_ready:
         guard_ready(guard)
     records: list[StepRecord] = []
@@ -151,7 +153,7 @@ def run_session(
         check_machine_matches_policy()
 
     def check_machine_matches_policy() -> None:
-        expected = get_task(policy.task).expected_response(policy.metadata)
+        expected = definition.expected_response(policy.metadata)
         if expected is None:
             return
         knob_change = np.asarray(guard.settings, dtype=float) - guard.snapshot

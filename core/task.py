@@ -361,6 +361,15 @@ class TaskDefinition(ABC):
         return None
 
     # -- machines: layout for consoles, virtual machine wiring ---------------------------------
+    safe_state_label: ClassVar[str] = "starting settings"  # what :meth:`safe_settings` puts the knobs to
+
+    def safe_settings(self, knobs: list[KnobSpec], start: np.ndarray) -> np.ndarray:
+        """Where the safety layer puts the knobs when a session trips, is aborted or
+        rejected, or ends without reaching its target: by default the settings found at
+        the start (a beamline's safe state). A task whose safe state is something else
+        (a battery stops injecting, a bubble's drive goes to zero) overrides it."""
+        return start
+
     def expected_response(self, metadata: dict) -> dict | None:
         """The linear response the policy's model predicts near the start:
         ``{"matrix": (n_readings x n_knobs), "noise": std of one reading}``; None if the

@@ -125,7 +125,8 @@ def read_snapshot(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def restore_snapshot(plant: Plant, snapshot: dict, record: Callable[[SafetyEvent], None] | None = None) -> int:
+def restore_snapshot(plant: Plant, snapshot: dict, record: Callable[[SafetyEvent], None] | None = None,
+                     label: str = "starting settings") -> int:
     """Write the snapshot's knob values back, ramped, and verify every write by read-back.
 
     The way back is cut into writes no knob moves more than its largest step in (a
@@ -156,7 +157,7 @@ def restore_snapshot(plant: Plant, snapshot: dict, record: Callable[[SafetyEvent
         if bad:
             raise PlantFault(f"restore not verified at write {k} of {writes}: " + "; ".join(bad))
     if record:
-        record(SafetyEvent(time.time(), "restore", f"starting settings restored in {writes} write{'s' if writes != 1 else ''} "
+        record(SafetyEvent(time.time(), "restore", f"{label} restored in {writes} write{'s' if writes != 1 else ''} "
                            "(each within the largest step) and verified",
                            {"knobs": {n: float(v) for n, v in zip(names, values)}, "writes": writes}))
     return writes
@@ -175,7 +176,12 @@ class GuardedPlant(Plant):
         approver: Approver | None = None,
         on_event: Callable[[SafetyEvent], None] | None = None,
         snapshot_context: dict | None = None,
+        safe_settings: Callable[[np.ndarray], np.ndarray] | None = None,
+        safe_label: str = "starting settings",
     ):
+        """`safe_settings` maps the starting settings to the task's safe state (default: the
+        start itself, a beamline's safe state; a battery's is no power): where every trip,
+        abort, reject and unconverged end puts the knobs, ramped and verified."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
         if mode == "approve" and approver is None:
@@ -185,6 +191,7 @@ class GuardedPlant(Plant):
         self.knobs, self.readings = plant.knobs, plant.readings
         self.snapshot_path, self.approver, self.on_event = snapshot_path, approver, on_event
         self.snapshot_context = snapshot_context or {}
+        self.safe_settings, self.safe_label = safe_settings, safe_label
         self.events: list[SafetyEvent] = []
         self.abort_requested = threading.Event()
         self._abort_reason = "operator abort"
@@ -224,11 +231,12 @@ class GuardedPlant(Plant):
         self.abort_requested.set()
 
     def _restore(self) -> bool:
-        """Write the snapshot back and verify it; record and swallow failures."""
+        """Go to the safe state (by default the snapshot), ramped and verified; record and swallow failures."""
         if self.snapshot is None or self.mode == "dry-run":
             return False
         try:
-            restore_snapshot(self.plant, {"channels": self.plant.channels(self.snapshot)}, self.on_event_and_store)
+            target = self.snapshot if self.safe_settings is None else np.asarray(self.safe_settings(self.snapshot.copy()), dtype=float)
+            restore_snapshot(self.plant, {"channels": self.plant.channels(target)}, self.on_event_and_store, self.safe_label)
             return True
         except ConnectionLost as exc:
             self._record("restore_failed", f"connection lost during restore: {exc}; snapshot kept at {self.snapshot_path}")

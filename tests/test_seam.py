@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import epics
+import numpy as np
 import pytest
 import yaml
 
@@ -99,12 +100,10 @@ def oven(toy, start_ioc, tmp_path):
 
 
 def check_puts(ioc, restored: bool = False) -> list[float]:
-    """Every put the IOC received was within the limits, and every put of the policy one step from the last.
-
-    A restore writes the start back in one put (ramping it is the next safety issue).
-    """
+    """Every put the IOC received was within the limits and one largest step from the last
+    (the way to the safe state is ramped like any other write)."""
     values = [p["value"] for p in ioc.puts()]
-    path = [0.0] + (values[:-1] if restored else values)
+    path = [0.0] + values
     assert all(0.0 <= v <= 100.0 for v in values)
     assert all(abs(b - a) <= 10.0 + 1e-6 for a, b in zip(path, path[1:]))
     return values
@@ -154,6 +153,28 @@ def test_the_toy_interlock_trips_and_restores(toy, oven):
     assert proc.returncode == 3 and sessions(toy)[-1].status == "tripped"
     assert any("case_temperature" in t for t in out["trips"]) and out["restored"]
     assert check_puts(ioc, restored=True)[-1] == 0.0  # the heater is back off, verified by read-back
+
+
+def test_a_trip_puts_the_oven_in_its_own_safe_state_not_back_to_the_start(toy):
+    """The task declares its safe state (heater off): a trip ramps the heater there from
+    wherever it was at the start, verified, and says so."""
+    from core.registry import get_task
+    from controller.policy import Policy
+    from controller.session import run_session
+    from safety.guard import InterlockRule
+
+    definition = get_task("thermal")
+    setup = definition.load_setup("oven")
+    plant = definition.sim_plant(setup, definition.load_errors("test"))
+    plant.reset(4)
+    plant.write_knobs(np.array([35.0]))  # found with the heater at 35 W
+    plant.set_fault("DOOR_OPEN", 1)  # the case is 80 K hotter than the oven: the first step heats it over 120
+    result = run_session(plant, Policy.load(toy["policy"], definition, setup),
+                         interlocks=[InterlockRule("case_temperature", "max", 120.0)])
+    assert result.status == "tripped" and result.restored
+    assert plant.read_knobs()[0] == 0.0  # heater off, not 35 W
+    restore = next(e for e in result.events if e.kind == "restore")
+    assert restore.reason.startswith("heater off restored in 4 writes")  # 35 W down in steps of at most 10 W
 
 
 def test_the_console_shows_the_toy(toy, oven, monkeypatch):

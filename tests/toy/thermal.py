@@ -155,6 +155,10 @@ class ThermalDefinition(TaskDefinition):
     sim_interlocks = [{"name": "case_temperature", "rule": "max", "threshold": 120.0}]
     summary_keys = ("success_rate", "final_error_c", "steps")
     scalars = {"eval/success_rate": ("success_rate",)}
+    safe_state_label = "heater off"  # an oven's safe state is not where it started
+
+    def safe_settings(self, knobs, start):
+        return np.zeros(len(knobs))
 
     def shipped_setups(self) -> list[str]:
         return ["oven"]
