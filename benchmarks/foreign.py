@@ -101,8 +101,9 @@ def hidden_truth(lattice: str, seed: int) -> dict:
     return {"solenoid_scale": errors.solenoid_scale[0], "kick_scale": errors.corrector_scale[0]}
 
 
-def one_machine(lattice: str, seed: int, args, tmp: Path) -> dict:
-    port = free_port()
+def one_machine(lattice: str, seed: int, args, tmp: Path, port: int) -> dict:
+    # One CA port for every machine (one after the other, each its own PV prefix): the
+    # in-process Channel Access context (the SVD run) keeps the port it started with.
     prefix = f"F{seed}:{lattice.split('-')[-1].upper()}"
     log = tmp / f"puts-{seed}.jsonl"
     env = {**os.environ, **loopback_environment(port), "TBSAC_DATA_DIR": str(tmp / "data")}
@@ -195,10 +196,11 @@ def main() -> None:
     else:
         seeds = [int(s) for s in args.seeds.split(",")]
     runs = []
+    port = free_port()
     args.out.mkdir(parents=True, exist_ok=True)
     with TemporaryDirectory() as tmp:
         for seed in seeds:
-            runs.append(one_machine(args.lattice, seed, args, Path(tmp)))
+            runs.append(one_machine(args.lattice, seed, args, Path(tmp), port))
             print(json.dumps(runs[-1], default=float)[:2000], flush=True)
             (args.out / "foreign.json").write_text(json.dumps({"summary": summarise(runs), "runs": runs}, indent=1, default=float))
     summary = summarise(runs)

@@ -16,6 +16,7 @@ from .task import TaskDefinition
 _REGISTRY: dict[str, str | type[TaskDefinition]] = {
     "orbit": "simulators.beamline.definition:OrbitDefinition",
     "rfq": "simulators.injector.definition:RfqDefinition",
+    "battery": "simulators.battery.definition:BatteryDefinition",
 }
 _LOADED: dict[str, TaskDefinition] = {}
 

@@ -276,6 +276,8 @@ class TaskDefinition(ABC):
     # Error preset of machines whose physics differs from the setup file (``tbsac ioc
     # --foreign SEED``), for bring-up tests and benchmarks; None if the task has none.
     foreign_errors: ClassVar[str | None] = None
+    # Why the task's simulated plant cannot be served as a virtual IOC yet (None: it can).
+    no_virtual_machine: ClassVar[str | None] = None
 
     # -- setups (lattices) and simulated plants -------------------------------------
     @abstractmethod
