@@ -72,6 +72,13 @@ def session(machine: Path, policy: str, env: dict) -> dict:
     return out
 
 
+def back_to_start(result: dict, env: dict) -> None:
+    """A session that ended tuned keeps its settings: put the machine back (tbsac restore)."""
+    if result.get("snapshot") and not result.get("restored"):
+        proc = tbsac("restore", result["snapshot"], env=env)
+        result["restored_after"] = proc.returncode == 0
+
+
 def svd_measured(machine_path: Path, matrix: np.ndarray, steps: int = 20) -> dict:
     """Iterative SVD with the measured matrix, every write through the safety layer."""
     machine, path = load_machine(machine_path)
@@ -89,6 +96,7 @@ def svd_measured(machine_path: Path, matrix: np.ndarray, steps: int = 20) -> dic
             b = guard.read().values[: matrix.shape[0]]
             n += 1
         final = float(np.sqrt(np.mean(b ** 2)))
+        guard.stop_and_restore("benchmark: back to the start for the next method")
         return {"initial_rms_mm": initial, "final_rms_mm": final, "steps": n, "success": final < TARGET_MM, "trips": []}
     except SafetyTrip as trip:
         return {"success": False, "trips": [trip.reason], "restored": trip.restored}
@@ -144,9 +152,11 @@ def one_machine(lattice: str, seed: int, args, tmp: Path, port: int) -> dict:
         n_puts = len(read_put_log(log))
         out["flow"] = session(cal_dir / "machine.yaml", str(ft_dir / "policy.pt"), env)
         out["flow"]["puts"] = len(read_put_log(log)) - n_puts
+        back_to_start(out["flow"], env)  # every method starts from the same mis-steered machine
         out["svd_measured"] = svd_measured(machine, np.array(measurement["matrix"], dtype=float))
         if args.broad_policy:
             out["broad"] = session(machine, str(args.broad_policy), env)
+            back_to_start(out["broad"], env)
     finally:
         ioc.terminate()
         ioc.wait(10)
