@@ -125,7 +125,10 @@ def one_machine(lattice: str, seed: int, args, tmp: Path, port: int) -> dict:
         n_puts = len(read_put_log(log))
         t0 = time.perf_counter()
         proc = tbsac("measure-response", "--machine", str(machine), "--json", env=env)
-        measurement = json.loads(proc.stdout) if proc.returncode == 0 else {"status": "failed", "error": proc.stderr[-300:]}
+        try:  # a tripped measurement still prints its record (exit 3): keep its message
+            measurement = json.loads(proc.stdout)
+        except json.JSONDecodeError:
+            measurement = {"status": "failed", "message": proc.stderr.strip()[-300:]}
         out["measure"] = {k: measurement.get(k) for k in ("status", "writes", "wall_s", "message")}
         out["measure"]["puts"] = len(read_put_log(log)) - n_puts
         if measurement.get("status") != "completed":
