@@ -11,6 +11,7 @@ import time
 
 import epics
 import numpy as np
+import pytest
 import yaml
 
 from conftest import for_setup
@@ -45,6 +46,7 @@ def assert_steps_within_max_step(puts: list[dict], start: dict[str, float]):
         last[p["pv"]] = p["value"]
 
 
+@pytest.mark.slow  # 50 s; measure-response also runs by default (trip test, tests/controller/test_response.py)
 def test_measure_response_restores_exactly_within_max_step_and_calibrate_fits_it(start_ioc, run_cli, tmp_path):
     ioc = start_ioc(seed=3, errors="foreign")
     path = ioc.machine_file()

@@ -115,6 +115,7 @@ def test_run_cli_on_the_injector(start_ioc, tmp_path, run_cli):
 
 
 
+@pytest.mark.slow  # 9 s; a warning path, checked in CI
 def test_run_cli_warns_when_the_machine_steps_smaller_than_training(start_ioc, run_cli):
     ioc = start_ioc(lattice="lpi", seed=6, ramp=0.0)
     proc = run_cli("run", "--machine", str(ioc.machine_file(max_step=0.5)), "--mode", "dry-run", timeout=120)

@@ -93,6 +93,7 @@ def test_a_second_session_on_the_same_machine_is_refused_naming_the_holder(start
     assert ioc.puts()
 
 
+@pytest.mark.slow  # 17 s; the machine lock is tested by default from the CLI side
 def test_the_server_refuses_a_machine_a_cli_session_holds(start_ioc, tmp_path, env):
     """Over HTTP, with the machine named by another file, while `tbsac run` holds it: 409 naming the holder;
     restoring that live session: 409."""
