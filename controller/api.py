@@ -6,8 +6,10 @@ replay, export: each dispatches through the task registry, so none names a task.
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,6 +35,23 @@ from .store import Store, default_url
 __all__ = ["ConfigError", "Evaluation", "PlantFault", "describe", "evaluate", "export", "free_port", "list_machines",
            "loopback_environment", "machine_task", "open_machine", "open_store", "replay", "restore", "run_on_machine",
            "serve_virtual_machine", "start_virtual_ioc", "task_names", "train"]
+
+
+@contextmanager
+def _holding(opened: Machine, purpose: str, refusal: str = ""):
+    """The machine's cross-process lock for the block (none for a simulated machine);
+    ConfigError (exit 2 / HTTP 409) naming the holder if another process has it."""
+    lock = opened.lock()
+    try:
+        if lock:
+            lock.acquire(purpose=purpose)
+    except MachineBusy as exc:
+        raise ConfigError(f"{refusal}{exc}") from None
+    try:
+        yield lock
+    finally:
+        if lock:
+            lock.release()
 
 
 def open_store() -> Store:
@@ -158,13 +177,7 @@ def run_on_machine(machine: str, policy: str, mode: str, operator: str, max_step
         if value is not None:
             limits[key] = value
     safety = parse_model(SafetyConfig, limits, "safety limits")
-    lock = opened.lock()
-    try:
-        if lock:
-            lock.acquire()
-    except MachineBusy as exc:
-        raise ConfigError(str(exc)) from None
-    try:
+    with _holding(opened, "session") as lock:
         opened.connect()
         store = open_store()
         recorder = SessionRecorder(store, opened.record, agent, operator, mode, None, opened.plant,
@@ -174,9 +187,6 @@ def run_on_machine(machine: str, policy: str, mode: str, operator: str, max_step
         snap = snapshot or unique_snapshot_path(opened.name, recorder.session_id)
         store.set_snapshot(recorder.session_id, str(snap))
         return _run_recorded(opened, agent, mode, safety, snap, recorder, approver_for, on_event, guard_ready), recorder.session_id, opened
-    finally:
-        if lock:
-            lock.release()
 
 
 def _run_recorded(opened: Machine, agent: Policy, mode: str, safety: SafetyConfig, snap: Path, recorder: SessionRecorder,
@@ -212,17 +222,8 @@ def restore(snapshot: Path, machine: str | None = None) -> int:
     if not machine_arg:
         raise ConfigError(f"{snapshot}: field 'machine_file' missing; pass --machine")
     opened = open_machine(machine_arg, connect=False)
-    lock = opened.lock()
-    try:
-        if lock:
-            lock.acquire(purpose="restore")
-    except MachineBusy as exc:
-        raise ConfigError(f"refusing to restore while a session is live: {exc}") from None
-    try:
+    with _holding(opened, "restore", "refusing to restore while a session is live: "):
         writes = restore_snapshot(opened.connect().plant, blob)
-    finally:
-        if lock:
-            lock.release()
     if isinstance(blob.get("session"), int):  # the session's own log says it was restored
         import datetime as dt
 
@@ -247,13 +248,7 @@ def measure_response(machine: str, operator: str, settings=None, on_event: Calla
     from .response import ResponseSettings, measure_response as measure
 
     opened = open_machine(machine, connect=False)
-    lock = opened.lock()
-    try:
-        if lock:
-            lock.acquire(purpose="measure-response")
-    except MachineBusy as exc:
-        raise ConfigError(str(exc)) from None
-    try:
+    with _holding(opened, "measure-response"):
         opened.connect()
         store = open_store()
         machine_row = store.add_machine(**opened.record)
@@ -261,9 +256,6 @@ def measure_response(machine: str, operator: str, settings=None, on_event: Calla
         result = measure(opened.plant, opened.interlocks, snap,
                          {"machine_file": str(Path(opened.path).resolve()) if opened.path else None, "machine": opened.name},
                          settings or ResponseSettings(), on_event)
-    finally:
-        if lock:
-            lock.release()
     row = store.add_measurement(machine_row.id, opened.definition.name, "response", operator, result.status,
                                 {**result.as_dict(), "machine": opened.name, "machine_path": opened.record.get("path"),
                                  "snapshot": str(snap)})
@@ -318,7 +310,7 @@ def calibrate(machine: str | None, measurement_id: int, out: Path) -> dict:
                             + yaml.safe_dump(content, sort_keys=False))
     report = {**fitted["report"], "measurement": measurement_id, "machine": opened.name, "machine_file": str(machine_file),
               "setup_file": str(fitted["setup_file"]), "good": fitted["good"], "verdict": fitted["verdict"]}
-    (out / "report.json").write_text(__import__("json").dumps(report, indent=1))
+    (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(
         f"# Calibration of {opened.name} (measurement {measurement_id})\n\n**{fitted['verdict']}**\n\n"
         + fitted.get("markdown", "") + f"\nFiles: {Path(fitted['setup_file']).name} (calibrated setup), {machine_file.name} "
