@@ -154,12 +154,12 @@ def evaluate(task: str, lattice: str | None, policy: str | None, episodes: int, 
 
 
 def serve_virtual_machine(lattice: str, seed: int, errors: str, port: int, ramp: float, put_log: Path | None,
-                          prefix: str | None, task: str | None = None) -> None:
+                          prefix: str | None, task: str | None = None, period_s: float | None = None) -> None:
     """Serve a simulated machine of any task as a real EPICS IOC until stopped."""
     from hardware.ioc import resolve, serve
 
     resolve(lattice, errors, task)  # fail with a clear message before starting EPICS
-    serve(lattice, seed, errors, port, ramp, put_log, prefix, task)
+    serve(lattice, seed, errors, port, ramp, put_log, prefix, task, period_s)
 
 
 def run_on_machine(machine: str, policy: str, mode: str, operator: str, max_steps: int | None = None,

@@ -92,7 +92,7 @@ def policy_task(plant: Plant, policy: Policy) -> Task:
 
 def default_safety(policy: Policy) -> SafetyConfig:
     """The session limits the policy's task declares."""
-    return SafetyConfig(**get_task(policy.task).safety_defaults)
+    return SafetyConfig(**get_task(policy.task).safety_limits(policy.metadata))
 
 
 def run_session(

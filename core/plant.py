@@ -142,6 +142,9 @@ class SimulatedPlant(Plant):
     """
 
     faults: tuple[str, ...] = ()
+    # A plant whose every write runs one settlement period (a battery) sets the period's
+    # length here: served by the virtual IOC, the periods run on the IOC's own clock.
+    period_s: float | None = None
 
     def set_fault(self, name: str, value: int) -> None:
         raise KeyError(f"{type(self).__name__} has no fault {name!r}")

@@ -279,6 +279,11 @@ class TaskDefinition(ABC):
     # Why the task's simulated plant cannot be served as a virtual IOC yet (None: it can).
     no_virtual_machine: ClassVar[str | None] = None
 
+    def safety_limits(self, metadata: dict) -> dict:
+        """SafetyConfig fields for a session of a policy with this `metadata` (default
+        ``safety_defaults``; a task adds what depends on the trained setup, e.g. a budget)."""
+        return dict(self.safety_defaults)
+
     # -- setups (lattices) and simulated plants -------------------------------------
     @abstractmethod
     def shipped_setups(self) -> list[str]:

@@ -80,6 +80,7 @@ class EpicsPlant(Plant):
             ReadingSpec(f"{b.name}:{p}", "mm", -b.range_mm, b.range_mm) for b in machine.bpms for p in ("x", "y")
         ] + [ReadingSpec(m.name, m.unit, m.lower, m.upper) for m in machine.monitors]
         self._pvs: dict[str, object] = {}
+        self._period_before_write: float | None = None  # clocked machines: the count when we last wrote
 
     def channels(self, values: np.ndarray) -> dict[str, float]:
         """Setpoint PV -> engineering value (the scale and polarity of this machine file)."""
@@ -176,6 +177,8 @@ class EpicsPlant(Plant):
         for pv in pvs:
             if not pv.connected:
                 raise ConnectionLost(f"{pv.pvname}: disconnected, nothing written")
+        if self.machine.clock:
+            self._period_before_write = self._period_count()
         for pv, value in zip(pvs, target):
             pv.put(float(value), wait=False, use_complete=True)
         deadline = time.monotonic() + timeout
@@ -201,6 +204,23 @@ class EpicsPlant(Plant):
         if bad:
             raise WriteNotVerified("read-back mismatch: " + "; ".join(bad))
 
+    # -- settlement periods -------------------------------------------------------------
+    def _period_count(self) -> float:
+        return float(self._get_many([self.machine.clock.pv])[0]["value"])
+
+    def _wait_for_period(self) -> str:
+        """After a write, wait until the machine has run a period at it; '' or why not."""
+        if self.machine.clock is None or self._period_before_write is None:
+            return ""
+        ca = _epics().ca
+        deadline = time.monotonic() + self.machine.clock.timeout_s
+        while self._period_count() <= self._period_before_write:
+            if time.monotonic() > deadline:
+                return f"no new period within {self.machine.clock.timeout_s} s of the write (clock {self.machine.clock.pv} stopped)"
+            ca.poll(0.005)
+        self._period_before_write = None
+        return ""
+
     # -- readings -----------------------------------------------------------------
     def _judge(self, data: dict, now: float, check_age: bool) -> tuple[float, float, bool, str]:
         """(value, timestamp, valid, why not) of one channel read."""
@@ -216,6 +236,7 @@ class EpicsPlant(Plant):
         return value, stamp, not reason, reason
 
     def read(self) -> Readings:
+        clock_problem = self._wait_for_period()
         reading_pvs = [pv for b in self.machine.bpms for pv in (b.x, b.y)] + [m.pv for m in self.machine.monitors]
         status_pvs = [b.status for b in self.machine.bpms if b.status]
         interlock_pvs = [i.pv for i in self.machine.interlocks]
@@ -248,6 +269,9 @@ class EpicsPlant(Plant):
             interlocks[il.name] = value if ok else float("nan")
             if not ok:
                 problems[il.name] = reason
+        if clock_problem:  # every reading is of an old period: none is valid
+            problems[self.machine.clock.pv] = clock_problem
+            valid = [False] * len(valid)
         return Readings(np.array(values), np.array(stamps), np.array(valid), interlocks, problems)
 
     def close(self) -> None:

@@ -18,6 +18,9 @@ PV names (``P`` = prefix, default ``V`` + the setup name, e.g. ``VCAFE2:CM1``)::
     P:SIM:READING_FAULT   fault injection on the first reading: 0 none, 1 NaN,
                           2 saturated, 3 INVALID severity, 4 frozen (stale timestamp)
     P:SIM:<FAULT>         the plant's own faults (``SimulatedPlant.faults``), e.g. SIM:BEAM_LOSS
+    P:CLOCK:PERIOD        plants that run in settlement periods (a battery) only: the count of
+                          periods run; every ``--period-s`` seconds the IOC runs one period at the
+                          setpoint it holds and publishes the readings (only then)
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ def free_port() -> int:
 
 def start_virtual_ioc(lattice: str, seed: int, errors: str, port: int, ramp_s: float = 0.2,
                       put_log: Path | None = None, prefix: str | None = None, env: dict | None = None,
-                      timeout_s: float = 60.0, task: str | None = None):
+                      timeout_s: float = 60.0, task: str | None = None, period_s: float | None = None):
     """The virtual IOC as a background process; returns the Popen once it printed READY.
 
     ``errors="foreign"`` serves a machine of the task's foreign family (seed = `seed`)."""
@@ -79,7 +82,7 @@ def start_virtual_ioc(lattice: str, seed: int, errors: str, port: int, ramp_s: f
 
     cmd = [sys.executable, "-m", "hardware.ioc", "--lattice", lattice, "--seed", str(seed), "--errors", errors,
            "--port", str(port), "--ramp", str(ramp_s)]
-    for flag, value in (("--put-log", put_log), ("--prefix", prefix), ("--task", task)):
+    for flag, value in (("--put-log", put_log), ("--prefix", prefix), ("--task", task), ("--period-s", period_s)):
         if value:
             cmd += [flag, str(value)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
@@ -158,8 +161,11 @@ def resolve(lattice: str, errors: str, task: str | None = None):
 
 
 def serve(lattice: str, seed: int, errors: str, port: int, ramp_s: float, put_log: Path | None,
-          prefix: str | None = None, task: str | None = None) -> None:
-    """Run the virtual IOC of `lattice` (any registered task) until SIGTERM/SIGINT."""
+          prefix: str | None = None, task: str | None = None, period_s: float | None = None) -> None:
+    """Run the virtual IOC of `lattice` (any registered task) until SIGTERM/SIGINT.
+
+    A plant that runs in periods (``SimulatedPlant.period_s``) gets a clock: one period
+    every `period_s` seconds (default the plant's), at the setpoint held when it starts."""
     from softioc import alarm, asyncio_dispatcher, builder, softioc
 
     definition, setup, error_model = resolve(lattice, errors, task)
@@ -175,9 +181,12 @@ def serve(lattice: str, seed: int, errors: str, port: int, ramp_s: float, put_lo
     reading_fault = {"value": 0}
     first = plant.read()
     interlock_records = {}
+    clocked = plant.period_s is not None
+    period_s = period_s or plant.period_s
 
     def publish() -> None:
-        plant.write_knobs(settings)
+        if not clocked:  # a continuous plant follows its settings at once; a clocked one at the next period
+            plant.write_knobs(settings)
         r = plant.read()
         for i, (spec, rec) in enumerate(zip(plant.readings, reading_records)):
             fault = reading_fault["value"] if i == 0 else 0
@@ -210,7 +219,8 @@ def serve(lattice: str, seed: int, errors: str, port: int, ramp_s: float, put_lo
                     await asyncio.sleep(ramp_s / n)
                 readbacks[i].set(start + (value - start) * k / n)
             settings[i] = value / scale[i]
-            publish()
+            if not clocked:
+                publish()
 
         drive = sorted((knob.lower * scale[i], knob.upper * scale[i]))
         initial = float(settings[i] * scale[i])
@@ -221,6 +231,7 @@ def serve(lattice: str, seed: int, errors: str, port: int, ramp_s: float, put_lo
     for name, value in first.interlocks.items():
         interlock_records[name] = builder.aIn(reading_pv(name), initial_value=float(value), PREC=4)
     builder.boolIn("MPS:OK", initial_value=1)
+    clock = builder.longIn("CLOCK:PERIOD", initial_value=0) if clocked else None
 
     def fault_control(name: str, apply) -> None:
         pv = f"{prefix}:SIM:{name}"
@@ -244,7 +255,22 @@ def serve(lattice: str, seed: int, errors: str, port: int, ramp_s: float, put_lo
             publish()
             await asyncio.sleep(1.0 / RATE_HZ)
 
-    asyncio.run_coroutine_threadsafe(refresh(), dispatcher.loop)
+    async def run_periods() -> None:
+        loop = asyncio.get_running_loop()
+        next_tick, count = loop.time() + period_s, 0
+        while True:
+            await asyncio.sleep(max(0.0, next_tick - loop.time()))
+            next_tick += period_s  # on a fixed grid: a slow period does not shift the ones after it
+            plant.write_knobs(settings)
+            count += 1
+            publish()
+            clock.set(count)  # last: a client that sees the new count finds the new readings
+
+    if clocked:
+        publish()
+        asyncio.run_coroutine_threadsafe(run_periods(), dispatcher.loop)
+    else:
+        asyncio.run_coroutine_threadsafe(refresh(), dispatcher.loop)
     env = " ".join(f"{k}={v}" for k, v in loopback_environment(port).items())
     print(f"READY {prefix} {env}", flush=True)
     sys.stdout.flush()
@@ -263,13 +289,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=5064)
     parser.add_argument("--ramp", type=float, default=0.2)
     parser.add_argument("--put-log", type=Path, default=None)
+    parser.add_argument("--period-s", type=float, default=None,
+                        help="plants that run in settlement periods (battery): seconds per period (time compression)")
     parser.add_argument("--prefix", default=None)
     args = parser.parse_args(argv)
     if args.foreign is not None:
         args.errors, args.seed = FOREIGN, args.foreign
     try:
         resolve(args.lattice, args.errors, args.task)  # fail with a clear message before starting EPICS
-        serve(args.lattice, args.seed, args.errors, args.port, args.ramp, args.put_log, args.prefix, args.task)
+        if args.period_s is not None and not (math.isfinite(args.period_s) and args.period_s > 0):
+            raise ConfigError(f"--period-s: must be a positive number of seconds, got {args.period_s}")
+        serve(args.lattice, args.seed, args.errors, args.port, args.ramp, args.put_log, args.prefix, args.task, args.period_s)
     except ConfigError as exc:
         print(f"tbsac ioc: error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -84,6 +84,14 @@ class Interlock(_Strict):
     threshold: float
 
 
+class PeriodClock(_Strict):
+    """A machine that runs in settlement periods (a battery's EMS): a counter PV that
+    advances when a period has run. After a write, readings wait for the next period."""
+
+    pv: str
+    timeout_s: PositiveFloat = Field(description="no new period within this after a write is a fault (stale feed)")
+
+
 class MachineFile(_Strict):
     """A whole machine as the software sees it."""
 
@@ -100,6 +108,7 @@ class MachineFile(_Strict):
     connection_timeout_s: PositiveFloat = 2.0
     read_timeout_s: PositiveFloat = 1.0
     stale_after_s: PositiveFloat = Field(5.0, description="a reading older than this is a fault")
+    clock: PeriodClock | None = None
 
     @model_validator(mode="after")
     def _unique(self) -> "MachineFile":
@@ -117,6 +126,8 @@ class MachineFile(_Strict):
         pvs += [p for b in self.bpms for p in (b.x, b.y, b.status) if p]
         pvs += [m.pv for m in self.monitors]
         pvs += [i.pv for i in self.interlocks]
+        if self.clock:
+            pvs.append(self.clock.pv)
         return pvs
 
 

@@ -32,6 +32,23 @@ Mode = Literal["auto", "approve", "dry-run"]
 MODES: tuple[str, ...] = ("auto", "approve", "dry-run")
 
 
+class CumulativeLimit(BaseModel):
+    """A budget on what a knob delivers over a rolling window of writes, e.g. a battery's
+    daily discharged energy: sum over the last `window_writes` writes of the knob's value
+    in `direction` x `per_write` must stay within `limit`. Counted from the written
+    setpoints (the guard cannot know less was delivered), so it errs on the safe side."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    knob: str
+    direction: Literal["positive", "negative"] = "positive"
+    per_write: PositiveFloat = Field(description="how long one write holds, e.g. 0.25 h per settlement period")
+    limit: PositiveFloat
+    window_writes: PositiveInt
+    unit: str = ""
+    label: str = "cumulative budget"
+
+
 class SafetyConfig(BaseModel):
     """Session limits (all in the plant's knob units, i.e. simulator units)."""
 
@@ -48,6 +65,7 @@ class SafetyConfig(BaseModel):
     max_response_mismatch: PositiveFloat = Field(
         0.35, description="largest relative difference between the machine's response to the opening probe and the "
         "policy's model before the session stops (the policy does not know this machine)")
+    budgets: list[CumulativeLimit] = Field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -203,6 +221,7 @@ class GuardedPlant(Plant):
         self.last_readings: Readings | None = None
         self.settings: np.ndarray | None = None
         self._interlock_start: dict[str, float] = {}
+        self._written: list[np.ndarray] = []  # every write's settings, for the cumulative budgets
         self._started = 0.0
         self._last_write = 0.0
 
@@ -304,6 +323,32 @@ class GuardedPlant(Plant):
                 self._record("clamp", f"{label}: " + ", ".join(f"{names[i]} {safe[i]:.4g} -> {clipped[i]:.4g}" for i in changed),
                              knobs=[names[i] for i in changed], before=safe[changed].tolist(), after=clipped[changed].tolist())
             safe = clipped
+        return self._within_budgets(safe)
+
+    def budget_used(self, budget: CumulativeLimit, window: int | None = None) -> float:
+        """What `budget` counts over the last `window` writes (default: its whole window)."""
+        n = budget.window_writes if window is None else window
+        i = [k.name for k in self.knobs].index(budget.knob)
+        values = np.array([w[i] for w in self._written[-n:]] if n > 0 else [], dtype=float)
+        signed = values if budget.direction == "positive" else -values
+        return float(np.clip(signed, 0.0, None).sum() * budget.per_write)
+
+    def _within_budgets(self, safe: np.ndarray) -> np.ndarray:
+        names = [k.name for k in self.knobs]
+        for budget in self.config.budgets:
+            if budget.knob not in names:
+                self._trip(f"safety budget {budget.label!r}: no knob named {budget.knob!r} (knobs: {', '.join(names)})")
+            i = names.index(budget.knob)
+            used = self.budget_used(budget, budget.window_writes - 1)  # the window this write completes
+            room = max(0.0, budget.limit - used) / budget.per_write  # the most this write may deliver
+            sign = 1.0 if budget.direction == "positive" else -1.0
+            if sign * safe[i] > room + 1e-12:
+                clipped = sign * room
+                self._record("clamp", f"{budget.label}: {used:.4g} of {budget.limit:.4g} {budget.unit} used, "
+                             f"{budget.knob} {safe[i]:.4g} -> {clipped:.4g}", knobs=[budget.knob],
+                             before=[float(safe[i])], after=[float(clipped)])
+                safe = safe.copy()
+                safe[i] = clipped
         return safe
 
     def write_knobs(self, values: np.ndarray) -> None:
@@ -316,6 +361,7 @@ class GuardedPlant(Plant):
         if self.mode == "dry-run":
             self._record("proposal", "dry-run: not written", proposed=proposed.tolist(), safe=safe.tolist())
             self.settings = safe
+            self._written.append(safe.copy())
             self.writes += 1
             return
         if self.mode == "approve":
@@ -338,6 +384,7 @@ class GuardedPlant(Plant):
             self._trip(f"write not verified: {exc}")
         self._last_write = time.monotonic()
         self.settings = safe
+        self._written.append(safe.copy())
         self.writes += 1
 
     def read(self) -> Readings:

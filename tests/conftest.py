@@ -70,8 +70,10 @@ _prefixes = itertools.count(1)
 class Ioc:
     """A `tbsac ioc` process on the session's loopback port, with its put log."""
 
-    def __init__(self, tmp: Path, lattice: str = "cafe2-cm1", seed: int = 0, errors: str = "test", ramp: float = 0.0):
+    def __init__(self, tmp: Path, lattice: str = "cafe2-cm1", seed: int = 0, errors: str = "test", ramp: float = 0.0,
+                 machine: str | None = None, period_s: float | None = None):
         self.lattice, self.seed, self.errors, self.ramp = lattice, seed, errors, ramp
+        self.machine, self.period_s = machine or f"virtual-{lattice}", period_s
         self.prefix = f"T{next(_prefixes)}{os.getpid()}:{lattice.split('-')[-1].upper()}"
         self.put_log = tmp / f"puts-{self.prefix.replace(':', '_')}.jsonl"
         self.tmp = tmp
@@ -81,14 +83,15 @@ class Ioc:
     def start(self) -> "Ioc":
         from hardware.ioc import start_virtual_ioc
 
-        self.proc = start_virtual_ioc(self.lattice, self.seed, self.errors, EPICS_PORT, self.ramp, self.put_log, self.prefix)
+        self.proc = start_virtual_ioc(self.lattice, self.seed, self.errors, EPICS_PORT, self.ramp, self.put_log, self.prefix,
+                                      period_s=self.period_s)
         return self
 
     def machine_file(self, name: str = "machine.yaml", **corrector_overrides) -> Path:
         """The shipped machine file for this lattice, pointed at this IOC's prefix."""
         from hardware.machine import MACHINE_DIR
 
-        text = (MACHINE_DIR / f"virtual-{self.lattice}.yaml").read_text()
+        text = (MACHINE_DIR / f"{self.machine}.yaml").read_text()
         default = "V" + self.lattice.upper().replace("-", ":")
         data = yaml.safe_load(text.replace(default + ":", self.prefix + ":"))
         for c in data["knobs"]:

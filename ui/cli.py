@@ -166,13 +166,15 @@ def ioc(
     prefix: Optional[str] = typer.Option(None, "--prefix", help="PV prefix (default V + the lattice name, e.g. VCAFE2:CM1)."),
     foreign: Optional[int] = typer.Option(None, "--foreign", metavar="SEED", help="Serve a machine whose physics differs "
                                           "from the lattice file (drawn from SEED; the machine file stays the nominal one)."),
+    period_s: Optional[float] = typer.Option(None, "--period-s", min=1e-3, help="Plants that run in settlement periods "
+                                             "(battery): seconds per period, i.e. time compression (default 1 s)."),
 ):
     """Serve a simulated machine with hidden errors as a real EPICS IOC (softioc)."""
     from controller import api
 
     if foreign is not None:
         errors, seed = "foreign", foreign
-    api.serve_virtual_machine(lattice, seed, errors, port, ramp, put_log, prefix, task)
+    api.serve_virtual_machine(lattice, seed, errors, port, ramp, put_log, prefix, task, period_s)
 
 
 def _terminal_approver(machine):

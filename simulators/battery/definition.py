@@ -12,7 +12,7 @@ from core.plant import KnobSpec, ReadingSpec
 from core.task import EpisodeResult, TaskDefinition
 
 from .model import PERIOD_H, BatteryConfig
-from .task import PRESETS, BatterySimPlant, BatteryTask, BatteryTaskConfig, PriceModel, profit_metric
+from .task import PRESETS, BatterySimPlant, BatteryTask, BatteryTaskConfig, PriceModel, profit_metric, reading_indices
 
 SETUP_DIR = resources.files("simulators.battery") / "setups"
 TRAINING_DAYS_FOR_BASELINES = 60  # the forecast and the thresholds are fitted on these training days
@@ -50,17 +50,22 @@ class BatteryDefinition(TaskDefinition):
     baselines = ("lp_ceiling", "mpc", "threshold", "nothing")
     default_baselines = baselines
     safety_defaults = {"max_steps": 200, "max_duration_s": 3600.0, "max_excursion_steps": 2.0}
-    sim_interlocks = [{"name": "soc_pct", "rule": "min", "threshold": 4.0}, {"name": "soc_pct", "rule": "max", "threshold": 96.0}]
+    sim_interlocks = [{"name": "soc_pct", "rule": "min", "threshold": 4.0}, {"name": "soc_pct", "rule": "max", "threshold": 96.0},
+                      {"name": "inverter_ok", "rule": "equals", "threshold": 1.0}]
     summary_keys = ("profit_eur", "fraction_of_ceiling", "cycles_per_day", "cvar5_daily_profit_eur", "trades")
     scalars = {"eval/daily_profit_median": ("profit_eur", "daily_median")}
     eval_seed_base = 5_000_000
     safe_state_label = "no power (the battery stops injecting)"
-    # Each write holds the power for one settlement period: served over EPICS the IOC must
-    # run the periods on its own clock and sessions must wait for them (not built yet).
-    no_virtual_machine = "its periods need the IOC's own clock (--period-s), not built yet"
 
     def safe_settings(self, knobs, start):
         return np.zeros(len(knobs))
+
+    def safety_limits(self, metadata: dict) -> dict:
+        """The defaults plus the daily discharge budget of the battery the policy was trained for."""
+        config = BatteryTaskConfig.model_validate(metadata.get("task_config", {}))
+        budget = {"knob": "power", "direction": "positive", "per_write": PERIOD_H, "window_writes": 96,
+                  "limit": config.cycles_per_day * config.capacity_mwh, "unit": "MWh", "label": "daily discharge budget"}
+        return {**self.safety_defaults, "budgets": [budget]}
 
     # -- setups ---------------------------------------------------------------------------
     def shipped_setups(self) -> list[str]:
@@ -92,11 +97,11 @@ class BatteryDefinition(TaskDefinition):
 
     def make_task(self, setup: BatteryConfig, knobs: list[KnobSpec], readings: list[ReadingSpec], config) -> BatteryTask:
         config = config.model_copy(update={"cycles_per_day": setup.max_cycles_per_day, "capacity_mwh": setup.capacity_mwh})
-        return BatteryTask(float(knobs[0].upper), config)
+        return BatteryTask(float(knobs[0].upper), config, reading_indices(readings))
 
     def task_for_policy(self, knobs, readings, metadata):
         config = BatteryTaskConfig.model_validate(metadata.get("task_config", {}))
-        return BatteryTask(float(knobs[0].upper), config)
+        return BatteryTask(float(knobs[0].upper), config, reading_indices(readings))
 
     def policy_metadata(self, setup: BatteryConfig, errors, config, task: BatteryTask) -> dict:
         return {"lattice": {"name": setup.name, "power_mw": setup.power_mw, "capacity_mwh": setup.capacity_mwh},

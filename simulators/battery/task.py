@@ -1,10 +1,12 @@
 """Battery arbitrage as a task: one step = one 15-minute period, one episode = one day.
 
 The plant (:class:`BatterySimPlant`) has one knob, the power setpoint in MW (> 0
-discharges), and two readings: the price of the period that just settled and the state
-of charge in %. Each write holds the power for one period. The task sees only that,
-like on a real battery over EPICS: it keeps its own clock (periods since the start) and
-its own count of the energy discharged today.
+discharges), and four readings, as a battery's EMS shows them over EPICS: the price of
+the period that just settled, the state of charge in %, the power delivered in that
+period (kW, after the battery management system's own limits) and the period of the
+day (0-95). Each write holds the power for one period. Days follow one another (a
+plant reset with seed ``s`` trades day ``s``, then ``s + 1``, ...), so a session may
+start at any period, as on a real battery.
 
 - observation: the last ``lookback`` settled prices and their first differences (the
   trend state generalised: [dB_{t-1}, dB_t, B_t] becomes a window of prices and their
@@ -23,6 +25,7 @@ import numpy as np
 from gymnasium import spaces
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt
 
+from core.config import ConfigError
 from core.plant import KnobSpec, Plant, ReadingSpec, Readings, SimulatedPlant
 from core.task import MetricSpec, Outcome, Task
 
@@ -30,6 +33,8 @@ from .model import PERIOD_H, Battery, BatteryConfig
 from .prices import PERIODS_PER_DAY, synthetic_prices
 
 PRICE_RANGE = (-1000.0, 3000.0)
+SEED_SPAN = 10_000_000  # a preset's days are seed_offset + (seed mod SEED_SPAN): presets never share a day
+READING_NAMES = ("price", "soc", "power_kw", "period")  # what the task reads, by name
 
 
 class PriceModel(BaseModel):
@@ -42,52 +47,97 @@ class PriceModel(BaseModel):
     name: str = "custom"
     seed_offset: int = Field(0, ge=0)
 
+    def day_seed(self, seed: int) -> int:
+        return self.seed_offset + int(seed) % SEED_SPAN
 
-PRESETS = {"train": PriceModel(name="train", seed_offset=0), "test": PriceModel(name="test", seed_offset=10_000_000)}
+
+PRESETS = {"train": PriceModel(name="train", seed_offset=0), "test": PriceModel(name="test", seed_offset=SEED_SPAN)}
+
+
+def price_day(model: PriceModel, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the day before, the day) of prices for day `seed` of `model`."""
+    series = synthetic_prices(2, model.day_seed(seed))
+    return series.day(0), series.day(1)
 
 
 class BatterySimPlant(SimulatedPlant):
-    """A simulated battery on a day of imbalance prices (the day before is its history)."""
+    """A simulated battery trading day after day of imbalance prices.
+
+    Faults (the virtual IOC's ``SIM:`` PVs): ``INVERTER_FAULT`` (non-zero: the inverter
+    trips, delivers nothing and reports it) and ``SOC_FAULT`` (non-zero ``v``: the BMS
+    state-of-charge estimate jumps to ``v`` %, as after a recalibration)."""
+
+    faults = ("INVERTER_FAULT", "SOC_FAULT")
+    period_s = 1.0  # served by the virtual IOC a period lasts 1 s by default (--period-s)
 
     def __init__(self, config: BatteryConfig, prices: PriceModel):
         self.config, self.price_model = config, prices
         self.battery = Battery(config)
+        power_kw = 1000.0 * config.power_mw
         self.knobs = [KnobSpec("power", "MW", -config.power_mw, config.power_mw, config.ramp_mw_per_period, 1e-9)]
-        self.readings = [ReadingSpec("price", "EUR/MWh", *PRICE_RANGE), ReadingSpec("soc", "%", 0.0, 100.0)]
+        # The power reading's range is twice the rating: at full power it is not "saturated".
+        self.readings = [ReadingSpec("price", "EUR/MWh", *PRICE_RANGE), ReadingSpec("soc", "%", 0.0, 100.0),
+                         ReadingSpec("power_kw", "kW", -2 * power_kw, 2 * power_kw),
+                         ReadingSpec("period", "period", 0.0, float(PERIODS_PER_DAY))]
         self.history = np.zeros(PERIODS_PER_DAY)
         self.today = np.zeros(PERIODS_PER_DAY)
+        self.day_seed = 0
         self.period = 0
+        self.setpoint = 0.0
+        self.delivered_mw = 0.0
+        self.inverter_fault = False
+        self.soc_fault: float | None = None
         self.profits: list[float] = []
         self.powers: list[float] = []
 
     def reset(self, seed: int | None = None) -> None:
-        seed = int(np.random.default_rng().integers(2**31)) if seed is None else seed
-        series = synthetic_prices(2, self.price_model.seed_offset + seed)
-        self.history, self.today = series.day(0), series.day(1)
+        self.day_seed = int(np.random.default_rng().integers(SEED_SPAN)) if seed is None else int(seed)
+        self.history, self.today = price_day(self.price_model, self.day_seed)
         self.battery.reset()
         self.period = 0
+        self.setpoint = self.delivered_mw = 0.0
+        self.inverter_fault, self.soc_fault = False, None
         self.profits, self.powers = [], []
 
+    def set_fault(self, name: str, value: int) -> None:
+        if name == "INVERTER_FAULT":
+            self.inverter_fault = bool(value)
+        elif name == "SOC_FAULT":
+            self.soc_fault = float(value) if value else None
+        else:
+            super().set_fault(name, value)
+
+    def _next_day(self) -> None:
+        self.day_seed += 1
+        self.history = self.today
+        self.today = price_day(self.price_model, self.day_seed)[1]
+        self.period = 0
+        self.battery.new_day()
+
     def read_knobs(self) -> np.ndarray:
-        return np.array([self.battery.state.power_mw])
+        return np.array([self.setpoint])
 
     def write_knobs(self, values: np.ndarray) -> None:
-        requested = float(np.asarray(values, dtype=float)[0])
-        if self.period >= PERIODS_PER_DAY:  # the day is over: the battery only idles
-            self.battery.state.power_mw = 0.0
-            return
+        """Hold `values` for one settlement period and run it (the IOC runs periods on its own clock)."""
+        self.setpoint = float(np.asarray(values, dtype=float)[0])
+        requested = 0.0 if self.inverter_fault else self.setpoint
         power, profit = self.battery.step(requested, float(self.today[self.period]))
+        self.delivered_mw = power
         self.powers.append(power)
         self.profits.append(profit)
         self.period += 1
+        if self.period == PERIODS_PER_DAY:
+            self._next_day()
 
     def settled_price(self) -> float:
         return float(self.today[self.period - 1] if self.period else self.history[-1])
 
     def read(self) -> Readings:
-        soc = 100.0 * self.battery.state.soc
-        values = np.array([self.settled_price(), soc])
-        return Readings(values, self.now(2), np.ones(2, dtype=bool), {"soc_pct": soc})
+        soc = 100.0 * self.battery.state.soc if self.soc_fault is None else self.soc_fault
+        period_of_day = (self.period - 1) % PERIODS_PER_DAY  # the period that settled last
+        values = np.array([self.settled_price(), soc, 1000.0 * self.delivered_mw, float(period_of_day)])
+        interlocks = {"soc_pct": soc, "inverter_ok": 0.0 if self.inverter_fault else 1.0}
+        return Readings(values, self.now(len(values)), np.ones(len(values), dtype=bool), interlocks)
 
 
 class BatteryTaskConfig(BaseModel):
@@ -108,12 +158,26 @@ def profit_metric() -> MetricSpec:
     return MetricSpec("profit_eur", "EUR", higher_is_better=True, target=None, label="profit today")
 
 
+def reading_indices(readings: list[ReadingSpec]) -> list[int]:
+    """Positions of the readings the task needs (by name, any case); ConfigError naming the missing ones."""
+    names = [r.name.lower() for r in readings]
+    missing = [n for n in READING_NAMES if n not in names]
+    if missing:
+        raise ConfigError(f"the battery task needs readings named {', '.join(READING_NAMES)}; "
+                          f"missing: {', '.join(missing)} (has: {', '.join(r.name for r in readings)})")
+    return [names.index(n) for n in READING_NAMES]
+
+
 @dataclass
 class BatteryTask(Task):
-    """Prices and state of charge in, power setpoint out; profit as reward."""
+    """Prices and state of charge in, power setpoint out; profit as reward.
+
+    The books are kept from the readings (settled price x delivered power), so a session
+    on a real battery counts what the battery did, not what was asked of it."""
 
     power_mw: float
     config: BatteryTaskConfig = field(default_factory=BatteryTaskConfig)
+    indices: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
 
     def __post_init__(self) -> None:
         n = 2 * self.config.lookback + 5
@@ -126,34 +190,31 @@ class BatteryTask(Task):
         self.settings = np.zeros(1)
         self.prices = np.zeros(self.config.lookback)
         self.soc = 0.0
+        self.period = 0
         self.profit = 0.0
-        self.discharged_mwh = 0.0
-        self.initial_readings = np.zeros(2)
-        self._last = np.zeros(2)
+        self.discharged_mwh = 0.0  # today (since the period of day last wrapped)
+        self.discharged_total_mwh = 0.0  # this episode
+        self.initial_readings = self._last = np.zeros(max(self.indices) + 1)
 
     # -- readings -> observation ---------------------------------------------------
     def _observe(self) -> np.ndarray:
         c = self.config
         scaled = self.prices / c.price_scale
         diffs = np.diff(np.concatenate([[scaled[0]], scaled]))
-        angle = 2 * np.pi * (self.steps % PERIODS_PER_DAY) / PERIODS_PER_DAY
+        angle = 2 * np.pi * ((self.period + 1) % PERIODS_PER_DAY) / PERIODS_PER_DAY  # the period to decide
         budget = self.discharged_mwh / (c.cycles_per_day * c.capacity_mwh)
         tail = [self.soc / 100.0, np.sin(angle), np.cos(angle), budget, self.settings[0] / self.power_mw]
         return np.concatenate([scaled, diffs, tail]).astype(np.float32)
 
-    def _take(self, readings: np.ndarray) -> None:
-        self._last = np.asarray(readings, dtype=float)
-        self.prices = np.roll(self.prices, -1)
-        self.prices[-1] = self._last[0]
-        self.soc = self._last[1]
+    def _pick(self, readings: np.ndarray) -> np.ndarray:
+        return np.asarray(readings, dtype=float)[self.indices]
 
     def start(self, plant: Plant) -> np.ndarray:
-        self.steps, self.profit, self.discharged_mwh = 0, 0.0, 0.0
-        first = plant.read().values
-        self.initial_readings = np.asarray(first, dtype=float)
-        self.prices = np.full(self.config.lookback, float(first[0]))
-        self.soc = float(first[1])
-        self._last = self.initial_readings
+        self.steps, self.profit, self.discharged_mwh, self.discharged_total_mwh = 0, 0.0, 0.0, 0.0
+        self.initial_readings = self._last = np.asarray(plant.read().values, dtype=float)
+        first = self._pick(self._last)
+        self.prices = np.full(self.config.lookback, first[0])
+        self.soc, self.period = first[1], int(round(first[3]))
         self.settings = plant.read_knobs()
         return self._observe()
 
@@ -164,16 +225,22 @@ class BatteryTask(Task):
         plant.write_knobs(self.proposed_settings(action))
         self.settings = plant.read_knobs()
         self.steps += 1
-        readings = plant.read().values
-        self._take(readings)
-        energy = float(self.settings[0]) * PERIOD_H  # delivered (> 0) or drawn in the period that settled
-        period_profit = float(self._last[0]) * energy
+        self._last = np.asarray(plant.read().values, dtype=float)
+        price, soc, power_kw, period = self._pick(self._last)
+        self.prices = np.roll(self.prices, -1)
+        self.prices[-1] = price
+        if int(round(period)) < self.period:  # a new day: a new cycle budget
+            self.discharged_mwh = 0.0
+        self.soc, self.period = soc, int(round(period))
+        energy = power_kw / 1000.0 * PERIOD_H  # delivered (> 0) or drawn in the period that settled
+        period_profit = price * energy
         self.profit += period_profit
         self.discharged_mwh += max(energy, 0.0)
+        self.discharged_total_mwh += max(energy, 0.0)
         c = self.config
         reward = c.reward_scale * (period_profit + c.risk_weight * min(period_profit, 0.0))
         done = self.steps >= self.max_steps
-        info = {"profit_eur": self.profit, "success": False, "discharged_mwh": self.discharged_mwh}
+        info = {"profit_eur": self.profit, "success": False, "discharged_mwh": self.discharged_total_mwh}
         return self._observe(), float(reward), False, bool(done), info
 
     # -- metrics ---------------------------------------------------------------------
@@ -195,6 +262,8 @@ class BatteryTask(Task):
         return False
 
     def outcome(self, initial: float, final: float, info: dict | None) -> Outcome:
+        # Whatever happened, the battery stops injecting when the agent lets go of it.
         if self.steps >= self.max_steps:
-            return Outcome(True, "completed", note=f"day traded: profit {self.profit:.2f} EUR")
+            return Outcome(True, "completed", restore_reason=f"day traded (profit {self.profit:.2f} EUR); "
+                           "the battery goes back to no power")
         return Outcome(False, "not_converged", restore_reason="the day was not traded to its end")

@@ -60,17 +60,18 @@ def sim_battery(definition, setup, seed=5):
     return plant
 
 
-def test_a_day_runs_to_its_end_and_keeps_the_last_power(battery):
+def test_a_day_runs_to_its_end_and_then_stops_injecting(battery):
     definition, setup = battery
     plant = sim_battery(definition, setup)
     result = run_session(plant, ConstantPolicy(0.02), interlocks=[InterlockRule(**r) for r in definition.sim_interlocks])
-    assert result.status == "completed" and result.steps == 96 and not result.restored
+    assert result.status == "completed" and result.success and result.steps == 96
+    assert result.restored and plant.read_knobs()[0] == 0.0  # the agent let go: no power
 
 
 def test_a_soc_trip_stops_injecting_instead_of_restoring_the_start(battery):
     definition, setup = battery
     plant = sim_battery(definition, setup)
-    plant.battery.state.power_mw = 0.6  # found discharging at 0.6 MW
+    plant.write_knobs([0.6])  # found discharging at 0.6 MW
     # Discharging at full power empties it below 40 % within a few periods: the interlock trips.
     result = run_session(plant, ConstantPolicy(1.0), interlocks=[InterlockRule("soc_pct", "min", 40.0)])
     assert result.status == "tripped" and result.restored
