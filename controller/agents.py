@@ -1,4 +1,6 @@
-"""TBSAC: stable-baselines3 SAC with the paper's trend-image features extractor."""
+"""The agents: TBSAC (stable-baselines3 SAC with the paper's trend-image features
+extractor, or plain MLPs) and TQC from sb3-contrib (the distributional SAC), optionally
+risk-averse (its actor maximises a mix of the mean and the CVaR of the return distribution)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ from stable_baselines3 import SAC
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
-ARCHITECTURES = ("tbsac", "mlp")
+ARCHITECTURES = ("tbsac", "mlp", "mlp-small")
+ALGORITHMS = ("sac", "tqc")
 
 
 class TrendConvExtractor(BaseFeaturesExtractor):
@@ -43,6 +46,8 @@ def policy_kwargs(arch: str) -> dict:
         )
     if arch == "mlp":
         return dict(net_arch=[256, 256], activation_fn=nn.ReLU)
+    if arch == "mlp-small":  # low-dimensional observations: 4x fewer weights per layer, ~3x faster updates on CPU
+        return dict(net_arch=[64, 64], activation_fn=nn.ReLU)
     raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
 
 
@@ -75,19 +80,72 @@ class SlowActorSAC(SAC):
             group["lr"] *= self.actor_lr_factor
 
 
+# TQC (Kuznetsov et al. 2020): 2 critics x 25 quantiles, the top 2 per critic dropped
+# from the target (the paper's setting for most tasks).
+TQC_DEFAULTS = dict(top_quantiles_to_drop_per_net=2)
+TQC_POLICY = dict(n_quantiles=25, n_critics=2)
+CVAR_ALPHA = 0.25  # the risk term is the mean of the worst quarter of the return distribution
+
+
+def risk_value(quantiles: torch.Tensor, risk_weight: float, alpha: float = CVAR_ALPHA) -> torch.Tensor:
+    """(1 - w) x mean + w x CVaR_alpha of the pooled quantiles (batch x critics x quantiles -> batch x 1)."""
+    pooled = quantiles.reshape(quantiles.shape[0], -1)
+    mean = pooled.mean(dim=1, keepdim=True)
+    if risk_weight == 0:
+        return mean
+    worst = torch.sort(pooled, dim=1).values[:, : max(1, int(round(alpha * pooled.shape[1])))]
+    return (1 - risk_weight) * mean + risk_weight * worst.mean(dim=1, keepdim=True)
+
+
+def _risk_averse_tqc(risk_weight: float):
+    """TQC whose actor maximises :func:`risk_value` of its critics' quantiles.
+
+    sb3-contrib's TQC.train computes the actor's objective as the mean of what the
+    critic returns for the actor's own actions, the only critic call whose actions carry
+    gradients (the critic's own loss uses stored actions, the target runs without
+    gradients). For that call this critic returns every quantile replaced by the risk
+    value, so their mean is the risk value and the critic's training is untouched.
+    ``tests/controller/test_agents.py`` pins this against the installed sb3-contrib.
+    """
+    from sb3_contrib import TQC
+
+    class RiskAverseTQC(TQC):
+        def _setup_model(self) -> None:
+            super()._setup_model()
+            critic_forward = self.critic.forward
+
+            def forward(obs, actions):
+                quantiles = critic_forward(obs, actions)
+                if not actions.requires_grad:
+                    return quantiles
+                return risk_value(quantiles, risk_weight).unsqueeze(-1).expand_as(quantiles)
+
+            self.critic.forward = forward
+
+    return RiskAverseTQC
+
+
 def make_sac(env: gym.Env, arch: str = "tbsac", seed: int = 0, tensorboard_log: str | None = None,
-             actor_lr_factor: float = 1.0, **overrides) -> SAC:
-    """A TBSAC (or MLP ablation) SAC model on `env` (the actor slower by `actor_lr_factor`)."""
-    cls = SAC
-    if actor_lr_factor != 1.0:
-        cls = type("SlowActorSAC", (SlowActorSAC,), {"actor_lr_factor": actor_lr_factor})
-    return cls(
-        "MlpPolicy",
-        env,
-        policy_kwargs=policy_kwargs(arch),
-        seed=seed,
-        tensorboard_log=tensorboard_log,
-        device="cpu",
-        verbose=0,
-        **{**SAC_DEFAULTS, **overrides},
-    )
+             actor_lr_factor: float = 1.0, algorithm: str = "sac", risk_weight: float = 0.0, **overrides) -> SAC:
+    """A TBSAC/MLP agent on `env`: SAC (the actor slower by `actor_lr_factor`) or TQC
+    (risk-averse with `risk_weight` in [0, 1))."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {ALGORITHMS}")
+    kwargs = policy_kwargs(arch)
+    settings = {**SAC_DEFAULTS, **overrides}
+    if algorithm == "tqc":
+        if not 0 <= risk_weight < 1:
+            raise ValueError(f"risk weight must be in [0, 1), got {risk_weight}")
+        from sb3_contrib import TQC
+
+        cls = _risk_averse_tqc(risk_weight) if risk_weight else TQC
+        kwargs = {**kwargs, **TQC_POLICY}
+        settings = {**TQC_DEFAULTS, **settings}
+    else:
+        if risk_weight:
+            raise ValueError("a risk weight needs the distributional agent (algorithm tqc)")
+        cls = SAC
+        if actor_lr_factor != 1.0:
+            cls = type("SlowActorSAC", (SlowActorSAC,), {"actor_lr_factor": actor_lr_factor})
+    return cls("MlpPolicy", env, policy_kwargs=kwargs, seed=seed, tensorboard_log=tensorboard_log, device="cpu",
+               verbose=0, **settings)

@@ -22,6 +22,7 @@ from core.task import TaskDefinition
 from hardware.ioc import free_port, loopback_environment, start_virtual_ioc
 from safety.guard import MODES, GuardedPlant, SafetyConfig, SafetyEvent, read_snapshot, restore_snapshot
 
+from .agents import ALGORITHMS
 from .locks import MachineBusy
 from .machines import Machine, list_machines, open_machine
 from .paths import data_dir, unique_snapshot_path
@@ -99,6 +100,11 @@ def train(task: str, lattice: str | None, errors: str, eval_errors: str, steps: 
     if arch not in definition.architectures:
         raise ConfigError(f"--arch: {arch!r} is not available for task {task}; expected one of {', '.join(definition.architectures)}")
     em, eval_em = definition.load_errors(errors), definition.load_errors(eval_errors)
+    algorithm = (sac_overrides or {}).get("algorithm", definition.sac_overrides.get("algorithm", "sac"))
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(f"--algo: unknown algorithm {algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
+    if (sac_overrides or {}).get("risk_weight") and algorithm != "tqc":
+        raise ConfigError("--risk-weight: needs the distributional agent (--algo tqc)")
     init_policy = None
     if init_from:
         from .policy import resolve_init_policy

@@ -221,6 +221,7 @@ def train(
     if overrides:
         training["sac_overrides"] = overrides
     base_meta = policy_metadata(definition, setup, errors, config, arch, training)
+    base_meta["algorithm"] = overrides.get("algorithm", "sac")
 
     def make_policy(step: int) -> Policy:
         return Policy.from_sac(model.policy, dict(base_meta, training=dict(training, checkpoint_step=step)))

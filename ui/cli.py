@@ -61,6 +61,9 @@ def train(
     eval_every: Optional[int] = typer.Option(None, "--eval-every", min=100),
     eval_episodes: Optional[int] = typer.Option(None, "--eval-episodes", min=1),
     gamma: Optional[float] = typer.Option(None, "--gamma", min=0.0, max=1.0, help="Discount factor (default: the task's)."),
+    algo: Optional[str] = typer.Option(None, "--algo", help="sac or tqc (distributional SAC, sb3-contrib); default: the task's."),
+    risk_weight: Optional[float] = typer.Option(None, "--risk-weight", min=0.0, max=0.99, help="tqc: weight of the CVaR (worst "
+                                                "25 %) of the return distribution in the actor's objective (0 = risk-neutral)."),
     stop_at_bar: bool = typer.Option(False, "--stop-at-bar", help="Stop at the first evaluation meeting the acceptance bar."),
     init_from: Optional[str] = typer.Option(None, "--init-from", help="Fine-tune: start from a policy file or 'pretrained' "
                                             "(the shipped policy of the lattice, or of the lattice it was calibrated from)."),
@@ -72,9 +75,10 @@ def train(
 
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("controller.training").setLevel(logging.INFO)  # one line per evaluation
+    overrides = {key: value for key, value in (("gamma", gamma), ("algorithm", algo), ("risk_weight", risk_weight))
+                 if value is not None}
     result = api.train(task, lattice, errors, eval_errors, steps, seed, out or Path("runs") / task, arch, eval_every,
-                       eval_episodes, stop_at_bar, {"gamma": gamma} if gamma is not None else None, init_from=init_from,
-                       max_minutes=max_minutes)
+                       eval_episodes, stop_at_bar, overrides or None, init_from=init_from, max_minutes=max_minutes)
     console.print(f"best checkpoint: step {result.best_step}: {json.dumps(result.best_summary)}")
     if result.first_bar_step is not None:
         console.print(f"acceptance bar first met at step {result.first_bar_step} after {result.first_bar_seconds} s")

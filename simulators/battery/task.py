@@ -14,7 +14,11 @@ start at any period, as on a real battery.
   used, last power;
 - action ``a in [-1, 1]``: power setpoint ``a x rated power``;
 - reward: the period's profit (settled price x delivered energy) x ``reward_scale``,
-  minus ``risk_weight`` x the loss part of it (a simple downside penalty).
+  plus potential-based shaping (Ng et al. 1999) with the stored energy valued at
+  ``stored_value_eur_per_mwh``: ``gamma x phi(s') - phi(s)``, phi = 0 after the last
+  period. Charging cheaply is rewarded when it happens instead of hours later, and the
+  optimal policy is unchanged (the shaping terms telescope to -phi(s_0)). Risk
+  aversion belongs to the agent (TQC's CVaR term), not to the reward.
 """
 
 from __future__ import annotations
@@ -148,8 +152,10 @@ class BatteryTaskConfig(BaseModel):
     max_steps: PositiveInt = PERIODS_PER_DAY  # one day
     lookback: PositiveInt = Field(8, le=96, description="settled prices in the observation")
     reward_scale: PositiveFloat = 0.01  # EUR -> reward
-    risk_weight: NonNegativeFloat = Field(0.0, description="extra weight of a period's loss (downside risk)")
-    price_scale: PositiveFloat = Field(100.0, description="EUR/MWh per observation unit")
+    stored_value_eur_per_mwh: NonNegativeFloat = Field(
+        80.0, description="shaping potential: EUR per MWh stored (about the mean training price; 0 switches shaping off)")
+    shaping_gamma: float = Field(0.99, gt=0, le=1, description="the agent's discount, for exact potential-based shaping")
+    price_scale: PositiveFloat = Field(100.0, description="EUR/MWh per observation unit (before asinh)")
     cycles_per_day: PositiveFloat = 2.0
     capacity_mwh: PositiveFloat = 2.0
 
@@ -189,7 +195,7 @@ class BatteryTask(Task):
         self.steps = 0
         self.settings = np.zeros(1)
         self.prices = np.zeros(self.config.lookback)
-        self.soc = 0.0
+        self.soc = self._soc_before = 0.0
         self.period = 0
         self.profit = 0.0
         self.discharged_mwh = 0.0  # today (since the period of day last wrapped)
@@ -199,12 +205,16 @@ class BatteryTask(Task):
     # -- readings -> observation ---------------------------------------------------
     def _observe(self) -> np.ndarray:
         c = self.config
-        scaled = self.prices / c.price_scale
+        # asinh: ordinary prices stay nearly linear, spikes (up to ~25 x price_scale) stay within ~4
+        scaled = np.arcsinh(self.prices / c.price_scale)
         diffs = np.diff(np.concatenate([[scaled[0]], scaled]))
         angle = 2 * np.pi * ((self.period + 1) % PERIODS_PER_DAY) / PERIODS_PER_DAY  # the period to decide
         budget = self.discharged_mwh / (c.cycles_per_day * c.capacity_mwh)
         tail = [self.soc / 100.0, np.sin(angle), np.cos(angle), budget, self.settings[0] / self.power_mw]
         return np.concatenate([scaled, diffs, tail]).astype(np.float32)
+
+    def _potential(self, soc_pct: float) -> float:
+        return self.config.stored_value_eur_per_mwh * soc_pct / 100.0 * self.config.capacity_mwh
 
     def _pick(self, readings: np.ndarray) -> np.ndarray:
         return np.asarray(readings, dtype=float)[self.indices]
@@ -215,6 +225,7 @@ class BatteryTask(Task):
         first = self._pick(self._last)
         self.prices = np.full(self.config.lookback, first[0])
         self.soc, self.period = first[1], int(round(first[3]))
+        self._soc_before = self.soc
         self.settings = plant.read_knobs()
         return self._observe()
 
@@ -238,8 +249,10 @@ class BatteryTask(Task):
         self.discharged_mwh += max(energy, 0.0)
         self.discharged_total_mwh += max(energy, 0.0)
         c = self.config
-        reward = c.reward_scale * (period_profit + c.risk_weight * min(period_profit, 0.0))
         done = self.steps >= self.max_steps
+        potential = 0.0 if done else self._potential(soc)
+        reward = c.reward_scale * (period_profit + c.shaping_gamma * potential - self._potential(self._soc_before))
+        self._soc_before = soc
         info = {"profit_eur": self.profit, "success": False, "discharged_mwh": self.discharged_total_mwh}
         return self._observe(), float(reward), False, bool(done), info
 

@@ -18,15 +18,12 @@ def battery():
     return definition, definition.load_setup("bess-1mw-2mwh")
 
 
-def make_env(definition, setup, errors="train"):
+def make_env(definition, setup, errors="train", **config):
     plant = definition.sim_plant(setup, definition.load_errors(errors))
-    return TaskEnv(plant, definition.make_task(setup, plant.knobs, plant.readings, definition.config_model()()))
+    return TaskEnv(plant, definition.make_task(setup, plant.knobs, plant.readings, definition.config_model()(**config)))
 
 
-def test_environment_follows_the_gymnasium_api_and_pays_the_settled_price(battery):
-    definition, setup = battery
-    env = make_env(definition, setup)
-    check_env(env, skip_render_check=True)
+def trade_a_day(env) -> tuple[float, dict]:
     env.reset(seed=3)
     total, steps, done = 0.0, 0, False
     while not done:
@@ -35,8 +32,25 @@ def test_environment_follows_the_gymnasium_api_and_pays_the_settled_price(batter
         steps += 1
         done = terminated or truncated
     assert steps == 96
+    return total, info
+
+
+def test_environment_follows_the_gymnasium_api_and_pays_the_settled_price(battery):
+    definition, setup = battery
+    env = make_env(definition, setup, stored_value_eur_per_mwh=0.0)  # no shaping: the reward is the profit
+    check_env(env, skip_render_check=True)
+    total, info = trade_a_day(env)
     assert info["profit_eur"] == pytest.approx(sum(env.plant.profits))  # the task's books match the battery's
     assert total == pytest.approx(0.01 * info["profit_eur"])
+
+
+def test_reward_shaping_telescopes_to_the_starting_potential(battery):
+    definition, setup = battery
+    env = make_env(definition, setup, stored_value_eur_per_mwh=80.0, shaping_gamma=1.0)
+    total, info = trade_a_day(env)
+    assert info["profit_eur"] == pytest.approx(sum(env.plant.profits))  # the task's books match the battery's
+    start_potential = 80.0 * setup.soc_start * setup.capacity_mwh
+    assert total == pytest.approx(0.01 * (info["profit_eur"] - start_potential))
 
 
 class ConstantPolicy:
@@ -92,6 +106,42 @@ def test_evaluate_battery_json_has_every_method_and_key(run_cli):
                                                                 results["threshold"]["profit_eur"]["total"])
 
 
-def test_the_battery_has_no_virtual_ioc_yet_and_says_why(run_cli):
-    proc = run_cli("ioc", "--lattice", "bess-1mw-2mwh", timeout=60)
-    assert proc.returncode == 2 and "no virtual IOC yet" in proc.stderr
+class Cycling:
+    """Discharges at full power until the SoC is low, then charges until it is high (a test
+    policy that would spend the day's cycle budget by mid-day)."""
+
+    task, path, sha256 = "battery", None, ""
+    metadata = {"task": "battery", "task_config": {}}
+
+    def __init__(self):
+        self.discharging = True
+
+    def act(self, obs):
+        soc = obs[-5]
+        if soc < 0.1:
+            self.discharging = False
+        elif soc > 0.9:
+            self.discharging = True
+        return np.array([1.0 if self.discharging else -1.0])
+
+
+def test_the_guard_holds_the_daily_discharge_budget_before_the_battery_would(battery):
+    from controller.session import default_safety
+
+    definition, setup = battery
+    plant = sim_battery(definition, setup)
+    policy = Cycling()
+    safety = default_safety(policy)
+    assert safety.budgets[0].limit == setup.max_cycles_per_day * setup.capacity_mwh == 4.0
+    result = run_session(plant, policy, safety=safety, interlocks=[InterlockRule(**r) for r in definition.sim_interlocks])
+    assert result.status == "completed"
+    clamps = [e for e in result.events if e.kind == "clamp" and e.reason.startswith("daily discharge budget")]
+    assert clamps  # the guard cut the discharge, the battery's own limit never had to
+    written = np.array([r.safe[0] for r in result.step_records])
+    assert np.clip(written, 0, None).sum() * 0.25 == pytest.approx(4.0, abs=1e-9)
+    assert sum(max(p, 0.0) for p in plant.powers) * 0.25 <= 4.0 + 1e-9
+
+
+def test_ioc_refuses_a_bad_period(run_cli):
+    proc = run_cli("ioc", "--lattice", "bess-1mw-2mwh", "--period-s", "0", timeout=60)
+    assert proc.returncode == 2 and "--period-s" in proc.stderr

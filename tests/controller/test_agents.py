@@ -1,0 +1,49 @@
+"""The agents: TQC from sb3-contrib with the risk term, SAC; their actors load as policies."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from controller.agents import make_sac, risk_value
+
+
+def test_risk_value_mixes_the_mean_and_the_worst_quarter():
+    quantiles = torch.arange(8.0).reshape(1, 2, 4)  # pooled: 0..7
+    assert risk_value(quantiles, 0.0).item() == pytest.approx(3.5)
+    assert risk_value(quantiles, 1.0).item() == pytest.approx(0.5)  # mean of the worst 2 of 8
+    assert risk_value(quantiles, 0.5).item() == pytest.approx(2.0)
+
+
+def test_the_risk_averse_tqc_changes_only_the_actors_objective():
+    """Pins how sb3-contrib's TQC calls its critic: raw quantiles for the critic loss and
+    the target, the risk value for the actor (the only call with gradients on the actions)."""
+    env = gym.make("Pendulum-v1")
+    torch.manual_seed(0)
+    model = make_sac(env, arch="mlp-small", algorithm="tqc", risk_weight=0.5, learning_starts=64, batch_size=32)
+    obs = torch.zeros(3, 3)
+    stored = torch.zeros(3, 1)
+    raw = model.critic(obs, stored)
+    assert raw.shape == (3, 2, 25) and raw.std() > 0  # quantiles, as the critic loss needs them
+    actions = torch.zeros(3, 1, requires_grad=True)
+    risky = model.critic(obs, actions)
+    assert torch.allclose(risky.mean(dim=(1, 2)), risk_value(raw, 0.5).squeeze(1), atol=1e-6)
+    model.learn(200)  # the whole update runs through the installed TQC.train
+    assert all(torch.isfinite(p).all() for p in model.actor.parameters())
+
+
+def test_the_risk_weight_needs_the_distributional_agent():
+    with pytest.raises(ValueError, match="tqc"):
+        make_sac(gym.make("Pendulum-v1"), arch="mlp-small", algorithm="sac", risk_weight=0.3)
+
+
+def test_a_tqc_actor_is_a_policy_like_any_other(tmp_path):
+    from controller.policy import Policy
+
+    env = gym.make("MountainCarContinuous-v0")  # actions in [-1, 1], like every task's
+    model = make_sac(env, arch="mlp-small", algorithm="tqc")
+    meta = {"task": "none", "arch": "mlp-small", "observation": {"size": 2}, "action": {"size": 1}}
+    policy = Policy.from_sac(model.policy, meta)
+    obs = np.array([0.1, -0.02], dtype=np.float32)
+    expected, _ = model.predict(obs, deterministic=True)
+    assert np.allclose(policy.act(obs), expected, atol=1e-6)
