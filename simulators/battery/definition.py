@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from importlib import resources
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from core.plant import KnobSpec, ReadingSpec
 from core.task import EpisodeResult, TaskDefinition
 
 from .model import PERIOD_H, BatteryConfig
-from .task import PRESETS, BatterySimPlant, BatteryTask, BatteryTaskConfig, PriceModel, profit_metric, reading_indices
+from .task import PRESETS, BatterySimPlant, BatteryTask, BatteryTaskConfig, PriceModel, price_day, profit_metric, reading_indices
 
 SETUP_DIR = resources.files("simulators.battery") / "setups"
 TRAINING_DAYS_FOR_BASELINES = 60  # the forecast and the thresholds are fitted on these training days
@@ -36,6 +37,15 @@ def day_summary(profits: np.ndarray, discharged_mwh: np.ndarray, trades: np.ndar
     }
     out["fraction_of_ceiling"] = round(float(profits.sum() / ceiling.sum()), 4) if ceiling is not None and ceiling.sum() > 0 else None
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def training_forecast():
+    """The forecast fitted on the training days (the MPC's; its daily profile is also the agent's)."""
+    from .baselines import Forecast
+
+    days = [price_day(PRESETS["train"], s)[1] for s in range(TRAINING_DAYS_FOR_BASELINES)]
+    return Forecast.fit(np.concatenate(days))
 
 
 class BatteryDefinition(TaskDefinition):
@@ -96,7 +106,10 @@ class BatteryDefinition(TaskDefinition):
         return BatteryTaskConfig
 
     def make_task(self, setup: BatteryConfig, knobs: list[KnobSpec], readings: list[ReadingSpec], config) -> BatteryTask:
-        config = config.model_copy(update={"cycles_per_day": setup.max_cycles_per_day, "capacity_mwh": setup.capacity_mwh})
+        update = {"cycles_per_day": setup.max_cycles_per_day, "capacity_mwh": setup.capacity_mwh}
+        if config.profile_features and not config.profile:  # the training days' daily profile, as the MPC's forecast has it
+            update["profile"] = tuple(round(float(v), 3) for v in training_forecast().profile)
+        config = config.model_copy(update=update)
         return BatteryTask(float(knobs[0].upper), config, reading_indices(readings))
 
     def task_for_policy(self, knobs, readings, metadata):
@@ -130,15 +143,12 @@ class BatteryDefinition(TaskDefinition):
         return False  # the bar is relative to the baselines on the same days (benchmarks/battery.py)
 
     def evaluate(self, setup: BatteryConfig, errors: PriceModel, agent, episodes: int, seed: int, methods, budget=None):
-        from .baselines import Forecast, mpc_decider, nothing_decider, run_day, threshold_decider, tune_thresholds
+        from .baselines import mpc_decider, nothing_decider, run_day, threshold_decider, tune_thresholds
         from .model import perfect_foresight
 
-        train = BatterySimPlant(setup, PRESETS["train"])
-        training_days = []
-        for s in range(TRAINING_DAYS_FOR_BASELINES):
-            train.reset(s)
-            training_days.append((train.today.copy(), float(train.history[-1])))
-        forecast = Forecast.fit(np.concatenate([d for d, _ in training_days]))
+        training_days = [(today, float(before[-1])) for before, today in
+                         (price_day(PRESETS["train"], s) for s in range(TRAINING_DAYS_FOR_BASELINES))]
+        forecast = training_forecast()
         deciders = {}
         if "mpc" in methods:
             deciders["mpc"] = lambda: mpc_decider(forecast, setup)
@@ -152,33 +162,37 @@ class BatteryDefinition(TaskDefinition):
         for i in range(episodes):
             plant.reset(seed + i)
             days.append((plant.today.copy(), float(plant.history[-1])))
-        ceiling = np.array([perfect_foresight(d, setup).profit_eur for d, _ in days])
+        plans = [perfect_foresight(d, setup) for d, _ in days]
+        ceiling = np.array([plan.profit_eur for plan in plans])
         runs: dict[str, list] = {}
         summary_results: dict[str, dict] = {}
 
-        def record(name: str, powers: list[np.ndarray], profits: np.ndarray) -> None:
+        def record(name: str, powers: list[np.ndarray], profits: np.ndarray, socs: list[np.ndarray]) -> None:
             discharged = np.array([np.clip(p, 0, None).sum() * PERIOD_H for p in powers])
             trades = np.array([int(np.sum(np.abs(np.diff(np.concatenate([[0.0], p]))) > 1e-6)) for p in powers])
             summary_results[name] = day_summary(profits, discharged, trades, setup.capacity_mwh, ceiling)
-            runs[name] = [{"power_mw": p.tolist()} for p in powers]
+            runs[name] = [{"price": d.tolist(), "power_mw": np.asarray(p).tolist(), "soc": np.asarray(soc).tolist(),
+                           "profit_eur": float(total)} for (d, _), p, soc, total in zip(days, powers, socs, profits)]
 
         if agent is not None:
             env = BatterySimPlant(setup, errors)
             task = self.task_for_policy(env.knobs, env.readings, agent.metadata)
             from core.task import run_episode
 
-            powers, profits = [], []
+            powers, profits, socs = [], [], []
             for i in range(episodes):
                 env.reset(seed + i)
                 run_episode(task, env, agent.act, seed=seed + i)
                 powers.append(np.array(env.powers))
                 profits.append(sum(env.profits))
-            record("agent", powers, np.array(profits))
+                socs.append(np.array(env.socs))
+            record("agent", powers, np.array(profits), socs)
         if "lp_ceiling" in methods:
-            record("lp_ceiling", [perfect_foresight(d, setup).power_mw for d, _ in days], ceiling)
+            record("lp_ceiling", [plan.power_mw for plan in plans], ceiling, [plan.soc for plan in plans])
         for name, make in deciders.items():
             results = [run_day(d, prev, setup, make()) for d, prev in days]
-            record(name, [r.power_mw for r in results], np.array([r.total for r in results]))
+            record(name, [r.power_mw for r in results], np.array([r.total for r in results]),
+                   [np.concatenate([[setup.soc_start], r.soc]) for r in results])
         summary = {"task": self.name, "lattice": setup.name, "errors": errors.name, "episodes": episodes, "seed": seed,
                    "results": summary_results}
         return summary, runs
@@ -192,8 +206,16 @@ class BatteryDefinition(TaskDefinition):
                  f"{r['cvar5_daily_profit_eur']:.0f}", str(r["trades"])] for name, r in summary["results"].items()]
         return columns, rows
 
+    def plot_evaluation(self, setup: BatteryConfig, runs: dict, path: Path, title: str) -> Path | None:
+        from .evaluation import plot_battery_evaluation
+
+        return plot_battery_evaluation(runs, path, title) if runs else None
+
     def panels(self, setup: BatteryConfig) -> list[dict]:
-        return []  # the console's knob and trend charts show power, price and SoC
+        # The console's trend chart shows the primary metric, the cumulative profit (EUR).
+        return [{"kind": "series", "title": "Price, state of charge, power", "readings": ["price", "soc", "power_kw"],
+                 "step_title": "settlement period of the session", "interpolate": "step-after",
+                 "caption": "settled imbalance price; state of charge; power delivered (> 0 discharges)"}]
 
     def wiring(self, setup: BatteryConfig, knobs: list[KnobSpec]) -> tuple[list[float], str]:
         return [1000.0] * len(knobs), "kW"  # the inverter takes its setpoint in kW

@@ -93,6 +93,7 @@ class BatterySimPlant(SimulatedPlant):
         self.soc_fault: float | None = None
         self.profits: list[float] = []
         self.powers: list[float] = []
+        self.socs: list[float] = []
 
     def reset(self, seed: int | None = None) -> None:
         self.day_seed = int(np.random.default_rng().integers(SEED_SPAN)) if seed is None else int(seed)
@@ -101,7 +102,7 @@ class BatterySimPlant(SimulatedPlant):
         self.period = 0
         self.setpoint = self.delivered_mw = 0.0
         self.inverter_fault, self.soc_fault = False, None
-        self.profits, self.powers = [], []
+        self.profits, self.powers, self.socs = [], [], [self.battery.state.soc]
 
     def set_fault(self, name: str, value: int) -> None:
         if name == "INVERTER_FAULT":
@@ -129,6 +130,7 @@ class BatterySimPlant(SimulatedPlant):
         self.delivered_mw = power
         self.powers.append(power)
         self.profits.append(profit)
+        self.socs.append(self.battery.state.soc)
         self.period += 1
         if self.period == PERIODS_PER_DAY:
             self._next_day()
@@ -156,6 +158,11 @@ class BatteryTaskConfig(BaseModel):
         80.0, description="shaping potential: EUR per MWh stored (about the mean training price; 0 switches shaping off)")
     shaping_gamma: float = Field(0.99, gt=0, le=1, description="the agent's discount, for exact potential-based shaping")
     price_scale: PositiveFloat = Field(100.0, description="EUR/MWh per observation unit (before asinh)")
+    profile_features: bool = Field(False, description="observe the training days' mean price ahead of now")
+    profile: tuple[float, ...] = Field((), description="mean price of each period of the day on training days (96 "
+                                       "values; empty: none); the observation carries it ahead of now")
+    profile_ahead: tuple[PositiveInt, ...] = Field((1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64),
+                                                   description="periods ahead whose profile price is observed")
     cycles_per_day: PositiveFloat = 2.0
     capacity_mwh: PositiveFloat = 2.0
 
@@ -186,7 +193,11 @@ class BatteryTask(Task):
     indices: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
 
     def __post_init__(self) -> None:
-        n = 2 * self.config.lookback + 5
+        if self.config.profile and len(self.config.profile) != PERIODS_PER_DAY:
+            raise ConfigError(f"battery task: profile has {len(self.config.profile)} values, expected {PERIODS_PER_DAY}")
+        self._profile = np.arcsinh(np.asarray(self.config.profile, dtype=float) / self.config.price_scale)
+        self._ahead = np.asarray(self.config.profile_ahead, dtype=int) - 1  # the period to decide is 1 ahead
+        n = 2 * self.config.lookback + 5 + (len(self._ahead) if self.config.profile else 0)
         self.observation_space = spaces.Box(-np.inf, np.inf, (n,), np.float32)
         self.action_space = spaces.Box(-1.0, 1.0, (1,), np.float32)
         self.metrics = (profit_metric(),)
@@ -211,7 +222,8 @@ class BatteryTask(Task):
         angle = 2 * np.pi * ((self.period + 1) % PERIODS_PER_DAY) / PERIODS_PER_DAY  # the period to decide
         budget = self.discharged_mwh / (c.cycles_per_day * c.capacity_mwh)
         tail = [self.soc / 100.0, np.sin(angle), np.cos(angle), budget, self.settings[0] / self.power_mw]
-        return np.concatenate([scaled, diffs, tail]).astype(np.float32)
+        ahead = self._profile[(self.period + 1 + self._ahead) % PERIODS_PER_DAY] if self.config.profile else []
+        return np.concatenate([scaled, diffs, tail, ahead]).astype(np.float32)
 
     def _potential(self, soc_pct: float) -> float:
         return self.config.stored_value_eur_per_mwh * soc_pct / 100.0 * self.config.capacity_mwh
@@ -238,7 +250,7 @@ class BatteryTask(Task):
         self.steps += 1
         self._last = np.asarray(plant.read().values, dtype=float)
         price, soc, power_kw, period = self._pick(self._last)
-        self.prices = np.roll(self.prices, -1)
+        self.prices[:-1] = self.prices[1:]
         self.prices[-1] = price
         if int(round(period)) < self.period:  # a new day: a new cycle budget
             self.discharged_mwh = 0.0
@@ -254,7 +266,10 @@ class BatteryTask(Task):
         reward = c.reward_scale * (period_profit + c.shaping_gamma * potential - self._potential(self._soc_before))
         self._soc_before = soc
         info = {"profit_eur": self.profit, "success": False, "discharged_mwh": self.discharged_total_mwh}
-        return self._observe(), float(reward), False, bool(done), info
+        # The day is the objective (a fresh battery each day, as the evaluation and the LP
+        # ceiling count): its end is terminal. Truncation would bootstrap the value of the
+        # energy left at midnight, which the day's profit never sees.
+        return self._observe(), float(reward), bool(done), False, info
 
     # -- metrics ---------------------------------------------------------------------
     def measure(self, readings: np.ndarray) -> dict[str, float]:

@@ -2,7 +2,9 @@
 
 A machine (``/api/machines``) declares its knobs, readings and metrics with units and
 the panels its task wants (``profile``: readings against a position, per group, e.g.
-beam positions per plane; ``bars``: readings at the start and now). Nothing here knows a task.
+beam positions per plane; ``bars``: readings at the start and now; ``series``: chosen
+readings against the session's steps, e.g. a battery's price, state of charge and
+power). Nothing here knows a task.
 """
 
 from __future__ import annotations
@@ -82,8 +84,29 @@ def bars_chart(panel: dict, machine: dict, start, current) -> alt.Chart:
     ).properties(width=120, height=200)
 
 
-def panel_charts(machine: dict, start, current, session: dict | None = None) -> list[tuple[str, alt.Chart]]:
-    """(title, chart) of every panel the machine's task declares."""
+def series_chart(panel: dict, machine: dict, start, steps: list[dict], upto: int | None = None) -> alt.Chart:
+    """Chosen readings against step (0 = as found), one chart per reading, each with its unit."""
+    names = reading_names(machine)
+    units = {r["name"]: r.get("unit", "") for r in machine["readings"]}
+    shown = panel.get("readings") or names
+    history = [(0, ordered(start, names))] + [(s["step"], ordered(s["readings"], names)) for s in steps[:upto]]
+    rows = [{"step": k, "reading": n, "value": v} for k, values in history if values
+            for n, v in zip(names, values) if n in shown and v is not None]
+    charts = []
+    for name in shown:
+        data = pd.DataFrame([r for r in rows if r["reading"] == name] or [{"step": 0, "reading": name, "value": None}])
+        charts.append(alt.Chart(data).mark_line(point=True, interpolate=panel.get("interpolate", "linear")).encode(
+            x=alt.X("step:Q", title=panel.get("step_title", "step"), axis=alt.Axis(tickMinStep=1)),
+            y=alt.Y("value:Q", title=f"{name} ({units.get(name, '')})"),
+            tooltip=["step", alt.Tooltip("value:Q", format=".4g")],
+        ).properties(width=260, height=180))
+    return alt.hconcat(*charts).properties(title=panel.get("caption", ""))
+
+
+def panel_charts(machine: dict, start, current, session: dict | None = None, steps: list[dict] | None = None,
+                 upto: int | None = None) -> list[tuple[str, alt.Chart]]:
+    """(title, chart) of every panel the machine's task declares (``series`` panels draw
+    `steps`, up to step `upto` if given)."""
     out = []
     for panel in machine.get("panels", []):
         if panel["kind"] == "profile":
@@ -94,6 +117,8 @@ def panel_charts(machine: dict, start, current, session: dict | None = None) -> 
             out.append((panel["title"], profile_chart(panel, machine, start, current, band, metric["unit"])))
         elif panel["kind"] == "bars":
             out.append((panel["title"], bars_chart(panel, machine, start, current)))
+        elif panel["kind"] == "series":
+            out.append((panel["title"], series_chart(panel, machine, start, steps or [], upto)))
     return out
 
 
