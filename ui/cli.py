@@ -205,7 +205,7 @@ def run(
     policy: str = typer.Option("pretrained", "--policy", "-p"),
     mode: str = typer.Option("auto", "--mode", help="auto, approve (confirm every step) or dry-run (never writes)."),
     as_json: bool = typer.Option(False, "--json"),
-    max_steps: int = typer.Option(60, "--max-steps", help="Safety limit on writes."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Safety limit on writes (default: the task's, e.g. 60 for orbit, 200 for a battery day)."),
     max_excursion: Optional[float] = typer.Option(None, "--max-excursion", help="Largest change of any knob from its start, simulator units (default: the task's)."),
     max_excursion_steps: Optional[float] = typer.Option(None, "--max-excursion-steps", help="Largest change of any knob from its start, in its largest steps (default: the task's)."),
     snapshot: Optional[Path] = typer.Option(None, "--snapshot", help="Where to keep the starting settings (default in the data directory)."),

@@ -95,9 +95,16 @@ class BatteryDefinition(TaskDefinition):
         return sorted(PRESETS)
 
     def load_errors(self, name_or_path) -> PriceModel:
+        """A price preset (``train``, ``test``: synthetic days) or a price file (CSV: timestamp, EUR/MWh)."""
         if str(name_or_path) in PRESETS:
             return PRESETS[str(name_or_path)]
-        raise ConfigError(f"prices {name_or_path!r}: expected one of {', '.join(sorted(PRESETS))}")
+        path = Path(str(name_or_path))
+        if path.suffix.lower() == ".csv":
+            model = PriceModel(name=path.stem, csv=str(path.resolve()))
+            price_day(model, 0)  # read and check it now: a bad row is named before anything starts
+            return model
+        raise ConfigError(f"prices {name_or_path!r}: expected one of {', '.join(sorted(PRESETS))} or a CSV price file "
+                          "(timestamp, EUR/MWh per 15 minutes)")
 
     def sim_plant(self, setup: BatteryConfig, errors: PriceModel) -> BatterySimPlant:
         return BatterySimPlant(setup, errors)

@@ -23,6 +23,7 @@ start at any period, as on a real battery.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,7 +35,7 @@ from core.plant import KnobSpec, Plant, ReadingSpec, Readings, SimulatedPlant
 from core.task import MetricSpec, Outcome, Task
 
 from .model import PERIOD_H, Battery, BatteryConfig
-from .prices import PERIODS_PER_DAY, synthetic_prices
+from .prices import PERIODS_PER_DAY, load_price_csv, synthetic_prices
 
 PRICE_RANGE = (-1000.0, 3000.0)
 SEED_SPAN = 10_000_000  # a preset's days are seed_offset + (seed mod SEED_SPAN): presets never share a day
@@ -42,14 +43,18 @@ READING_NAMES = ("price", "soc", "power_kw", "period")  # what the task reads, b
 
 
 class PriceModel(BaseModel):
-    """Where a simulated day's prices come from: generator seeds ``offset + seed``.
+    """Where a simulated day's prices come from: generator seeds ``offset + seed``, or the
+    days of a price file (``csv``; day ``seed`` is the file's day ``1 + seed mod (days - 1)``,
+    the day before it its history).
 
-    Training and test presets use disjoint seed ranges (never the same day twice)."""
+    Training and test presets use disjoint seed ranges (never the same day twice); with
+    files, train and test on files of disjoint months."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = "custom"
     seed_offset: int = Field(0, ge=0)
+    csv: str | None = None
 
     def day_seed(self, seed: int) -> int:
         return self.seed_offset + int(seed) % SEED_SPAN
@@ -58,8 +63,19 @@ class PriceModel(BaseModel):
 PRESETS = {"train": PriceModel(name="train", seed_offset=0), "test": PriceModel(name="test", seed_offset=SEED_SPAN)}
 
 
+@functools.lru_cache(maxsize=8)
+def _price_file(path: str):
+    return load_price_csv(path)
+
+
 def price_day(model: PriceModel, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(the day before, the day) of prices for day `seed` of `model`."""
+    if model.csv:
+        series = _price_file(model.csv)
+        if series.days < 2:
+            raise ConfigError(f"{model.csv}: {series.days} whole day(s) of prices: at least 2 are needed (history and a day)")
+        index = 1 + int(seed) % (series.days - 1)
+        return series.day(index - 1), series.day(index)
     series = synthetic_prices(2, model.day_seed(seed))
     return series.day(0), series.day(1)
 

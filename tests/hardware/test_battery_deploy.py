@@ -116,3 +116,17 @@ def test_stale_price_feed_trips_and_stops_injecting(start_ioc, tmp_path):
     result = trip_session(start_ioc, tmp_path, lambda ioc: epics.caput(ioc.pv("SIM:READING_FAULT"), 4, wait=True),
                           stale_after_s=1.0)
     assert "price" in result.trips[0] and "stale" in result.trips[0]
+
+
+def test_tbsac_run_trades_a_day_with_the_shipped_policy_then_stops_injecting(start_ioc, run_cli):
+    import json
+
+    ioc = battery_ioc(start_ioc, seed=11)
+    proc = run_cli("run", "--machine", str(ioc.machine_file()), "--policy", "pretrained", "--json", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["task"] == "battery" and out["success"] and out["steps"] == 96 and out["trips"] == []
+    assert out["restored"] and epics.caget(ioc.pv("power:I_SET"), timeout=2) == 0.0
+    assert_puts_within_limits(ioc)
+    # The guard's budget held: the setpoints never discharge more than 2 cycles (4 MWh) in the day.
+    assert sum(max(p["value"], 0.0) for p in ioc.puts()) / 1000.0 * 0.25 <= 4.0 + 1e-9

@@ -145,3 +145,38 @@ def test_the_guard_holds_the_daily_discharge_budget_before_the_battery_would(bat
 def test_ioc_refuses_a_bad_period(run_cli):
     proc = run_cli("ioc", "--lattice", "bess-1mw-2mwh", "--period-s", "0", timeout=60)
     assert proc.returncode == 2 and "--period-s" in proc.stderr
+
+
+def write_prices(path, days: int, bad_row: int | None = None):
+    import datetime as dt
+
+    from simulators.battery.prices import synthetic_prices
+
+    series = synthetic_prices(days, 77)
+    start = dt.datetime(2025, 3, 1, tzinfo=dt.timezone.utc)
+    rows = ["timestamp,eur_per_mwh"]
+    for i, v in enumerate(series.eur_per_mwh):
+        rows.append(f"{(start + dt.timedelta(minutes=15 * i)).isoformat()},{'n/a' if i == bad_row else round(v, 2)}")
+    path.write_text("\n".join(rows) + "\n")
+    return series
+
+
+def test_evaluate_on_a_price_file_trades_its_days(run_cli, tmp_path):
+    prices = tmp_path / "march.csv"
+    series = write_prices(prices, 3)
+    proc = run_cli("evaluate", "battery", "--policy", "none", "--errors", str(prices), "--episodes", "2", "--seed", "0",
+                   "--methods", "lp_ceiling,nothing", "--json", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    from core.registry import get_task
+    from simulators.battery.model import perfect_foresight
+
+    setup = get_task("battery").load_setup("bess-1mw-2mwh")
+    expected = sum(perfect_foresight(series.day(d), setup).profit_eur for d in (1, 2))  # the file's days 1 and 2
+    assert json.loads(proc.stdout)["results"]["lp_ceiling"]["profit_eur"]["total"] == pytest.approx(expected, abs=0.01)
+
+
+def test_a_bad_price_file_is_refused_naming_the_row(run_cli, tmp_path):
+    prices = tmp_path / "bad.csv"
+    write_prices(prices, 2, bad_row=100)
+    proc = run_cli("evaluate", "battery", "--policy", "none", "--errors", str(prices), "--episodes", "1", "--json", timeout=120)
+    assert proc.returncode == 2 and "row 102" in proc.stderr and "not a number" in proc.stderr
