@@ -54,9 +54,14 @@ class BatteryDefinition(TaskDefinition):
     name = "battery"
     description = "battery arbitrage on 15-minute imbalance prices (one power setpoint; price, state of charge)"
     metrics = (profit_metric(),)
-    default_arch = "mlp"
-    architectures = ("mlp",)
-    train_defaults = {"steps": 30_000, "eval_every": 2000, "eval_episodes": 20}
+    default_arch = "mlp-small"
+    architectures = ("mlp-small", "mlp")
+    # TQC, the distributional SAC. The day is the horizon (96 undiscounted-ish
+    # periods: a night charge pays back 60 periods later), so gamma 0.999; a larger replay
+    # buffer than the beamline's (a day is 96 steps, not ~10).
+    sac_overrides = {"algorithm": "tqc", "gamma": 0.999, "learning_rate": 3e-4, "buffer_size": 300_000,
+                     "learning_starts": 2000}
+    train_defaults = {"steps": 150_000, "eval_every": 5000, "eval_episodes": 30}
     baselines = ("lp_ceiling", "mpc", "threshold", "nothing")
     default_baselines = baselines
     safety_defaults = {"max_steps": 200, "max_duration_s": 3600.0, "max_excursion_steps": 2.0}

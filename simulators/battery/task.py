@@ -172,9 +172,9 @@ class BatteryTaskConfig(BaseModel):
     reward_scale: PositiveFloat = 0.01  # EUR -> reward
     stored_value_eur_per_mwh: NonNegativeFloat = Field(
         80.0, description="shaping potential: EUR per MWh stored (about the mean training price; 0 switches shaping off)")
-    shaping_gamma: float = Field(0.99, gt=0, le=1, description="the agent's discount, for exact potential-based shaping")
+    shaping_gamma: float = Field(0.999, gt=0, le=1, description="the agent's discount, for exact potential-based shaping")
     price_scale: PositiveFloat = Field(100.0, description="EUR/MWh per observation unit (before asinh)")
-    profile_features: bool = Field(False, description="observe the training days' mean price ahead of now")
+    profile_features: bool = Field(True, description="observe the training days' mean price ahead of now")
     profile: tuple[float, ...] = Field((), description="mean price of each period of the day on training days (96 "
                                        "values; empty: none); the observation carries it ahead of now")
     profile_ahead: tuple[PositiveInt, ...] = Field((1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64),
