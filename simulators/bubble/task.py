@@ -1,0 +1,219 @@
+"""Bubble position control as a task (Klapcsik et al.): two pressure amplitudes in, the
+bubble's position (from imaging) and the experimenter's target out.
+
+- plant (:class:`BubbleSimPlant`): knobs ``P1`` (25 kHz) and ``P2`` (50 kHz) in bar,
+  [0, 1]; each write holds them for one control interval (10 acoustic cycles of the
+  base frequency, 400 us) and runs it. Readings: ``position`` (x / lambda0, as imaged,
+  with noise; outside the field of view it is out of range) and ``target`` (x_T /
+  lambda0, set by the experimenter); interlock ``solver_ok`` (0 after a solver failure).
+- observation: the trend state generalised: [target, position, the two previous
+  positions] and their differences, the distance to the target;
+- action in [-1, 1]^2 -> amplitudes (a + 1) / 2 bar;
+- reward (as published): -(|x - x_T| / max(0.25 - x_T, x_T - 0.05))^0.5, +10 and done
+  within 0.01, -10 and done on a solver failure; 128 actions per episode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from gymnasium import spaces
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+
+from core.plant import KnobSpec, Plant, ReadingSpec, Readings, SimulatedPlant
+from core.task import MetricSpec, Outcome, Task
+
+from .model import FAILURES, BubbleBatch
+
+CYCLES_PER_ACTION = 10.0
+TARGET_RANGE = (0.05, 0.25)
+FIELD_OF_VIEW = (0.0, 0.3)  # x / lambda0 the imaging sees; outside it the bubble is lost
+
+
+class BubbleErrors(BaseModel):
+    """What differs from one bubble (episode) to the next: R0, start, target, calibration.
+
+    Presets ``train`` and ``test`` draw from the same ranges with disjoint seeds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    name: str = "custom"
+    seed_offset: int = Field(0, ge=0)
+    r0_um: tuple[float, float] = (57.0, 63.0)
+    start: tuple[float, float] = TARGET_RANGE
+    target: tuple[float, float] = TARGET_RANGE
+    amplitude_scale: tuple[float, float] = Field((0.95, 1.05), description="true / nominal amplitude (calibration)")
+    position_noise: float = Field(2e-4, ge=0, description="imaging noise, x / lambda0 (1 sigma)")
+
+
+PRESETS = {"train": BubbleErrors(name="train"), "test": BubbleErrors(name="test", seed_offset=10_000_000)}
+
+
+class BubbleSimPlant(SimulatedPlant):
+    """One bubble in the dual-frequency field, one control interval per write."""
+
+    faults = ("SOLVER_FAILURE", "BUBBLE_LOST")
+    period_s = 0.05  # served by the virtual IOC: one control interval (400 us) per 50 ms
+
+    def __init__(self, errors: BubbleErrors):
+        self.errors = errors
+        self.knobs = [KnobSpec("P1", "bar", 0.0, 1.0, 1.0, 1e-9), KnobSpec("P2", "bar", 0.0, 1.0, 1.0, 1e-9)]
+        self.readings = [ReadingSpec("position", "x/lambda", *FIELD_OF_VIEW), ReadingSpec("target", "x/lambda", *FIELD_OF_VIEW)]
+        self.settings = np.zeros(2)
+        self.rng = np.random.default_rng(0)
+        self.bubble: BubbleBatch | None = None
+        self.r0_m = 60e-6
+        self.target = 0.15
+        self.scale = 1.0
+        self.lost = False
+        self.forced_failure = False
+        self.positions: list[float] = []
+
+    def reset(self, seed: int | None = None) -> None:
+        e = self.errors
+        self.rng = np.random.default_rng(None if seed is None else e.seed_offset + int(seed))
+        self.r0_m = self.rng.uniform(*e.r0_um) * 1e-6
+        start, self.target = self.rng.uniform(*e.start), self.rng.uniform(*e.target)
+        self.scale = self.rng.uniform(*e.amplitude_scale)
+        self.bubble = BubbleBatch(np.array([self.r0_m]), np.array([start]))
+        self.settings = np.zeros(2)
+        self.lost = self.forced_failure = False
+        self.positions = [start]
+
+    def set_fault(self, name: str, value: int) -> None:
+        if name == "SOLVER_FAILURE":
+            self.forced_failure = bool(value)
+        elif name == "BUBBLE_LOST":
+            self.lost = bool(value)
+        else:
+            super().set_fault(name, value)
+
+    @property
+    def failure(self) -> str:
+        """Why the solver failed ('' if it did not)."""
+        if self.forced_failure:
+            return "solver failure (injected)"
+        return FAILURES[int(self.bubble.status[0])]
+
+    def read_knobs(self) -> np.ndarray:
+        return self.settings.copy()
+
+    def write_knobs(self, values: np.ndarray) -> None:
+        """Hold the amplitudes (bar) for one control interval and run it."""
+        self.settings = np.clip(np.asarray(values, dtype=float), 0.0, 1.0)
+        self.bubble.advance(self.settings * 1e5 * self.scale, CYCLES_PER_ACTION)
+        self.positions.append(float(self.bubble.state[0, 2]))
+
+    def read(self) -> Readings:
+        ok = not self.failure
+        x = float(self.bubble.state[0, 2]) + self.rng.normal(0.0, self.errors.position_noise)
+        if self.lost:
+            x = FIELD_OF_VIEW[1] + 0.05  # out of the field of view
+        values = np.array([x if ok else np.nan, self.target])
+        valid = np.array([ok, True])
+        problems = {} if ok else {"position": self.failure}
+        return Readings(values, self.now(2), valid, {"solver_ok": 1.0 if ok else 0.0}, problems)
+
+
+class BubbleTaskConfig(BaseModel):
+    """Task parameters (the published ones by default)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    max_steps: PositiveInt = 128
+    tolerance: PositiveFloat = 0.01  # |x - x_T| / lambda0 for success
+    success_bonus: float = 10.0
+    failure_penalty: float = 10.0
+    position_scale: PositiveFloat = 4.0  # x / lambda0 in [0, 0.25] -> [0, 1]
+    change_scale: PositiveFloat = 100.0  # per-step changes (~1e-3) -> ~0.1
+
+
+def distance_metric(tolerance: float) -> MetricSpec:
+    return MetricSpec("distance", "x/lambda", higher_is_better=False, target=tolerance, label="distance to target")
+
+
+@dataclass
+class BubbleTask(Task):
+    """Amplitudes out, position and target in; reward as published."""
+
+    config: BubbleTaskConfig = field(default_factory=BubbleTaskConfig)
+
+    def __post_init__(self) -> None:
+        self.observation_space = spaces.Box(-np.inf, np.inf, (7,), np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, (2,), np.float32)
+        self.metrics = (distance_metric(self.config.tolerance),)
+        self.max_steps = self.config.max_steps
+        self.trained_step = np.ones(2)
+        self.steps = 0
+        self.settings = np.zeros(2)
+        self.history = np.zeros(3)  # positions, newest last
+        self.target = 0.15
+        self.reached = self.failed = False
+        self.initial_readings = self._last = np.zeros(2)
+
+    def _observe(self) -> np.ndarray:
+        c = self.config
+        h = self.history
+        return np.array([self.target * c.position_scale, h[2] * c.position_scale, h[1] * c.position_scale,
+                         h[0] * c.position_scale, (h[2] - h[1]) * c.change_scale, (h[1] - h[0]) * c.change_scale,
+                         (self.target - h[2]) * c.position_scale], dtype=np.float32)
+
+    def start(self, plant: Plant) -> np.ndarray:
+        self.steps, self.reached, self.failed = 0, False, False
+        self.initial_readings = self._last = np.asarray(plant.read().values, dtype=float)
+        self.target = float(self._last[1])
+        self.history = np.full(3, self._last[0])
+        self.settings = plant.read_knobs()
+        return self._observe()
+
+    def proposed_settings(self, action: np.ndarray) -> np.ndarray:
+        return (np.clip(np.asarray(action, dtype=float)[:2], -1.0, 1.0) + 1.0) / 2.0
+
+    def distance(self) -> float:
+        return abs(self.history[2] - self.target)
+
+    def step(self, plant: Plant, action: np.ndarray):
+        c = self.config
+        plant.write_knobs(self.proposed_settings(action))
+        self.settings = plant.read_knobs()
+        self.steps += 1
+        self._last = np.asarray(plant.read().values, dtype=float)
+        if not np.isfinite(self._last[0]):  # the solver failed (a guarded machine trips before this)
+            self.failed = True
+            return self._observe(), -c.failure_penalty, True, False, {"success": False, "solver_failure": True,
+                                                                       "distance": float("nan")}
+        self.history = np.roll(self.history, -1)
+        self.history[2] = self._last[0]
+        d = self.distance()
+        scale = max(TARGET_RANGE[1] - self.target, self.target - TARGET_RANGE[0])
+        reward = -((d / scale) ** 0.5)
+        self.reached = d < c.tolerance
+        if self.reached:
+            reward += c.success_bonus
+        truncated = self.steps >= self.max_steps and not self.reached
+        return self._observe(), float(reward), self.reached, truncated, {"success": self.reached, "distance": d,
+                                                                        "solver_failure": False}
+
+    def measure(self, readings: np.ndarray) -> dict[str, float]:
+        return {"distance": abs(float(readings[0]) - float(readings[1]))}
+
+    def metric_values(self) -> dict[str, float]:
+        return {"distance": self.distance()}
+
+    @property
+    def last_readings(self) -> np.ndarray:
+        return self._last.copy()
+
+    @property
+    def ended(self) -> bool:
+        return self.reached or self.failed or self.steps >= self.max_steps
+
+    def untouched(self, readings: np.ndarray) -> bool:
+        return False  # even a bubble at the target needs the field to stay there
+
+    def outcome(self, initial: float, final: float, info: dict | None) -> Outcome:
+        if self.reached:
+            return Outcome(True, "completed", note=f"bubble within {self.config.tolerance} of the target after "
+                           f"{self.steps} steps; the amplitudes stay to hold it there")
+        return Outcome(False, "not_converged", restore_reason="target not reached: the drive goes to zero")
