@@ -80,10 +80,12 @@ class SlowActorSAC(SAC):
             group["lr"] *= self.actor_lr_factor
 
 
-# TQC (Kuznetsov et al. 2020): 2 critics x 25 quantiles, the top 2 per critic dropped
-# from the target (the paper's setting for most tasks).
-TQC_DEFAULTS = dict(top_quantiles_to_drop_per_net=2)
-TQC_POLICY = dict(n_quantiles=25, n_critics=2)
+# TQC (Kuznetsov et al. 2020): 2 critics x 10 quantiles, the top 1 per critic dropped
+# from the target (10 %; the paper: 25 quantiles, top 2, 8 %). 25 quantiles made an
+# update ~2.7x slower on this CPU (measured 35 vs 94 steps/s with 64-unit networks),
+# which under a fixed training budget cost more than the finer distribution gave.
+TQC_DEFAULTS = dict(top_quantiles_to_drop_per_net=1)
+TQC_POLICY = dict(n_quantiles=10, n_critics=2)
 CVAR_ALPHA = 0.25  # the risk term is the mean of the worst quarter of the return distribution
 
 

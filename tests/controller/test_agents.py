@@ -24,7 +24,7 @@ def test_the_risk_averse_tqc_changes_only_the_actors_objective():
     obs = torch.zeros(3, 3)
     stored = torch.zeros(3, 1)
     raw = model.critic(obs, stored)
-    assert raw.shape == (3, 2, 25) and raw.std() > 0  # quantiles, as the critic loss needs them
+    assert raw.shape == (3, 2, 10) and raw.std() > 0  # quantiles, as the critic loss needs them
     actions = torch.zeros(3, 1, requires_grad=True)
     risky = model.critic(obs, actions)
     assert torch.allclose(risky.mean(dim=(1, 2)), risk_value(raw, 0.5).squeeze(1), atol=1e-6)
