@@ -80,7 +80,7 @@ class EpicsPlant(Plant):
             ReadingSpec(f"{b.name}:{p}", "mm", -b.range_mm, b.range_mm) for b in machine.bpms for p in ("x", "y")
         ] + [ReadingSpec(m.name, m.unit, m.lower, m.upper) for m in machine.monitors]
         self._pvs: dict[str, object] = {}
-        self._period_before_write: float | None = None  # clocked machines: the count when we last wrote
+        self._period_read: float | None = None  # clocked machines: the period count of the last read
 
     def channels(self, values: np.ndarray) -> dict[str, float]:
         """Setpoint PV -> engineering value (the scale and polarity of this machine file)."""
@@ -177,8 +177,6 @@ class EpicsPlant(Plant):
         for pv in pvs:
             if not pv.connected:
                 raise ConnectionLost(f"{pv.pvname}: disconnected, nothing written")
-        if self.machine.clock:
-            self._period_before_write = self._period_count()
         for pv, value in zip(pvs, target):
             pv.put(float(value), wait=False, use_complete=True)
         deadline = time.monotonic() + timeout
@@ -209,16 +207,20 @@ class EpicsPlant(Plant):
         return float(self._get_many([self.machine.clock.pv])[0]["value"])
 
     def _wait_for_period(self) -> str:
-        """After a write, wait until the machine has run a period at it; '' or why not."""
-        if self.machine.clock is None or self._period_before_write is None:
+        """Every read is of a period not read before (after a write: the period run at it;
+        in a dry-run, which writes nothing: the next one); '' or why not."""
+        if self.machine.clock is None:
             return ""
-        ca = _epics().ca
-        deadline = time.monotonic() + self.machine.clock.timeout_s
-        while self._period_count() <= self._period_before_write:
-            if time.monotonic() > deadline:
-                return f"no new period within {self.machine.clock.timeout_s} s of the write (clock {self.machine.clock.pv} stopped)"
-            ca.poll(0.005)
-        self._period_before_write = None
+        count = self._period_count()
+        if self._period_read is not None:
+            ca = _epics().ca
+            deadline = time.monotonic() + self.machine.clock.timeout_s
+            while count <= self._period_read:
+                if time.monotonic() > deadline:
+                    return f"no new period within {self.machine.clock.timeout_s} s (clock {self.machine.clock.pv} stopped)"
+                ca.poll(0.005)
+                count = self._period_count()
+        self._period_read = count
         return ""
 
     # -- readings -----------------------------------------------------------------
