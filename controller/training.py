@@ -154,8 +154,12 @@ def policy_metadata(definition: TaskDefinition, setup, errors, config, arch: str
     """Everything a policy file records about how it was trained (the task fills in its layout)."""
     plant = definition.sim_plant(setup, errors)
     task = definition.make_task(setup, plant.knobs, plant.readings, config)
+    # The task's own config: make_task may complete it from the setup (a battery's size,
+    # the training days' price profile), and a policy must rebuild exactly that task.
+    effective = getattr(task, "config", None)
+    effective = effective if isinstance(effective, type(config)) else config
     return {"task": definition.name, "arch": arch, **definition.policy_metadata(setup, errors, config, task),
-            "error_model": errors.model_dump(), "task_config": config.model_dump(), "training": training}
+            "error_model": errors.model_dump(), "task_config": effective.model_dump(), "training": training}
 
 
 def train(

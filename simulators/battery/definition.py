@@ -117,15 +117,19 @@ class BatteryDefinition(TaskDefinition):
     def config_model(self) -> type:
         return BatteryTaskConfig
 
-    def make_task(self, setup: BatteryConfig, knobs: list[KnobSpec], readings: list[ReadingSpec], config) -> BatteryTask:
-        update = {"cycles_per_day": setup.max_cycles_per_day, "capacity_mwh": setup.capacity_mwh}
+    @staticmethod
+    def _complete(config: BatteryTaskConfig, **update) -> BatteryTaskConfig:
+        """The config with the battery's size and, if observed, the training days' profile."""
         if config.profile_features and not config.profile:  # the training days' daily profile, as the MPC's forecast has it
             update["profile"] = tuple(round(float(v), 3) for v in training_forecast().profile)
-        config = config.model_copy(update=update)
+        return config.model_copy(update=update)
+
+    def make_task(self, setup: BatteryConfig, knobs: list[KnobSpec], readings: list[ReadingSpec], config) -> BatteryTask:
+        config = self._complete(config, cycles_per_day=setup.max_cycles_per_day, capacity_mwh=setup.capacity_mwh)
         return BatteryTask(float(knobs[0].upper), config, reading_indices(readings))
 
     def task_for_policy(self, knobs, readings, metadata):
-        config = BatteryTaskConfig.model_validate(metadata.get("task_config", {}))
+        config = self._complete(BatteryTaskConfig.model_validate(metadata.get("task_config", {})))
         return BatteryTask(float(knobs[0].upper), config, reading_indices(readings))
 
     def policy_metadata(self, setup: BatteryConfig, errors, config, task: BatteryTask) -> dict:
