@@ -127,35 +127,6 @@ def _risk_averse_tqc(risk_weight: float):
     return RiskAverseTQC
 
 
-def anchor_actor(model: SAC, weight: float) -> None:
-    """Fine-tuning: keep `model`'s actor near what it is now (the pretrained actor).
-
-    The actor's objective becomes Q(s, a) - weight x mean|Q| x mean((a - a0(s))^2), a0 a
-    frozen copy of the actor as it is when this is called (behaviour-regularised, as
-    TD3+BC with its alpha = 1/weight): the fresh critics may move the actor only where
-    they are sure enough to outweigh what it knew. Applied, like the TQC risk term, to
-    the one critic call whose actions carry gradients (the actor's objective).
-    """
-    anchor = model.policy.make_actor().to(model.device)  # a fresh copy (deepcopy trips over cached forward tensors)
-    anchor.load_state_dict(model.actor.state_dict())
-    anchor.set_training_mode(False)
-    for p in anchor.parameters():
-        p.requires_grad_(False)
-    critic_forward = model.critic.forward
-
-    def forward(obs, actions):
-        values = critic_forward(obs, actions)
-        if not actions.requires_grad:
-            return values
-        with torch.no_grad():
-            a0 = anchor(obs, deterministic=True)
-        gap = ((actions - a0) ** 2).mean(dim=1, keepdim=True)
-        scale = torch.cat(values, dim=1).abs().mean().detach()
-        return tuple(q - weight * scale * gap for q in values)
-
-    model.critic.forward = forward
-
-
 def make_sac(env: gym.Env, arch: str = "tbsac", seed: int = 0, tensorboard_log: str | None = None,
              actor_lr_factor: float = 1.0, algorithm: str = "sac", risk_weight: float = 0.0, **overrides) -> SAC:
     """A TBSAC/MLP agent on `env`: SAC (the actor slower by `actor_lr_factor`) or TQC

@@ -15,7 +15,7 @@ from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from core.config import ConfigError
 from core.task import TaskDefinition, TaskEnv
 
-from .agents import anchor_actor, make_sac
+from .agents import make_sac
 from .policy import Policy
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,6 @@ class PolicyEvalCallback(BaseCallback):
 # RMS ~2-4 mm), so a fine-tuning run returns its warm-up checkpoint, the best scored.
 FINE_TUNE_CRITIC_WARMUP = 3000
 FINE_TUNE_OVERRIDES = {"learning_starts": 1000, "ent_coef": 0.01, "learning_rate": 1e-4, "actor_lr_factor": 0.1}
-FINE_TUNE_ANCHOR = 0.4  # weight of the pull towards the pretrained actor (TD3+BC's alpha 2.5)
 FINE_TUNE_LAYERS = ("mu.", "log_std.")  # the actor's output layers; its trend features stay
 
 
@@ -219,7 +218,6 @@ def train(
         except RuntimeError as exc:
             raise ConfigError(f"--init-from: the policy's network does not fit this task's ({' '.join(str(exc).split())[:200]})") from None
         callbacks.append(FrozenActorWarmup(FINE_TUNE_CRITIC_WARMUP, FINE_TUNE_LAYERS))
-        anchor_actor(model, FINE_TUNE_ANCHOR)
     training = {"steps": steps, "seed": seed, "errors": errors.name, "eval_errors": eval_model.name}
     if init_policy is not None:
         training["init_from"] = {"path": str(init_policy.path), "sha256": init_policy.sha256,

@@ -47,20 +47,3 @@ def test_a_tqc_actor_is_a_policy_like_any_other(tmp_path):
     obs = np.array([0.1, -0.02], dtype=np.float32)
     expected, _ = model.predict(obs, deterministic=True)
     assert np.allclose(policy.act(obs), expected, atol=1e-6)
-
-
-def test_the_anchor_pulls_the_actors_objective_towards_the_pretrained_actions():
-    from controller.agents import anchor_actor
-
-    env = gym.make("MountainCarContinuous-v0")
-    model = make_sac(env, arch="mlp-small")
-    obs = torch.tensor([[0.1, -0.02], [-0.5, 0.01]])
-    a0 = model.actor(obs, deterministic=True).detach()
-    anchor_actor(model, 0.4)
-    raw = torch.cat(model.critic(obs, a0 + 0.5), dim=1)  # stored actions: the critic's own loss is untouched
-    at_anchor = torch.cat(model.critic(obs, a0.clone().requires_grad_(True)), dim=1)
-    away = torch.cat(model.critic(obs, (a0 + 0.5).requires_grad_(True)), dim=1)
-    scale = torch.cat(model.critic(obs, a0), dim=1).abs().mean()
-    assert torch.allclose(at_anchor, torch.cat(model.critic(obs, a0), dim=1), atol=1e-6)  # no pull at a0
-    assert torch.allclose(away, raw - 0.4 * torch.cat(model.critic(obs, a0 + 0.5), dim=1).abs().mean() * 0.25, atol=1e-5)
-    assert scale > 0
