@@ -38,6 +38,7 @@ from hardware.ioc import free_port, loopback_environment, read_put_log, start_vi
 
 LATTICE = "bess-1mw-2mwh"
 MACHINE = "virtual-bess"
+DEFAULT_PREFIX = "VBESS:1MW:2MWH"
 
 
 def simulation(policy: str, days: int, seed: int) -> dict:
@@ -99,13 +100,12 @@ def over_channel_access(policy_name: str, days: int, seed: int, period_s: float)
     from controller.machines import open_machine
     from controller.policy import Policy
     from controller.session import run_session
-    from hardware.machine import load_machine
+    from hardware.machine import MACHINE_DIR, load_machine
     from safety.guard import InterlockRule
 
     definition = get_task("battery")
     setup = definition.load_setup(LATTICE)
     agent = Policy.load(policy_name if policy_name != "pretrained" else "pretrained", definition, setup)
-    machine, _ = load_machine(MACHINE)
     budget = setup.max_cycles_per_day * setup.capacity_mwh
     rows = []
     port = free_port()  # one port for all: libca reads EPICS_CA_* once per process
@@ -113,9 +113,15 @@ def over_channel_access(policy_name: str, days: int, seed: int, period_s: float)
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(days):
             log = Path(tmp) / f"puts-{i}.jsonl"
-            ioc = start_virtual_ioc(LATTICE, seed + i, "test", port, 0.0, log, period_s=period_s)
+            # A fresh prefix per IOC: channels of the same name on a restarted server are
+            # not reliably found again by the same CA client within its search backoff.
+            prefix = f"BENCH{i}:BESS"
+            machine_path = Path(tmp) / f"machine-{i}.yaml"
+            machine_path.write_text((Path(str(MACHINE_DIR)) / f"{MACHINE}.yaml").read_text()
+                                    .replace(DEFAULT_PREFIX + ":", prefix + ":"))
+            ioc = start_virtual_ioc(LATTICE, seed + i, "test", port, 0.0, log, prefix=prefix, period_s=period_s)
             try:
-                opened = open_machine(MACHINE)
+                opened = open_machine(str(machine_path))
                 result = run_session(opened.plant, agent, interlocks=opened.interlocks,
                                      snapshot_path=Path(tmp) / f"snapshot-{i}.json")
                 opened.plant.close()
@@ -128,7 +134,7 @@ def over_channel_access(policy_name: str, days: int, seed: int, period_s: float)
             for _ in range(start_period):
                 sim.write_knobs([0.0])
             sim_result = run_session(sim, agent, interlocks=[InterlockRule(**r) for r in definition.sim_interlocks])
-            violations = put_violations(read_put_log(log), machine, budget, 0.25)
+            violations = put_violations(read_put_log(log), load_machine(machine_path)[0], budget, 0.25)
             rows.append({"day": seed + i, "start_period": start_period, "status": result.status, "trips": result.trips,
                          "profit_ca_eur": round(result.final, 2), "profit_sim_eur": round(sim_result.final, 2),
                          "steps": result.steps, "put_violations": violations})
