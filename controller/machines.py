@@ -150,7 +150,8 @@ def _layout(definition: TaskDefinition, setup, plant: Plant) -> dict:
 
 @functools.lru_cache(maxsize=1)
 def list_machines() -> tuple[dict, ...]:
-    """Shipped machine files (EPICS) and one simulated machine per shipped setup of every task.
+    """Shipped machine files (EPICS, by task in registration order) and one simulated machine
+    per shipped setup of every task.
 
     Cached: the layout does not change while a server runs.
     """
@@ -162,6 +163,10 @@ def list_machines() -> tuple[dict, ...]:
             out.append({"name": machine.name, "kind": "epics", "lattice": machine.lattice, "description": machine.description,
                         "interlocks": [i.name for i in machine.interlocks],
                         **_layout(definition, setup, epics_plant(machine, path, reference))})
+    # Machine files by task in registration order (the beamline first: a console's default
+    # choice is the first machine), then by name.
+    order = {name: i for i, name in enumerate(task_names())}
+    out.sort(key=lambda m: (order.get(m["task"], len(order)), m["name"]))
     for task in task_names():
         definition = get_task(task)
         for name in definition.shipped_setups():
