@@ -311,7 +311,9 @@ class GuardedPlant(Plant):
                      else self.config.max_excursion)
         if not np.all(np.isfinite(proposed)):
             self._trip("proposed settings contain NaN or inf")
-        safe = proposed.astype(float).copy()
+        # The budget first (it may only move a knob towards zero), then the step, excursion
+        # and hard limits; if those pull it back over the budget the session stops.
+        safe = self._within_budgets(proposed.astype(float).copy())
         for label, lo, hi in (
             ("per-step change limit", current - self.max_step, current + self.max_step),
             ("total excursion limit", self.snapshot - excursion, self.snapshot + excursion),
@@ -323,7 +325,10 @@ class GuardedPlant(Plant):
                 self._record("clamp", f"{label}: " + ", ".join(f"{names[i]} {safe[i]:.4g} -> {clipped[i]:.4g}" for i in changed),
                              knobs=[names[i] for i in changed], before=safe[changed].tolist(), after=clipped[changed].tolist())
             safe = clipped
-        return self._within_budgets(safe)
+        if not np.array_equal(self._within_budgets(safe, record=False), safe):
+            self._trip("the step limit keeps the setting beyond the cumulative budget: "
+                       + ", ".join(b.label for b in self.config.budgets))
+        return safe
 
     def budget_used(self, budget: CumulativeLimit, window: int | None = None) -> float:
         """What `budget` counts over the last `window` writes (default: its whole window)."""
@@ -333,7 +338,8 @@ class GuardedPlant(Plant):
         signed = values if budget.direction == "positive" else -values
         return float(np.clip(signed, 0.0, None).sum() * budget.per_write)
 
-    def _within_budgets(self, safe: np.ndarray) -> np.ndarray:
+    def _within_budgets(self, safe: np.ndarray, record: bool = True) -> np.ndarray:
+        """`safe` with every budgeted knob cut to what its budget has left (each cut recorded)."""
         names = [k.name for k in self.knobs]
         for budget in self.config.budgets:
             if budget.knob not in names:
@@ -344,9 +350,10 @@ class GuardedPlant(Plant):
             sign = 1.0 if budget.direction == "positive" else -1.0
             if sign * safe[i] > room + 1e-12:
                 clipped = sign * room
-                self._record("clamp", f"{budget.label}: {used:.4g} of {budget.limit:.4g} {budget.unit} used, "
-                             f"{budget.knob} {safe[i]:.4g} -> {clipped:.4g}", knobs=[budget.knob],
-                             before=[float(safe[i])], after=[float(clipped)])
+                if record:
+                    self._record("clamp", f"{budget.label}: {used:.4g} of {budget.limit:.4g} {budget.unit} used, "
+                                 f"{budget.knob} {safe[i]:.4g} -> {clipped:.4g}", knobs=[budget.knob],
+                                 before=[float(safe[i])], after=[float(clipped)])
                 safe = safe.copy()
                 safe[i] = clipped
         return safe

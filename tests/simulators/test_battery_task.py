@@ -142,6 +142,21 @@ def test_the_guard_holds_the_daily_discharge_budget_before_the_battery_would(bat
     assert sum(max(p, 0.0) for p in plant.powers) * 0.25 <= 4.0 + 1e-9
 
 
+def test_a_budget_the_ramp_limit_cannot_honour_trips_and_stops_injecting(battery):
+    from safety.guard import CumulativeLimit, SafetyConfig
+    from simulators.battery.model import BatteryConfig
+
+    definition, _ = battery
+    plant = definition.sim_plant(BatteryConfig(ramp_mw_per_period=0.2), definition.load_errors("test"))
+    plant.reset(5)
+    budget = CumulativeLimit(knob="power", per_write=0.25, limit=0.3, window_writes=96, unit="MWh", label="test budget")
+    result = run_session(plant, ConstantPolicy(1.0), safety=SafetyConfig(max_excursion_steps=10, budgets=[budget]))
+    # Ramping up (0.2, 0.4, 0.6 MW) spends 0.3 MWh; the next write must be 0 but the ramp allows 0.4 at least.
+    assert result.status == "tripped" and "cumulative budget" in result.trips[0] and result.steps == 3
+    assert result.restored and plant.read_knobs()[0] == 0.0  # ramped down within the ramp limit
+    assert sum(max(r.safe[0], 0.0) for r in result.step_records) * 0.25 == pytest.approx(0.3)
+
+
 def test_ioc_refuses_a_bad_period(run_cli):
     proc = run_cli("ioc", "--lattice", "bess-1mw-2mwh", "--period-s", "0", timeout=60)
     assert proc.returncode == 2 and "--period-s" in proc.stderr
