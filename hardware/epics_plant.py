@@ -272,7 +272,7 @@ class EpicsPlant(Plant):
             if not ok:
                 problems[il.name] = reason
         if clock_problem:  # every reading is of an old period: none is valid
-            problems[self.machine.clock.pv] = clock_problem
+            problems.update({name: clock_problem for name in names})
             valid = [False] * len(valid)
         return Readings(np.array(values), np.array(stamps), np.array(valid), interlocks, problems)
 

@@ -35,8 +35,8 @@ class Constant:
         return np.array([self.fraction])
 
 
-def battery_ioc(start_ioc, seed=3):
-    return start_ioc(lattice="bess-1mw-2mwh", machine="virtual-bess", seed=seed, period_s=PERIOD_S)
+def battery_ioc(start_ioc, seed=3, period_s=PERIOD_S):
+    return start_ioc(lattice="bess-1mw-2mwh", machine="virtual-bess", seed=seed, period_s=period_s)
 
 
 def connect(ioc, **machine_overrides):
@@ -116,6 +116,16 @@ def test_stale_price_feed_trips_and_stops_injecting(start_ioc, tmp_path):
     result = trip_session(start_ioc, tmp_path, lambda ioc: epics.caput(ioc.pv("SIM:READING_FAULT"), 4, wait=True),
                           stale_after_s=1.0)
     assert "price" in result.trips[0] and "stale" in result.trips[0]
+
+
+def test_a_period_clock_that_stops_trips_and_stops_injecting(start_ioc, tmp_path):
+    # Periods every 3 s, the machine file allows 1 s: the first read waiting for a new period gives up.
+    ioc = battery_ioc(start_ioc, period_s=3.0)
+    machine, plant = connect(ioc, clock={"pv": ioc.pv("CLOCK:PERIOD"), "timeout_s": 1.0})
+    epics.caput(ioc.pv("power:I_SET"), 200.0, wait=True)  # found discharging at 200 kW
+    result = session(machine, plant, Constant(0.0), tmp_path)
+    assert result.status == "tripped" and "no new period within 1.0 s" in result.trips[0]
+    assert result.restored and epics.caget(ioc.pv("power:I_SET"), timeout=2) == 0.0
 
 
 def test_tbsac_run_trades_a_day_with_the_shipped_policy_then_stops_injecting(start_ioc, run_cli):
