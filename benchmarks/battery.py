@@ -105,7 +105,7 @@ def over_channel_access(policy_name: str, days: int, seed: int, period_s: float)
 
     definition = get_task("battery")
     setup = definition.load_setup(LATTICE)
-    agent = Policy.load(policy_name if policy_name != "pretrained" else "pretrained", definition, setup)
+    agent = Policy.load(policy_name, definition, setup)
     budget = setup.max_cycles_per_day * setup.capacity_mwh
     rows = []
     port = free_port()  # one port for all: libca reads EPICS_CA_* once per process

@@ -276,8 +276,6 @@ class TaskDefinition(ABC):
     # Error preset of machines whose physics differs from the setup file (``tbsac ioc
     # --foreign SEED``), for bring-up tests and benchmarks; None if the task has none.
     foreign_errors: ClassVar[str | None] = None
-    # Why the task's simulated plant cannot be served as a virtual IOC yet (None: it can).
-    no_virtual_machine: ClassVar[str | None] = None
 
     def safety_limits(self, metadata: dict) -> dict:
         """SafetyConfig fields for a session of a policy with this `metadata` (default

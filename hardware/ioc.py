@@ -151,8 +151,6 @@ def resolve(lattice: str, errors: str, task: str | None = None):
     from core.registry import task_for_setup
 
     definition, setup = task_for_setup(lattice, task)
-    if definition.no_virtual_machine:
-        raise ConfigError(f"--lattice {lattice}: task {definition.name} has no virtual IOC yet ({definition.no_virtual_machine})")
     if errors == FOREIGN:
         if not definition.foreign_errors:
             raise ConfigError(f"--foreign: task {definition.name} has no family of foreign machines")

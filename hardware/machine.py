@@ -86,10 +86,10 @@ class Interlock(_Strict):
 
 class PeriodClock(_Strict):
     """A machine that runs in settlement periods (a battery's EMS): a counter PV that
-    advances when a period has run. After a write, readings wait for the next period."""
+    advances when a period has run. Every read waits for a period not read before."""
 
     pv: str
-    timeout_s: PositiveFloat = Field(description="no new period within this after a write is a fault (stale feed)")
+    timeout_s: PositiveFloat = Field(description="no new period within this while a read waits is a fault (stale feed)")
 
 
 class MachineFile(_Strict):

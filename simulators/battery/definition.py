@@ -40,12 +40,18 @@ def day_summary(profits: np.ndarray, discharged_mwh: np.ndarray, trades: np.ndar
 
 
 @functools.lru_cache(maxsize=1)
+def training_days() -> tuple[tuple[np.ndarray, float], ...]:
+    """(prices, the last price of the day before) of the days the baselines are fitted on."""
+    return tuple((today, float(before[-1])) for before, today in
+                 (price_day(PRESETS["train"], s) for s in range(TRAINING_DAYS_FOR_BASELINES)))
+
+
+@functools.lru_cache(maxsize=1)
 def training_forecast():
     """The forecast fitted on the training days (the MPC's; its daily profile is also the agent's)."""
     from .baselines import Forecast
 
-    days = [price_day(PRESETS["train"], s)[1] for s in range(TRAINING_DAYS_FOR_BASELINES)]
-    return Forecast.fit(np.concatenate(days))
+    return Forecast.fit(np.concatenate([today for today, _ in training_days()]))
 
 
 class BatteryDefinition(TaskDefinition):
@@ -162,22 +168,16 @@ class BatteryDefinition(TaskDefinition):
         from .baselines import mpc_decider, nothing_decider, run_day, threshold_decider, tune_thresholds
         from .model import perfect_foresight
 
-        training_days = [(today, float(before[-1])) for before, today in
-                         (price_day(PRESETS["train"], s) for s in range(TRAINING_DAYS_FOR_BASELINES))]
         forecast = training_forecast()
         deciders = {}
         if "mpc" in methods:
             deciders["mpc"] = lambda: mpc_decider(forecast, setup)
         if "threshold" in methods:
-            low, high = tune_thresholds(training_days[:20], setup)
+            low, high = tune_thresholds(list(training_days()[:20]), setup)
             deciders["threshold"] = lambda: threshold_decider(low, high, setup)
         if "nothing" in methods:
             deciders["nothing"] = lambda: nothing_decider
-        plant = BatterySimPlant(setup, errors)
-        days = []
-        for i in range(episodes):
-            plant.reset(seed + i)
-            days.append((plant.today.copy(), float(plant.history[-1])))
+        days = [(today, float(before[-1])) for before, today in (price_day(errors, seed + i) for i in range(episodes))]
         plans = [perfect_foresight(d, setup) for d, _ in days]
         ceiling = np.array([plan.profit_eur for plan in plans])
         runs: dict[str, list] = {}

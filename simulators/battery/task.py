@@ -222,7 +222,7 @@ class BatteryTask(Task):
         self.steps = 0
         self.settings = np.zeros(1)
         self.prices = np.zeros(self.config.lookback)
-        self.soc = self._soc_before = 0.0
+        self.soc = 0.0
         self.period = 0
         self.profit = 0.0
         self.discharged_mwh = 0.0  # today (since the period of day last wrapped)
@@ -253,7 +253,6 @@ class BatteryTask(Task):
         first = self._pick(self._last)
         self.prices = np.full(self.config.lookback, first[0])
         self.soc, self.period = first[1], int(round(first[3]))
-        self._soc_before = self.soc
         self.settings = plant.read_knobs()
         return self._observe()
 
@@ -270,7 +269,7 @@ class BatteryTask(Task):
         self.prices[-1] = price
         if int(round(period)) < self.period:  # a new day: a new cycle budget
             self.discharged_mwh = 0.0
-        self.soc, self.period = soc, int(round(period))
+        soc_before, self.soc, self.period = self.soc, soc, int(round(period))
         energy = power_kw / 1000.0 * PERIOD_H  # delivered (> 0) or drawn in the period that settled
         period_profit = price * energy
         self.profit += period_profit
@@ -279,8 +278,7 @@ class BatteryTask(Task):
         c = self.config
         done = self.steps >= self.max_steps
         potential = 0.0 if done else self._potential(soc)
-        reward = c.reward_scale * (period_profit + c.shaping_gamma * potential - self._potential(self._soc_before))
-        self._soc_before = soc
+        reward = c.reward_scale * (period_profit + c.shaping_gamma * potential - self._potential(soc_before))
         info = {"profit_eur": self.profit, "success": False, "discharged_mwh": self.discharged_total_mwh}
         # The day is the objective (a fresh battery each day, as the evaluation and the LP
         # ceiling count): its end is terminal. Truncation would bootstrap the value of the
