@@ -4,6 +4,7 @@ risk-averse (its actor maximises a mix of the mean and the CVaR of the return di
 
 from __future__ import annotations
 
+import numpy as np
 import gymnasium as gym
 import torch
 from stable_baselines3 import SAC
@@ -11,7 +12,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
 ARCHITECTURES = ("tbsac", "mlp", "mlp-small")
-ALGORITHMS = ("sac", "tqc")
+ALGORITHMS = ("sac", "tqc", "ddpg")
 
 
 class TrendConvExtractor(BaseFeaturesExtractor):
@@ -127,14 +128,27 @@ def _risk_averse_tqc(risk_weight: float):
     return RiskAverseTQC
 
 
+DDPG_NOISE = 0.1  # exploration: Gaussian action noise (sigma, in the [-1, 1] action range)
+
+
 def make_sac(env: gym.Env, arch: str = "tbsac", seed: int = 0, tensorboard_log: str | None = None,
              actor_lr_factor: float = 1.0, algorithm: str = "sac", risk_weight: float = 0.0, **overrides) -> SAC:
-    """A TBSAC/MLP agent on `env`: SAC (the actor slower by `actor_lr_factor`) or TQC
-    (risk-averse with `risk_weight` in [0, 1))."""
+    """A TBSAC/MLP agent on `env`: SAC (the actor slower by `actor_lr_factor`), TQC
+    (risk-averse with `risk_weight` in [0, 1)) or DDPG (deterministic, for comparison)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {ALGORITHMS}")
     kwargs = policy_kwargs(arch)
     settings = {**SAC_DEFAULTS, **overrides}
+    if algorithm == "ddpg":  # the deterministic comparison (the bubble paper's algorithm): no entropy term
+        if risk_weight or actor_lr_factor != 1.0:
+            raise ValueError("a risk weight or a slower actor needs algorithm sac/tqc, not ddpg")
+        from stable_baselines3 import DDPG
+        from stable_baselines3.common.noise import NormalActionNoise
+
+        n = env.action_space.shape[0]
+        settings = {k: v for k, v in settings.items() if k != "ent_coef"}
+        return DDPG("MlpPolicy", env, policy_kwargs=kwargs, seed=seed, tensorboard_log=tensorboard_log, device="cpu",
+                    verbose=0, action_noise=NormalActionNoise(np.zeros(n), np.full(n, DDPG_NOISE)), **settings)
     if algorithm == "tqc":
         if not 0 <= risk_weight < 1:
             raise ValueError(f"risk weight must be in [0, 1), got {risk_weight}")

@@ -153,7 +153,11 @@ def evaluate(task: str, lattice: str | None, policy: str | None, episodes: int, 
         raise ConfigError(f"--methods: unknown {unknown}; task {task} has {', '.join(definition.baselines) or 'no baselines'}")
     em = definition.load_errors(errors)
     agent = Policy.load(policy, definition, setup) if policy else None
-    summary, runs = definition.evaluate(setup, em, agent, episodes, seed, tuple(chosen), budget)
+    # Methods that are other shipped policies (e.g. the bubble's DDPG comparison)
+    others = {m: Policy.load("pretrained", definition, setup, variant) for m, variant in definition.policy_baselines.items()
+              if m in chosen}
+    extra = {"others": others} if others else {}
+    summary, runs = definition.evaluate(setup, em, agent, episodes, seed, tuple(chosen), budget, **extra)
     store = open_store()
     store.add_evaluation(register_policy(store, agent) if agent else None, summary)
     return Evaluation(definition, setup, em, summary, runs)

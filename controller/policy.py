@@ -19,6 +19,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 from stable_baselines3.sac.policies import SACPolicy
+from stable_baselines3.td3.policies import TD3Policy
 
 from core.config import ConfigError
 from core.task import TaskDefinition
@@ -65,9 +66,9 @@ class Policy:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, definition: TaskDefinition | None = None, setup=None) -> "Policy":
+    def load(cls, path: str | Path, definition: TaskDefinition | None = None, setup=None, variant: str = "") -> "Policy":
         """Load a policy file; with a task (and setup), refuse one trained for another task or layout."""
-        path = resolve_policy_path(path, setup)
+        path = resolve_policy_path(path, setup, variant)
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for a bad archive
@@ -85,7 +86,8 @@ class Policy:
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"{path}: field 'metadata': {exc.args[0] if isinstance(exc, ValueError) else f'missing or malformed {exc}'}") from None
         # float32 whatever the process default is (importing Xopt/BoTorch makes it float64)
-        sac_policy = SACPolicy(obs_space, act_space, lambda _: 0.0, **arch).float()
+        policy_class = TD3Policy if meta.get("algorithm") == "ddpg" else SACPolicy  # DDPG's actor is deterministic
+        sac_policy = policy_class(obs_space, act_space, lambda _: 0.0, **arch).float()
         weights = blob.get("actor")
         if not isinstance(weights, dict):
             raise ConfigError(f"{path}: field 'actor': no actor weights")
@@ -123,7 +125,11 @@ class Policy:
         """Deterministic action for one observation (or a batch)."""
         x = torch.as_tensor(np.asarray(obs, dtype=np.float32))
         single = x.ndim == 1
-        action = self.sac_policy.actor(x[None] if single else x, deterministic=True).numpy()
+        batch = x[None] if single else x
+        if isinstance(self.sac_policy, TD3Policy):
+            action = self.sac_policy.actor(batch).numpy()
+        else:
+            action = self.sac_policy.actor(batch, deterministic=True).numpy()
         return action[0] if single else action
 
 
@@ -138,14 +144,16 @@ def check_compatible(meta: dict, definition: TaskDefinition, setup, path: Path) 
         raise ConfigError(f"{path}: {problem}")
 
 
-def resolve_policy_path(path: str | Path, setup=None) -> Path:
-    """`pretrained` -> the shipped policy for the setup (lattice); otherwise a file path."""
+def resolve_policy_path(path: str | Path, setup=None, variant: str = "") -> Path:
+    """`pretrained` -> the shipped policy for the setup (lattice; ``<name>-<variant>.pt``
+    for a variant such as a comparison algorithm's); otherwise a file path."""
     if str(path) == "pretrained":
         if setup is None:
             raise ConfigError("--policy pretrained needs a lattice to choose the shipped policy")
-        shipped = POLICY_DIR / f"{setup.name}.pt"
+        stem = f"{setup.name}-{variant}" if variant else setup.name
+        shipped = POLICY_DIR / f"{stem}.pt"
         if not shipped.is_file():
-            raise ConfigError(f"no pretrained policy ships for lattice {setup.name!r}")
+            raise ConfigError(f"no pretrained {variant + ' ' if variant else ''}policy ships for lattice {setup.name!r}")
         return Path(str(shipped))
     p = Path(path)
     if not p.is_file():

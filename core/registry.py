@@ -17,6 +17,7 @@ _REGISTRY: dict[str, str | type[TaskDefinition]] = {
     "orbit": "simulators.beamline.definition:OrbitDefinition",
     "rfq": "simulators.injector.definition:RfqDefinition",
     "battery": "simulators.battery.definition:BatteryDefinition",
+    "bubble": "simulators.bubble.definition:BubbleDefinition",
 }
 _LOADED: dict[str, TaskDefinition] = {}
 

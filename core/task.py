@@ -268,6 +268,9 @@ class TaskDefinition(ABC):
     train_defaults: ClassVar[dict] = {"steps": 20_000, "eval_every": 1000, "eval_episodes": 20}
     baselines: ClassVar[tuple[str, ...]] = ()
     default_baselines: ClassVar[tuple[str, ...]] = ()
+    # Baselines that are other shipped policies, method -> variant (file <setup>-<variant>.pt);
+    # ``evaluate`` then receives them as ``others={method: policy}``.
+    policy_baselines: ClassVar[dict[str, str]] = {}
     safety_defaults: ClassVar[dict] = {}  # SafetyConfig fields
     sim_interlocks: ClassVar[list[dict]] = []  # interlock rules of the simulated machines
     summary_keys: ClassVar[tuple[str, ...]] = ()  # per-method keys of the evaluation summary

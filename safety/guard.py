@@ -422,12 +422,16 @@ class GuardedPlant(Plant):
                 problems[spec.name] = f"{v:.4g} outside [{spec.lower}, {spec.upper}]"
             elif abs(v) >= max(abs(spec.lower), abs(spec.upper)) - self.config.saturation_margin:
                 problems[spec.name] = f"saturated at {v:.4g}"
-        if problems:
-            self._trip("bad reading: " + "; ".join(f"{k} {v}" for k, v in problems.items() if k in names or k in r.interlocks))
+        tripped = []
         for rule in self.interlocks:
             value = r.interlocks.get(rule.name, float("nan"))
             if baseline:
                 self._interlock_start[rule.name] = value
             reason = rule.violated(value, self._interlock_start.get(rule.name))
             if reason:
-                self._trip(f"interlock: {reason}")
+                tripped.append(f"interlock: {reason}")
+        if problems:
+            # an interlock that fell at the same time names the cause (a reading over EPICS carries no reason)
+            tripped.append("bad reading: " + "; ".join(f"{k} {v}" for k, v in problems.items() if k in names or k in r.interlocks))
+        if tripped:
+            self._trip("; ".join(tripped))

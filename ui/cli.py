@@ -61,7 +61,7 @@ def train(
     eval_every: Optional[int] = typer.Option(None, "--eval-every", min=100),
     eval_episodes: Optional[int] = typer.Option(None, "--eval-episodes", min=1),
     gamma: Optional[float] = typer.Option(None, "--gamma", min=0.0, max=1.0, help="Discount factor (default: the task's)."),
-    algo: Optional[str] = typer.Option(None, "--algo", help="sac or tqc (distributional SAC, sb3-contrib); default: the task's."),
+    algo: Optional[str] = typer.Option(None, "--algo", help="sac, tqc (distributional SAC, sb3-contrib) or ddpg; default: the task's."),
     risk_weight: Optional[float] = typer.Option(None, "--risk-weight", min=0.0, max=0.99, help="tqc: weight of the CVaR (worst "
                                                 "25 %) of the return distribution in the actor's objective (0 = risk-neutral)."),
     stop_at_bar: bool = typer.Option(False, "--stop-at-bar", help="Stop at the first evaluation meeting the acceptance bar."),

@@ -57,3 +57,40 @@ def linear_theory_amplitudes(target: float, r0_m: float = 60e-6, level_bar: floa
     amps = np.zeros(2)
     amps[best] = level_bar
     return amps
+
+
+LINEAR_LEVEL_BAR = 0.2  # the larger amplitude; best of 0.05-0.5 bar on training bubbles (benchmarks/bubble.py)
+PARKED = -1  # a bubble that reached its target is not integrated further
+
+
+def run_linear_theory(r0_m: np.ndarray, starts: np.ndarray, targets: np.ndarray, scales: np.ndarray,
+                      nominal_r0_m: float, horizon: int, tolerance: float, level_bar: float = LINEAR_LEVEL_BAR,
+                      drive: Drive | None = None, cycles_per_step: float = 10.0, record: int = 0) -> dict:
+    """Linear theory on a batch of bubbles (true `r0_m`, amplitude calibration `scales`),
+    its amplitudes computed for the nominal bubble: steps to target (-1: not within
+    `horizon`), final distance, solver failures, and the first `record` trajectories."""
+    from .model import BubbleBatch
+
+    n = len(starts)
+    amps = np.array([linear_theory_amplitudes(float(t), nominal_r0_m, level_bar, drive=drive) for t in targets])
+    batch = BubbleBatch(np.asarray(r0_m, dtype=float), np.asarray(starts, dtype=float), drive=drive)
+    pa = amps * 1e5 * np.asarray(scales, dtype=float)[:, None]
+    reached = np.full(n, -1)
+    at_reach = np.zeros(n)
+    trajectories = [[float(s)] for s in starts[:record]]
+    for step in range(1, horizon + 1):
+        batch.advance(pa, cycles_per_step)
+        x = batch.position
+        for i in range(min(record, n)):
+            if reached[i] < 0 and batch.status[i] == 0:
+                trajectories[i].append(float(x[i]))
+        newly = (np.abs(x - targets) < tolerance) & (reached < 0) & (batch.status == 0)
+        reached[newly] = step
+        at_reach[newly] = np.abs(x - targets)[newly]
+        batch.status[newly & (np.arange(n) >= record)] = PARKED
+        if np.all((reached > 0) | (batch.status > 0)):
+            break
+    failed = batch.status > 0
+    final = np.where(reached > 0, at_reach, np.abs(batch.position - targets))
+    return {"steps": reached, "final_distance": final, "solver_failures": failed,
+            "amplitudes_bar": amps, "trajectories": trajectories}

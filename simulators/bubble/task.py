@@ -8,7 +8,7 @@ bubble's position (from imaging) and the experimenter's target out.
   lambda0, set by the experimenter); interlock ``solver_ok`` (0 after a solver failure).
 - observation: the trend state generalised: [target, position, the two previous
   positions] and their differences, the distance to the target;
-- action in [-1, 1]^2 -> amplitudes (a + 1) / 2 bar;
+- action in [-1, 1]^2 -> amplitudes (a + 1) / 2 x the maximum amplitude (1 bar);
 - reward (as published): -(|x - x_T| / max(0.25 - x_T, x_T - 0.05))^0.5, +10 and done
   within 0.01, -10 and done on a solver failure; 128 actions per episode.
 """
@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 from core.plant import KnobSpec, Plant, ReadingSpec, Readings, SimulatedPlant
 from core.task import MetricSpec, Outcome, Task
 
-from .model import FAILURES, BubbleBatch
+from .model import FAILURES, BubbleBatch, Drive
 
 CYCLES_PER_ACTION = 10.0
 TARGET_RANGE = (0.05, 0.25)
@@ -40,7 +40,7 @@ class BubbleErrors(BaseModel):
 
     name: str = "custom"
     seed_offset: int = Field(0, ge=0)
-    r0_um: tuple[float, float] = (57.0, 63.0)
+    r0_scale: tuple[float, float] = Field((0.95, 1.05), description="true / nominal R0")
     start: tuple[float, float] = TARGET_RANGE
     target: tuple[float, float] = TARGET_RANGE
     amplitude_scale: tuple[float, float] = Field((0.95, 1.05), description="true / nominal amplitude (calibration)")
@@ -50,15 +50,32 @@ class BubbleErrors(BaseModel):
 PRESETS = {"train": BubbleErrors(name="train"), "test": BubbleErrors(name="test", seed_offset=10_000_000)}
 
 
+class BubbleSetup(BaseModel):
+    """The lab: nominal bubble size, the two frequencies, the amplitude range."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    name: str
+    r0_um: PositiveFloat = 60.0
+    f1_hz: PositiveFloat = 25e3
+    f2_hz: PositiveFloat = 50e3
+    max_amplitude_bar: PositiveFloat = 1.0
+
+    @property
+    def drive(self) -> Drive:
+        return Drive(f1_hz=self.f1_hz, f2_hz=self.f2_hz)
+
+
 class BubbleSimPlant(SimulatedPlant):
     """One bubble in the dual-frequency field, one control interval per write."""
 
     faults = ("SOLVER_FAILURE", "BUBBLE_LOST")
     period_s = 0.05  # served by the virtual IOC: one control interval (400 us) per 50 ms
 
-    def __init__(self, errors: BubbleErrors):
-        self.errors = errors
-        self.knobs = [KnobSpec("P1", "bar", 0.0, 1.0, 1.0, 1e-9), KnobSpec("P2", "bar", 0.0, 1.0, 1.0, 1e-9)]
+    def __init__(self, setup: BubbleSetup, errors: BubbleErrors):
+        self.setup, self.errors = setup, errors
+        top = setup.max_amplitude_bar
+        self.knobs = [KnobSpec("P1", "bar", 0.0, top, top, 1e-9), KnobSpec("P2", "bar", 0.0, top, top, 1e-9)]
         self.readings = [ReadingSpec("position", "x/lambda", *FIELD_OF_VIEW), ReadingSpec("target", "x/lambda", *FIELD_OF_VIEW)]
         self.settings = np.zeros(2)
         self.rng = np.random.default_rng(0)
@@ -69,17 +86,19 @@ class BubbleSimPlant(SimulatedPlant):
         self.lost = False
         self.forced_failure = False
         self.positions: list[float] = []
+        self.amplitudes: list[list[float]] = []
 
     def reset(self, seed: int | None = None) -> None:
         e = self.errors
         self.rng = np.random.default_rng(None if seed is None else e.seed_offset + int(seed))
-        self.r0_m = self.rng.uniform(*e.r0_um) * 1e-6
+        self.r0_m = self.setup.r0_um * self.rng.uniform(*e.r0_scale) * 1e-6
         start, self.target = self.rng.uniform(*e.start), self.rng.uniform(*e.target)
         self.scale = self.rng.uniform(*e.amplitude_scale)
-        self.bubble = BubbleBatch(np.array([self.r0_m]), np.array([start]))
+        self.bubble = BubbleBatch(np.array([self.r0_m]), np.array([start]), drive=self.setup.drive)
         self.settings = np.zeros(2)
         self.lost = self.forced_failure = False
         self.positions = [start]
+        self.amplitudes: list[list[float]] = []  # bar, per control interval
 
     def set_fault(self, name: str, value: int) -> None:
         if name == "SOLVER_FAILURE":
@@ -94,26 +113,34 @@ class BubbleSimPlant(SimulatedPlant):
         """Why the solver failed ('' if it did not)."""
         if self.forced_failure:
             return "solver failure (injected)"
-        return FAILURES[int(self.bubble.status[0])]
+        status = int(self.bubble.status[0])
+        return f"solver failure ({FAILURES[status]})" if status else ""
 
     def read_knobs(self) -> np.ndarray:
         return self.settings.copy()
 
     def write_knobs(self, values: np.ndarray) -> None:
         """Hold the amplitudes (bar) for one control interval and run it."""
-        self.settings = np.clip(np.asarray(values, dtype=float), 0.0, 1.0)
+        self.settings = np.clip(np.asarray(values, dtype=float), 0.0, self.setup.max_amplitude_bar)
         self.bubble.advance(self.settings * 1e5 * self.scale, CYCLES_PER_ACTION)
+        self.amplitudes.append(self.settings.tolist())
         self.positions.append(float(self.bubble.state[0, 2]))
 
     def read(self) -> Readings:
-        ok = not self.failure
-        x = float(self.bubble.state[0, 2]) + self.rng.normal(0.0, self.errors.position_noise)
-        if self.lost:
-            x = FIELD_OF_VIEW[1] + 0.05  # out of the field of view
-        values = np.array([x if ok else np.nan, self.target])
-        valid = np.array([ok, True])
-        problems = {} if ok else {"position": self.failure}
-        return Readings(values, self.now(2), valid, {"solver_ok": 1.0 if ok else 0.0}, problems)
+        """Imaged position (noisy; invalid after a solver failure or out of the field of
+        view) and target; interlocks ``solver_ok`` and ``in_view`` (the imaging finds it)."""
+        x_true = float(self.bubble.state[0, 2])
+        solver_ok = not self.failure
+        in_view = solver_ok and not self.lost and FIELD_OF_VIEW[0] <= x_true <= FIELD_OF_VIEW[1]
+        x = x_true + self.rng.normal(0.0, self.errors.position_noise)
+        values = np.array([x if in_view else np.nan, self.target])
+        problems = {}
+        if not solver_ok:
+            problems["position"] = self.failure
+        elif not in_view:
+            problems["position"] = "bubble lost from the field of view"
+        return Readings(values, self.now(2), np.array([in_view, True]),
+                        {"solver_ok": float(solver_ok), "in_view": float(in_view)}, problems)
 
 
 class BubbleTaskConfig(BaseModel):
@@ -138,6 +165,7 @@ class BubbleTask(Task):
     """Amplitudes out, position and target in; reward as published."""
 
     config: BubbleTaskConfig = field(default_factory=BubbleTaskConfig)
+    amplitude_max: float = 1.0  # bar at action +1 (the knobs' upper limit)
 
     def __post_init__(self) -> None:
         self.observation_space = spaces.Box(-np.inf, np.inf, (7,), np.float32)
@@ -168,7 +196,7 @@ class BubbleTask(Task):
         return self._observe()
 
     def proposed_settings(self, action: np.ndarray) -> np.ndarray:
-        return (np.clip(np.asarray(action, dtype=float)[:2], -1.0, 1.0) + 1.0) / 2.0
+        return (np.clip(np.asarray(action, dtype=float)[:2], -1.0, 1.0) + 1.0) / 2.0 * self.amplitude_max
 
     def distance(self) -> float:
         return abs(self.history[2] - self.target)
@@ -178,11 +206,14 @@ class BubbleTask(Task):
         plant.write_knobs(self.proposed_settings(action))
         self.settings = plant.read_knobs()
         self.steps += 1
-        self._last = np.asarray(plant.read().values, dtype=float)
-        if not np.isfinite(self._last[0]):  # the solver failed (a guarded machine trips before this)
+        readings = plant.read()
+        self._last = np.asarray(readings.values, dtype=float)
+        if not np.isfinite(self._last[0]):  # solver failure or bubble lost (a guarded machine trips before this)
             self.failed = True
-            return self._observe(), -c.failure_penalty, True, False, {"success": False, "solver_failure": True,
-                                                                       "distance": float("nan")}
+            why = readings.problems.get("position", "no position reading")
+            return self._observe(), -c.failure_penalty, True, False, {
+                "success": False, "solver_failure": why.startswith("solver failure"),
+                "failure": why, "distance": float("nan")}
         self.history = np.roll(self.history, -1)
         self.history[2] = self._last[0]
         d = self.distance()

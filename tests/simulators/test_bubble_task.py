@@ -1,15 +1,15 @@
-"""The bubble task (not registered yet): reward as published, success, solver failure."""
+"""The bubble task: reward as published, success, solver failure."""
 
 import numpy as np
 import pytest
 
 from core.task import TaskEnv
 from simulators.bubble.baselines import linear_theory_amplitudes, mean_force_coefficients
-from simulators.bubble.task import PRESETS, BubbleErrors, BubbleSimPlant, BubbleTask
+from simulators.bubble.task import PRESETS, BubbleErrors, BubbleSetup, BubbleSimPlant, BubbleTask
 
 
 def env(errors=PRESETS["train"]):
-    return TaskEnv(BubbleSimPlant(errors), BubbleTask())
+    return TaskEnv(BubbleSimPlant(BubbleSetup(name="lab"), errors), BubbleTask())
 
 
 def test_reward_follows_the_published_formula():

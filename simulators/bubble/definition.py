@@ -1,0 +1,211 @@
+"""Acoustic bubble position control as a registered task (``tbsac train bubble``)."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from core.config import ConfigError, load_yaml_model
+from core.plant import KnobSpec, ReadingSpec
+from core.task import EpisodeResult, TaskDefinition, TaskEnv
+
+from .baselines import LINEAR_LEVEL_BAR, run_linear_theory
+from .task import PRESETS, BubbleErrors, BubbleSetup, BubbleSimPlant, BubbleTask, BubbleTaskConfig, distance_metric
+
+SETUP_DIR = resources.files("simulators.bubble") / "setups"
+LINEAR_HORIZON = 1024  # linear theory is slow: it gets 8 episodes' worth of steps to reach the target
+PLOTTED_EPISODES = 4
+
+
+def method_summary(steps: np.ndarray, final: np.ndarray, failures: np.ndarray, horizon: int, episode_steps: int) -> dict:
+    """Summary of one method; `steps` per episode, -1 where the target was not reached
+    within `horizon` (counted as `horizon` in the percentiles: a lower bound)."""
+    steps = np.asarray(steps)
+    counted = np.where(steps > 0, steps, horizon).astype(float)
+    return {
+        "success_rate": round(float(np.mean((steps > 0) & (steps <= episode_steps))), 4),
+        "steps_to_target": {"median": float(np.median(counted)), "p95": float(np.percentile(counted, 95)),
+                            "horizon": horizon, "reached_within_horizon": round(float(np.mean(steps > 0)), 4)},
+        "final_error": {"median": round(float(np.median(final)), 5)},
+        "solver_failures": int(np.sum(failures)),
+    }
+
+
+def speedup(method_steps: np.ndarray, method_horizon: int, linear_steps: np.ndarray) -> dict:
+    """Per-episode linear-theory steps / method steps, misses counted at each horizon."""
+    m = np.where(method_steps > 0, method_steps, method_horizon).astype(float)
+    lin = np.where(linear_steps > 0, linear_steps, LINEAR_HORIZON).astype(float)
+    ratio = lin / m
+    return {"median": round(float(np.median(ratio)), 2), "p5": round(float(np.percentile(ratio, 5)), 2),
+            "of_medians": round(float(np.median(lin) / np.median(m)), 2)}
+
+
+class BubbleDefinition(TaskDefinition):
+    """A bubble moved to a target position by the two amplitudes of a dual-frequency standing wave."""
+
+    name = "bubble"
+    description = "acoustic bubble position control (two pressure amplitudes; imaged position, target)"
+    metrics = (distance_metric(0.01),)
+    default_arch = "mlp"
+    architectures = ("mlp", "mlp-small")
+    sac_overrides = {"buffer_size": 300_000, "learning_starts": 2000, "learning_rate": 3e-4}
+    train_defaults = {"steps": 100_000, "eval_every": 5000, "eval_episodes": 20}
+    baselines = ("linear", "ddpg")
+    default_baselines = ("linear", "ddpg")
+    policy_baselines = {"ddpg": "ddpg"}  # method -> shipped policy <setup>-<suffix>.pt
+    safety_defaults = {"max_steps": 128, "max_duration_s": 600.0, "max_excursion_steps": 2.0}
+    sim_interlocks = [{"name": "solver_ok", "rule": "equals", "threshold": 1.0},
+                      {"name": "in_view", "rule": "equals", "threshold": 1.0}]
+    summary_keys = ("success_rate", "steps_to_target", "final_error", "solver_failures")
+    scalars = {"eval/success_rate": ("success_rate",), "eval/steps_to_target": ("steps_to_target", "median")}
+    eval_seed_base = 5_000_000
+    safe_state_label = "zero drive amplitude"
+
+    def safe_settings(self, knobs, start):
+        return np.zeros(len(knobs))
+
+    # -- setups ---------------------------------------------------------------------------
+    def shipped_setups(self) -> list[str]:
+        return sorted(p.name[:-5] for p in SETUP_DIR.iterdir() if p.name.endswith(".yaml"))
+
+    def load_setup(self, name_or_path) -> BubbleSetup:
+        path = Path(name_or_path)
+        if not path.suffix and not path.exists():
+            candidate = SETUP_DIR / f"{name_or_path}.yaml"
+            if not candidate.is_file():
+                raise ConfigError(f"bubble lab {name_or_path!r}: not a file and not a shipped lab "
+                                  f"(shipped: {', '.join(self.shipped_setups())})")
+            path = Path(str(candidate))
+        return load_yaml_model(BubbleSetup, path)
+
+    def error_presets(self) -> list[str]:
+        return sorted(PRESETS)
+
+    def load_errors(self, name_or_path) -> BubbleErrors:
+        if str(name_or_path) in PRESETS:
+            return PRESETS[str(name_or_path)]
+        path = Path(str(name_or_path))
+        if not path.is_file():
+            raise ConfigError(f"errors {name_or_path!r}: expected one of {', '.join(sorted(PRESETS))} or a YAML file")
+        return load_yaml_model(BubbleErrors, path)
+
+    def sim_plant(self, setup: BubbleSetup, errors: BubbleErrors) -> BubbleSimPlant:
+        return BubbleSimPlant(setup, errors)
+
+    def config_model(self) -> type:
+        return BubbleTaskConfig
+
+    def make_task(self, setup, knobs: list[KnobSpec], readings: list[ReadingSpec], config) -> BubbleTask:
+        names = [r.name for r in readings]
+        if names[:2] != ["position", "target"]:
+            raise ConfigError(f"bubble task: readings must be position, target (got {', '.join(names)})")
+        return BubbleTask(config, float(knobs[0].upper))
+
+    def task_for_policy(self, knobs, readings, metadata):
+        config = BubbleTaskConfig.model_validate(metadata.get("task_config", {}))
+        return self.make_task(None, knobs, readings, config)
+
+    def policy_metadata(self, setup: BubbleSetup, errors, config, task: BubbleTask) -> dict:
+        return {"lattice": {"name": setup.name, "r0_um": setup.r0_um, "f1_hz": setup.f1_hz, "f2_hz": setup.f2_hz,
+                            "max_amplitude_bar": setup.max_amplitude_bar},
+                "observation": {"size": int(task.observation_space.shape[0]),
+                                "layout": "target, position, 2 previous positions, 2 changes, distance"},
+                "action": {"size": 2, "unit": "fraction of the amplitude range"}}
+
+    def check_policy(self, metadata: dict, setup: BubbleSetup) -> str | None:
+        trained = metadata.get("lattice", {})
+        mine = {"f1_hz": setup.f1_hz, "f2_hz": setup.f2_hz, "max_amplitude_bar": setup.max_amplitude_bar}
+        differ = [k for k, v in mine.items() if trained.get(k) != v]
+        if differ:
+            return (f"field 'metadata.lattice': policy was trained for {', '.join(f'{k}={trained.get(k)}' for k in differ)}, "
+                    f"lab {setup.name} has {', '.join(f'{k}={mine[k]}' for k in differ)}")
+        return None
+
+    # -- evaluation ----------------------------------------------------------------------
+    @staticmethod
+    def _steps(e: EpisodeResult) -> int:
+        return int(e.steps) if e.info.get("success") else -1
+
+    def summarise(self, episodes: list[EpisodeResult], context: dict) -> dict:
+        horizon = context.get("max_steps", BubbleTaskConfig().max_steps)
+        steps = np.array([self._steps(e) for e in episodes])
+        final = np.array([e.final.get("distance", np.nan) for e in episodes])
+        failures = np.array([bool(e.info.get("solver_failure")) for e in episodes])
+        return method_summary(steps, final, failures, horizon, horizon)
+
+    def score(self, summary: dict) -> tuple:
+        return (summary["success_rate"], -summary["steps_to_target"]["median"])
+
+    def bar_met(self, summary: dict) -> bool:
+        return summary["success_rate"] >= 0.95  # the speed bar is relative to linear theory (benchmarks/bubble.py)
+
+    def _agent_runs(self, setup, errors, agent, episodes: int, seed: int) -> tuple[dict, list]:
+        plant = BubbleSimPlant(setup, errors)
+        task = self.task_for_policy(plant.knobs, plant.readings, agent.metadata)
+        env = TaskEnv(plant, task)
+        results, runs = [], []
+        for i in range(episodes):
+            results.append(self.run_evaluation_episode(env, agent, seed + i))
+            if i < PLOTTED_EPISODES:
+                runs.append({"target": plant.target, "position": list(plant.positions),
+                             "amplitudes": list(plant.amplitudes)})
+        summary = self.summarise(results, {"max_steps": task.max_steps})
+        return summary, runs, np.array([self._steps(e) for e in results])
+
+    def evaluate(self, setup: BubbleSetup, errors: BubbleErrors, agent, episodes: int, seed: int, methods,
+                 budget=None, others: dict | None = None):
+        max_steps = BubbleTaskConfig().max_steps if budget is None else budget
+        config = BubbleTaskConfig()
+        results, runs, steps = {}, {}, {}
+        if agent is not None:
+            results["agent"], runs["agent"], steps["agent"] = self._agent_runs(setup, errors, agent, episodes, seed)
+        for name, other in (others or {}).items():
+            if name in methods:
+                results[name], runs[name], steps[name] = self._agent_runs(setup, errors, other, episodes, seed)
+        if "linear" in methods:
+            plant = BubbleSimPlant(setup, errors)
+            draws = []
+            for i in range(episodes):
+                plant.reset(seed + i)
+                draws.append((plant.r0_m, plant.positions[0], plant.target, plant.scale))
+            r0, starts, targets, scales = map(np.array, zip(*draws))
+            lin = run_linear_theory(r0, starts, targets, scales, setup.r0_um * 1e-6, LINEAR_HORIZON, config.tolerance,
+                                    drive=setup.drive, record=PLOTTED_EPISODES)
+            results["linear"] = method_summary(lin["steps"], lin["final_distance"], lin["solver_failures"],
+                                               LINEAR_HORIZON, max_steps)
+            results["linear"]["level_bar"] = LINEAR_LEVEL_BAR
+            runs["linear"] = [{"target": float(t), "position": traj} for t, traj in zip(targets, lin["trajectories"])]
+            steps["linear"] = lin["steps"]
+            for name in results:
+                if name != "linear":
+                    results[name]["speedup_vs_linear"] = speedup(steps[name], max_steps, steps["linear"])
+        summary = {"task": self.name, "lattice": setup.name, "errors": errors.name, "episodes": episodes, "seed": seed,
+                   "results": results}
+        return summary, runs
+
+    def results_table(self, summary: dict):
+        columns = ["method", "success", "steps median", "steps p95", "final error median", "solver failures",
+                   "speed-up vs linear (median)"]
+        rows = []
+        for name, r in summary["results"].items():
+            s = r["steps_to_target"]
+            rows.append([name, f"{r['success_rate']:.0%}", f"{s['median']:.0f}", f"{s['p95']:.0f}",
+                         f"{r['final_error']['median']:.4f}", str(r["solver_failures"]),
+                         f"{r['speedup_vs_linear']['median']:.1f}x" if "speedup_vs_linear" in r else "-"])
+        return columns, rows
+
+    def plot_evaluation(self, setup: BubbleSetup, runs: dict, path: Path, title: str) -> Path | None:
+        from .evaluation import plot_bubble_evaluation
+
+        return plot_bubble_evaluation(runs, path, title) if runs else None
+
+    def panels(self, setup: BubbleSetup) -> list[dict]:
+        return [{"kind": "series", "title": "Position and target", "readings": ["position", "target"],
+                 "step_title": "control interval (10 acoustic cycles)", "interpolate": "linear",
+                 "caption": "imaged position and target, x / wavelength of the base frequency"},
+                {"kind": "bars", "title": "Readings", "readings": None}]
+
+    def wiring(self, setup: BubbleSetup, knobs: list[KnobSpec]) -> tuple[list[float], str]:
+        return [1.0] * len(knobs), "bar"
