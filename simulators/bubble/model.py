@@ -19,8 +19,9 @@ Dimensionless variables: ``r = R/R0``, ``xi = x/lambda0`` (lambda0: the base fre
 wavelength), time ``tau`` in acoustic cycles of the base frequency. State
 ``[r, dr/dtau, xi, dxi/dtau]``.
 
-Integration: Dormand-Prince 5(4) with embedded error control (rtol = atol = 1e-9 by
-default, as the published code), compiled with numba and run over a batch of bubbles.
+Integration: Dormand-Prince 8(5,3) (or 5(4), ``method="dp54"``) with embedded error
+control (rtol = atol = 1e-9 by default, as the published code), compiled with numba and
+run over a batch of bubbles.
 A step size collapsing below ``h_min`` or a non-finite state is a solver failure,
 reported per bubble (never hidden).
 """
@@ -36,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
 FAILED_STEP_COLLAPSE = 1
 FAILED_NOT_FINITE = 2
 FAILED_TOO_MANY_STEPS = 3
+METHODS = ("dop853", "dp54")  # Dormand-Prince 8(5,3) (default) and 5(4)
 FAILURES = {0: "", FAILED_STEP_COLLAPSE: "step size collapsed", FAILED_NOT_FINITE: "state not finite",
             FAILED_TOO_MANY_STEPS: "too many steps"}
 
@@ -185,16 +187,105 @@ def integrate_one(y: np.ndarray, tau0: float, tau1: float, par: np.ndarray, pa1:
     return 0, steps, h, r_max
 
 
+# Dormand-Prince 8(5,3) (Hairer's DOP853): scipy's tableau, used as scipy's ``solve_ivp``
+# uses it (12 stages, the 5th- and 3rd-order error estimates combined). At rtol 1e-9 it
+# takes about 2.5x fewer steps than the 5(4) pair for 2x the stages.
+from scipy.integrate._ivp import dop853_coefficients as _dop853  # noqa: E402
+
+_S8 = _dop853.N_STAGES
+_A8 = np.ascontiguousarray(_dop853.A[:_S8, :_S8])
+_B8 = np.ascontiguousarray(_dop853.B)
+_C8 = np.ascontiguousarray(_dop853.C[:_S8])
+_E3 = np.ascontiguousarray(_dop853.E3)
+_E5 = np.ascontiguousarray(_dop853.E5)
+
+
+@numba.njit(cache=True)
+def integrate_one_853(y: np.ndarray, tau0: float, tau1: float, par: np.ndarray, pa1: float, pa2: float, rtol: float,
+                      atol: float, h0: float, h_min: float, max_steps: int) -> tuple:
+    """As :func:`integrate_one`, with the 8th-order Dormand-Prince pair."""
+    n = 4
+    k = np.empty((_S8 + 1, n))
+    ytmp = np.empty(n)
+    ynew = np.empty(n)
+    tau, h = tau0, min(h0, tau1 - tau0)
+    steps, r_max = 0, y[0]
+    rhs(tau, y, par, pa1, pa2, k[0])
+    rejected = False
+    while tau < tau1:
+        if steps >= max_steps:
+            return FAILED_TOO_MANY_STEPS, steps, h, r_max
+        if h < h_min:
+            return FAILED_STEP_COLLAPSE, steps, h, r_max
+        if tau + h > tau1:
+            h = tau1 - tau
+        for s in range(1, _S8):
+            for i in range(n):
+                acc = 0.0
+                for j in range(s):
+                    acc += _A8[s, j] * k[j, i]
+                ytmp[i] = y[i] + h * acc
+            rhs(tau + _C8[s] * h, ytmp, par, pa1, pa2, k[s])
+        for i in range(n):
+            acc = 0.0
+            for s in range(_S8):
+                acc += _B8[s] * k[s, i]
+            ynew[i] = y[i] + h * acc
+        rhs(tau + h, ynew, par, pa1, pa2, k[_S8])
+        e5, e3, finite = 0.0, 0.0, True
+        for i in range(n):
+            a5, a3 = 0.0, 0.0
+            for s in range(_S8 + 1):
+                a5 += _E5[s] * k[s, i]
+                a3 += _E3[s] * k[s, i]
+            if not (math.isfinite(ynew[i]) and math.isfinite(a5) and math.isfinite(a3)):
+                finite = False
+            sc = atol + rtol * max(abs(y[i]), abs(ynew[i]))
+            e5 += (a5 / sc) ** 2
+            e3 += (a3 / sc) ** 2
+        if not finite:
+            err = math.inf
+        elif e5 == 0.0 and e3 == 0.0:
+            err = 0.0
+        else:
+            err = h * e5 / math.sqrt((e5 + 0.01 * e3) * n)
+        steps += 1
+        if err < 1.0:
+            tau += h
+            for i in range(n):
+                y[i] = ynew[i]
+                k[0, i] = k[_S8, i]
+            if y[0] > r_max:
+                r_max = y[0]
+            if not (y[0] > 0.0):
+                return FAILED_NOT_FINITE, steps, h, r_max
+            factor = 10.0 if err == 0.0 else min(10.0, 0.9 * err ** -0.125)
+            if rejected:
+                factor = min(1.0, factor)
+            rejected = False
+        else:
+            if not finite and h <= h_min * 2:
+                return FAILED_NOT_FINITE, steps, h, r_max
+            factor = max(0.2, 0.9 * err ** -0.125) if math.isfinite(err) else 0.1
+            rejected = True
+        h *= factor
+    return 0, steps, h, r_max
+
+
 @numba.njit(cache=True, parallel=False)
 def integrate_batch(states: np.ndarray, tau0: np.ndarray, span: float, par: np.ndarray, amplitudes: np.ndarray,
                     rtol: float, atol: float, h0: np.ndarray, h_min: float, max_steps: int, status: np.ndarray,
-                    steps: np.ndarray, r_max: np.ndarray) -> None:
+                    steps: np.ndarray, r_max: np.ndarray, high_order: bool) -> None:
     """Advance every bubble `span` cycles; per-bubble parameters in rows of `par`, amplitudes (Pa) in `amplitudes`."""
     for b in range(states.shape[0]):
         if status[b] != 0:
             continue  # a failed bubble stays failed
-        st, n, h, rm = integrate_one(states[b], tau0[b], tau0[b] + span, par[b], amplitudes[b, 0], amplitudes[b, 1],
-                                     rtol, atol, h0[b], h_min, max_steps)
+        if high_order:
+            st, n, h, rm = integrate_one_853(states[b], tau0[b], tau0[b] + span, par[b], amplitudes[b, 0],
+                                             amplitudes[b, 1], rtol, atol, h0[b], h_min, max_steps)
+        else:
+            st, n, h, rm = integrate_one(states[b], tau0[b], tau0[b] + span, par[b], amplitudes[b, 0], amplitudes[b, 1],
+                                         rtol, atol, h0[b], h_min, max_steps)
         status[b], steps[b], h0[b], r_max[b] = st, n, h, rm
         tau0[b] += span
 
@@ -206,7 +297,11 @@ class BubbleBatch:
     cycles at constant amplitudes; ``status`` holds 0 or a failure code per bubble."""
 
     def __init__(self, r0_m: np.ndarray, x0: np.ndarray, liquid: Liquid | None = None, drive: Drive | None = None,
-                 rtol: float = 1e-9, atol: float = 1e-9, h_min: float = 1e-12, max_steps: int = 2_000_000):
+                 rtol: float = 1e-9, atol: float = 1e-9, h_min: float = 1e-12, max_steps: int = 2_000_000,
+                 method: str = "dop853"):
+        if method not in METHODS:
+            raise ValueError(f"integration method {method!r}: expected one of {', '.join(METHODS)}")
+        self.method = method
         r0_m = np.atleast_1d(np.asarray(r0_m, dtype=float))
         self.n = len(r0_m)
         self.par = np.stack([parameters(float(r), liquid, drive) for r in r0_m])
@@ -223,7 +318,7 @@ class BubbleBatch:
     def advance(self, amplitudes_pa: np.ndarray, cycles: float) -> None:
         amps = np.ascontiguousarray(np.broadcast_to(np.asarray(amplitudes_pa, dtype=float), (self.n, 2)))
         integrate_batch(self.state, self.tau, float(cycles), self.par, amps, self.rtol, self.atol, self.h, self.h_min,
-                        self.max_steps, self.status, self.steps, self.r_max)
+                        self.max_steps, self.status, self.steps, self.r_max, self.method == "dop853")
 
     @property
     def position(self) -> np.ndarray:

@@ -46,3 +46,37 @@ def test_linear_theory_balances_the_mean_forces_at_the_target():
         a1, a2 = mean_force_coefficients(60e-6, target)
         assert max(p1, p2) == pytest.approx(0.3)
         assert abs(a1 * p1 ** 2 + a2 * p2 ** 2) < 1e-9 * (abs(a1) * p1 ** 2 + abs(a2) * p2 ** 2)
+
+
+def test_a_bubble_out_of_the_field_of_view_is_lost_not_misread():
+    e = env(BubbleErrors(start=(0.29, 0.29), target=(0.2, 0.2), position_noise=0.0))
+    e.reset(seed=0)
+    e.plant.bubble.state[0, 2] = 0.31  # drifted past the imaging's window
+    r = e.plant.read()
+    assert not r.valid[0] and np.isnan(r.values[0]) and r.interlocks["in_view"] == 0.0
+    assert r.problems["position"] == "bubble lost from the field of view"
+    _, reward, terminated, _, info = e.step(np.array([-1.0, -1.0]))
+    assert terminated and reward == -10.0 and not info["solver_failure"] and "field of view" in info["failure"]
+
+
+def test_the_registered_task_evaluates_linear_theory_over_its_long_horizon():
+    from controller import api
+
+    ev = api.evaluate("bubble", None, None, 3, 0, "test", ("linear",))
+    lin = ev.summary["results"]["linear"]
+    assert set(lin) >= {"success_rate", "steps_to_target", "final_error", "solver_failures", "level_bar"}
+    assert lin["steps_to_target"]["horizon"] == 1024 and lin["solver_failures"] == 0
+    # success counts only targets reached within an episode (128 steps), "reached" within 1024
+    assert lin["success_rate"] <= lin["steps_to_target"]["reached_within_horizon"]
+    assert len(ev.runs["linear"]) == 3 and all(len(r["position"]) >= 2 for r in ev.runs["linear"])
+
+
+def test_a_policy_trained_for_another_drive_is_refused():
+    from core.registry import get_task
+
+    definition = get_task("bubble")
+    setup = definition.load_setup("dual-25-50khz")
+    meta = {"lattice": {"f1_hz": 20e3, "f2_hz": 40e3, "max_amplitude_bar": 1.0}}
+    problem = definition.check_policy(meta, setup)
+    assert "f1_hz=20000.0" in problem and "f1_hz=25000.0" in problem
+    assert definition.check_policy({"lattice": {"f1_hz": 25e3, "f2_hz": 50e3, "max_amplitude_bar": 1.0}}, setup) is None
