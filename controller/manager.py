@@ -26,6 +26,7 @@ import yaml
 
 from core.config import ConfigError
 from core.plant import PlantFault
+from core.registry import task_modules
 from safety.guard import MODES, read_snapshot, restore_snapshot
 
 from .locks import MachineBusy, holder_alive
@@ -227,7 +228,10 @@ class SessionManager:
         # mid-state. A fork server is a clean single-threaded process that has imported torch
         # and the session code once, so a session starts in a fraction of a second.
         self.context = multiprocessing.get_context("forkserver")
-        self.context.set_forkserver_preload(["controller.session", "controller.recording", "controller.machines"])
+        # The task definitions too: a session opening the first machine of a task would
+        # otherwise import its simulator (Cheetah, numba) before it can answer.
+        self.context.set_forkserver_preload(["controller.session", "controller.recording", "controller.machines",
+                                             *task_modules()])
 
     # -- starting ------------------------------------------------------------------
     def start(self, machine: str, policy: str, mode: str, operator: str, seed: int = 0, errors: str = "test") -> int:

@@ -42,6 +42,12 @@ def task_names() -> list[str]:
     return list(_REGISTRY)
 
 
+def task_modules() -> list[str]:
+    """Modules of the tasks registered by path (a process that will open machines can import them ahead)."""
+    _from_environment()
+    return [target.partition(":")[0] for target in _REGISTRY.values() if isinstance(target, str)]
+
+
 def get_task(name: str) -> TaskDefinition:
     """The definition of task `name`; ConfigError naming the known tasks if there is none."""
     _from_environment()

@@ -395,7 +395,8 @@ class TaskDefinition(ABC):
         return None
 
     def panels(self, setup: Any) -> list[dict]:
-        """Console panels (generic kinds: ``profile``, ``bars``) with their parameters."""
+        """Console panels (generic kinds: ``profile``, ``bars``, ``series``, ``settings``;
+        ``ui/console/charts.py``) with their parameters."""
         return [{"kind": "bars", "title": "Readings", "readings": None}]
 
     def wiring(self, setup: Any, knobs: list[KnobSpec]) -> tuple[list[float], str]:

@@ -202,10 +202,11 @@ class BubbleDefinition(TaskDefinition):
         return plot_bubble_evaluation(runs, path, title) if runs else None
 
     def panels(self, setup: BubbleSetup) -> list[dict]:
-        return [{"kind": "series", "title": "Position and target", "readings": ["position", "target"],
-                 "step_title": "control interval (10 acoustic cycles)", "interpolate": "linear",
-                 "caption": "imaged position and target, x / wavelength of the base frequency"},
-                {"kind": "bars", "title": "Readings", "readings": None}]
+        return [{"kind": "series", "title": "Position and target", "readings": ["position", "target"], "overlay": True,
+                 "value_title": "x / lambda0", "step_title": "control interval (10 acoustic cycles, 400 us)",
+                 "caption": "imaged position against the target (x / wavelength of the base frequency)"},
+                {"kind": "settings", "title": "Amplitudes", "step_title": "control interval",
+                 "caption": "pressure amplitudes, 25 kHz (P1) and 50 kHz (P2)"}]
 
     def wiring(self, setup: BubbleSetup, knobs: list[KnobSpec]) -> tuple[list[float], str]:
         return [1.0] * len(knobs), "bar"

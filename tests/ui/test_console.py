@@ -24,7 +24,8 @@ def server(tmp_path, monkeypatch):
 
 
 def run_session(url: str, **body) -> int:
-    r = httpx.post(url + "/api/sessions", json={"operator": "alice", **body}, headers={"Authorization": f"Bearer {TOKEN}"})
+    r = httpx.post(url + "/api/sessions", json={"operator": "alice", **body}, headers={"Authorization": f"Bearer {TOKEN}"},
+                   timeout=60)
     sid = r.json()["session"]
     while httpx.get(f"{url}/api/sessions/{sid}").json()["live"]:
         time.sleep(0.05)
@@ -175,3 +176,22 @@ def test_knob_chart_keeps_tesla_and_mrad_on_separate_axes():
 
     orbit = knob_chart(machines["sim-cafe2-cm1"], None).to_dict()
     assert "facet" not in orbit and orbit["layer"][0]["encoding"]["y"]["title"] == "setting (simulator units)"
+
+
+def test_a_bubble_session_draws_position_against_target_and_the_amplitudes(server):
+    """The bubble's panels come from its task through the registry: an overlaid series
+    (position and target on one chart) and the knobs' settings against the interval."""
+    import json
+
+    sid = run_session(server, machine="sim-dual-25-50khz", seed=3)
+    session = httpx.get(f"{server}/api/sessions/{sid}").json()
+    assert session["status"] in ("completed", "not_converged")
+    at = app_test("history.py")
+    assert not at.exception
+    assert "Position and target" in texts(at) and "Amplitudes" in texts(at)
+    charts = [json.loads(c.proto.spec) for c in at.get("vega_lite_chart")]
+    overlay = [c for c in charts if c.get("encoding", {}).get("color", {}).get("field") == "reading"]
+    assert len(overlay) == 1 and overlay[0]["encoding"]["y"]["title"] == "x / lambda0 (x/lambda)"
+    amplitudes = [c for c in charts if c.get("encoding", {}).get("color", {}).get("field") == "knob"
+                  and c["encoding"].get("x", {}).get("field") == "step"]
+    assert len(amplitudes) == 1 and amplitudes[0]["encoding"]["column"]["field"] == "unit"

@@ -4,7 +4,8 @@ A machine (``/api/machines``) declares its knobs, readings and metrics with unit
 the panels its task wants (``profile``: readings against a position, per group, e.g.
 beam positions per plane; ``bars``: readings at the start and now; ``series``: chosen
 readings against the session's steps, e.g. a battery's price, state of charge and
-power). Nothing here knows a task.
+power, one chart each or, with ``overlay``, on one chart (a position and its target);
+``settings``: the knobs' read-backs against the steps). Nothing here knows a task.
 """
 
 from __future__ import annotations
@@ -92,6 +93,15 @@ def series_chart(panel: dict, machine: dict, start, steps: list[dict], upto: int
     history = [(0, ordered(start, names))] + [(s["step"], ordered(s["readings"], names)) for s in steps[:upto]]
     rows = [{"step": k, "reading": n, "value": v} for k, values in history if values
             for n, v in zip(names, values) if n in shown and v is not None]
+    if panel.get("overlay"):  # readings of one unit on one chart (e.g. a position and its target)
+        data = pd.DataFrame(rows or [{"step": 0, "reading": shown[0], "value": None}])
+        unit = units.get(shown[0], "")
+        return alt.Chart(data).mark_line(point=True, interpolate=panel.get("interpolate", "linear")).encode(
+            x=alt.X("step:Q", title=panel.get("step_title", "step"), axis=alt.Axis(tickMinStep=1)),
+            y=alt.Y("value:Q", title=f"{panel.get('value_title', ', '.join(shown))} ({unit})", scale=alt.Scale(zero=False)),
+            color=alt.Color("reading:N", sort=shown),
+            tooltip=["step", "reading", alt.Tooltip("value:Q", format=".4g")],
+        ).properties(width=560, height=220, title=panel.get("caption", ""))
     charts = []
     for name in shown:
         data = pd.DataFrame([r for r in rows if r["reading"] == name] or [{"step": 0, "reading": name, "value": None}])
@@ -103,10 +113,27 @@ def series_chart(panel: dict, machine: dict, start, steps: list[dict], upto: int
     return alt.hconcat(*charts).properties(title=panel.get("caption", ""))
 
 
+def settings_chart(panel: dict, machine: dict, start_settings, steps: list[dict], upto: int | None = None) -> alt.Chart:
+    """Knob settings (read back) against step, 0 = as found; one chart per unit."""
+    knobs = machine["knobs"]
+    names = [k["name"] for k in knobs]
+    history = [(0, ordered(start_settings, names))] + [(s["step"], ordered(s.get("readbacks"), names)) for s in steps[:upto]]
+    rows = [{"step": k, "knob": knob["name"], "setting": float(v), "unit": knob.get("unit", "")}
+            for k, values in history if values for knob, v in zip(knobs, values) if v is not None]
+    data = pd.DataFrame(rows or [{"step": 0, "knob": knobs[0]["name"], "setting": None, "unit": knobs[0].get("unit", "")}])
+    return alt.Chart(data).mark_line(point=True, interpolate="step-after").encode(
+        x=alt.X("step:Q", title=panel.get("step_title", "step"), axis=alt.Axis(tickMinStep=1)),
+        y=alt.Y("setting:Q", title="setting"),
+        color=alt.Color("knob:N"),
+        column=alt.Column("unit:N", title=panel.get("caption", "")),
+        tooltip=["step", "knob", alt.Tooltip("setting:Q", format=".4g"), "unit"],
+    ).properties(width=520, height=180)
+
+
 def panel_charts(machine: dict, start, current, session: dict | None = None, steps: list[dict] | None = None,
-                 upto: int | None = None) -> list[tuple[str, alt.Chart]]:
+                 upto: int | None = None, start_settings=None) -> list[tuple[str, alt.Chart]]:
     """(title, chart) of every panel the machine's task declares (``series`` panels draw
-    `steps`, up to step `upto` if given)."""
+    `steps`, up to step `upto` if given; ``settings`` panels the knobs from `start_settings`)."""
     out = []
     for panel in machine.get("panels", []):
         if panel["kind"] == "profile":
@@ -119,6 +146,8 @@ def panel_charts(machine: dict, start, current, session: dict | None = None, ste
             out.append((panel["title"], bars_chart(panel, machine, start, current)))
         elif panel["kind"] == "series":
             out.append((panel["title"], series_chart(panel, machine, start, steps or [], upto)))
+        elif panel["kind"] == "settings":
+            out.append((panel["title"], settings_chart(panel, machine, start_settings, steps or [], upto)))
     return out
 
 

@@ -53,7 +53,8 @@ settings = steps[k - 1]["readbacks"] if k > 0 else (start_event["data"]["setting
 metric = primary_metric(machine, session)
 if machine:
     start_readings = start_event["data"]["readings"] if start_event else None
-    for title, chart in panel_charts(machine, start_readings, readings, session, steps, k):
+    for title, chart in panel_charts(machine, start_readings, readings, session, steps, k,
+                                     start_event["data"]["settings"] if start_event else None):
         st.markdown(f"**{title}**")
         st.altair_chart(chart)
     st.altair_chart(knob_chart(machine, settings), use_container_width=True)

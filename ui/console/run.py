@@ -103,7 +103,8 @@ def live(session_id: int | None) -> None:
     start_event = next((e for e in events if e["kind"] == "start"), None)
     start_readings = start_event["data"]["readings"] if start_event else None
     current = steps[-1]["readings"] if steps else (start_event["data"].get("readings_after_probe") if start_event else None)
-    for title, chart in panel_charts(machine, start_readings, current or start_readings, session, steps):
+    for title, chart in panel_charts(machine, start_readings, current or start_readings, session, steps,
+                                     start_settings=start_event["data"]["settings"] if start_event else None):
         st.subheader(title)
         st.altair_chart(chart, use_container_width=False)
     c1, c2 = st.columns(2)
