@@ -288,7 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ramp", type=float, default=0.2)
     parser.add_argument("--put-log", type=Path, default=None)
     parser.add_argument("--period-s", type=float, default=None,
-                        help="plants that run in settlement periods (battery): seconds per period (time compression)")
+                        help="plants that run in periods (battery: settlement periods; bubble: control intervals): "
+                             "seconds per period")
     parser.add_argument("--prefix", default=None)
     args = parser.parse_args(argv)
     if args.foreign is not None:

@@ -170,8 +170,9 @@ def ioc(
     prefix: Optional[str] = typer.Option(None, "--prefix", help="PV prefix (default V + the lattice name, e.g. VCAFE2:CM1)."),
     foreign: Optional[int] = typer.Option(None, "--foreign", metavar="SEED", help="Serve a machine whose physics differs "
                                           "from the lattice file (drawn from SEED; the machine file stays the nominal one)."),
-    period_s: Optional[float] = typer.Option(None, "--period-s", min=1e-3, help="Plants that run in settlement periods "
-                                             "(battery): seconds per period, i.e. time compression (default 1 s)."),
+    period_s: Optional[float] = typer.Option(None, "--period-s", min=1e-3, help="Plants that run in periods (battery: "
+                                             "settlement periods, default 1 s; bubble: control intervals, default 0.05 s): "
+                                             "seconds per period."),
 ):
     """Serve a simulated machine with hidden errors as a real EPICS IOC (softioc)."""
     from controller import api

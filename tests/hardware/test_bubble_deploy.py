@@ -109,3 +109,17 @@ def test_a_solver_failure_trips_and_turns_the_drive_off(start_ioc, tmp_path):
 def test_a_bubble_lost_from_view_trips_and_turns_the_drive_off(start_ioc, tmp_path):
     result = trip_session(start_ioc, tmp_path, lambda ioc: epics.caput(ioc.pv("SIM:BUBBLE_LOST"), 1, wait=True))
     assert "in_view" in result.trips[0] or "field of view" in result.trips[0]
+
+
+def test_tbsac_run_moves_a_bubble_to_its_target_with_the_shipped_policy(start_ioc, run_cli, tmp_path):
+    import json
+
+    ioc = start_ioc(lattice="dual-25-50khz", machine="virtual-bubble", seed=7, period_s=PERIOD_S)
+    proc = run_cli("run", "--machine", str(ioc.machine_file()), "--policy", "pretrained", "--json", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["task"] == "bubble" and out["trips"] == [], out
+    assert out["success"] and out["final_distance"] < 0.01 and out["steps"] < 128
+    assert_puts_within_limits(ioc)
+    # at the target the drive stays on: it holds the bubble there
+    assert not out["restored"] and not drive_is_off(ioc)
