@@ -28,7 +28,8 @@ def method_summary(steps: np.ndarray, final: np.ndarray, failures: np.ndarray, h
         "success_rate": round(float(np.mean((steps > 0) & (steps <= episode_steps))), 4),
         "steps_to_target": {"median": float(np.median(counted)), "p95": float(np.percentile(counted, 95)),
                             "horizon": horizon, "reached_within_horizon": round(float(np.mean(steps > 0)), 4)},
-        "final_error": {"median": round(float(np.median(final)), 5)},
+        # a failed episode (solver, bubble lost) has no final position: the median of the others
+        "final_error": {"median": round(float(np.nanmedian(final)), 5) if np.isfinite(final).any() else None},
         "solver_failures": int(np.sum(failures)),
     }
 
@@ -141,17 +142,18 @@ class BubbleDefinition(TaskDefinition):
     def bar_met(self, summary: dict) -> bool:
         return summary["success_rate"] >= 0.95  # the speed bar is relative to linear theory (benchmarks/bubble.py)
 
-    def _agent_runs(self, setup, errors, agent, episodes: int, seed: int) -> tuple[dict, list]:
+    def _agent_runs(self, setup, errors, agent, episodes: int, seed: int, max_steps: int) -> tuple[dict, list, np.ndarray]:
+        """(summary, plotted runs, steps to target per episode, -1 for a miss) of a policy."""
         plant = BubbleSimPlant(setup, errors)
         task = self.task_for_policy(plant.knobs, plant.readings, agent.metadata)
         env = TaskEnv(plant, task)
         results, runs = [], []
         for i in range(episodes):
-            results.append(self.run_evaluation_episode(env, agent, seed + i))
+            results.append(self.run_evaluation_episode(env, agent, seed + i, max_steps))
             if i < PLOTTED_EPISODES:
                 runs.append({"target": plant.target, "position": list(plant.positions),
                              "amplitudes": list(plant.amplitudes)})
-        summary = self.summarise(results, {"max_steps": task.max_steps})
+        summary = self.summarise(results, {"max_steps": max_steps})
         return summary, runs, np.array([self._steps(e) for e in results])
 
     def evaluate(self, setup: BubbleSetup, errors: BubbleErrors, agent, episodes: int, seed: int, methods,
@@ -160,10 +162,10 @@ class BubbleDefinition(TaskDefinition):
         config = BubbleTaskConfig()
         results, runs, steps = {}, {}, {}
         if agent is not None:
-            results["agent"], runs["agent"], steps["agent"] = self._agent_runs(setup, errors, agent, episodes, seed)
+            results["agent"], runs["agent"], steps["agent"] = self._agent_runs(setup, errors, agent, episodes, seed, max_steps)
         for name, other in (others or {}).items():
             if name in methods:
-                results[name], runs[name], steps[name] = self._agent_runs(setup, errors, other, episodes, seed)
+                results[name], runs[name], steps[name] = self._agent_runs(setup, errors, other, episodes, seed, max_steps)
         if "linear" in methods:
             plant = BubbleSimPlant(setup, errors)
             draws = []
@@ -192,7 +194,7 @@ class BubbleDefinition(TaskDefinition):
         for name, r in summary["results"].items():
             s = r["steps_to_target"]
             rows.append([name, f"{r['success_rate']:.0%}", f"{s['median']:.0f}", f"{s['p95']:.0f}",
-                         f"{r['final_error']['median']:.4f}", str(r["solver_failures"]),
+                         "-" if r["final_error"]["median"] is None else f"{r['final_error']['median']:.4f}", str(r["solver_failures"]),
                          f"{r['speedup_vs_linear']['median']:.1f}x" if "speedup_vs_linear" in r else "-"])
         return columns, rows
 
