@@ -168,7 +168,7 @@ def serve_virtual_machine(lattice: str, seed: int, errors: str, port: int, ramp:
     """Serve a simulated machine of any task as a real EPICS IOC until stopped."""
     from hardware.ioc import resolve, serve
 
-    resolve(lattice, errors, task)  # fail with a clear message before starting EPICS
+    resolve(lattice, errors, task, period_s)  # fail with a clear message before starting EPICS
     serve(lattice, seed, errors, port, ramp, put_log, prefix, task, period_s)
 
 

@@ -143,8 +143,9 @@ def reading_pv(name: str) -> str:
 FOREIGN = "foreign"  # --errors value asking for the task's foreign family
 
 
-def resolve(lattice: str, errors: str, task: str | None = None):
-    """(definition, setup, error model) for a setup name or file; ConfigError if unknown.
+def resolve(lattice: str, errors: str, task: str | None = None, period_s: float | None = None):
+    """(definition, setup, error model) for a setup name or file; ConfigError if unknown,
+    or if `period_s` is given for a plant that does not run in periods.
 
     ``errors="foreign"`` is the task's family of machines whose physics differs from the
     setup file (``TaskDefinition.foreign_errors``)."""
@@ -155,7 +156,14 @@ def resolve(lattice: str, errors: str, task: str | None = None):
         if not definition.foreign_errors:
             raise ConfigError(f"--foreign: task {definition.name} has no family of foreign machines")
         errors = definition.foreign_errors
-    return definition, setup, definition.load_errors(errors)
+    error_model = definition.load_errors(errors)
+    if period_s is not None:
+        if not (math.isfinite(period_s) and period_s > 0):
+            raise ConfigError(f"--period-s: must be a positive number of seconds, got {period_s}")
+        if definition.sim_plant(setup, error_model).period_s is None:
+            raise ConfigError(f"--period-s: the {definition.name} plant ({setup.name}) follows its settings at once; "
+                              "it does not run in periods")
+    return definition, setup, error_model
 
 
 def serve(lattice: str, seed: int, errors: str, port: int, ramp_s: float, put_log: Path | None,
@@ -295,9 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.foreign is not None:
         args.errors, args.seed = FOREIGN, args.foreign
     try:
-        resolve(args.lattice, args.errors, args.task)  # fail with a clear message before starting EPICS
-        if args.period_s is not None and not (math.isfinite(args.period_s) and args.period_s > 0):
-            raise ConfigError(f"--period-s: must be a positive number of seconds, got {args.period_s}")
+        resolve(args.lattice, args.errors, args.task, args.period_s)  # fail with a clear message before starting EPICS
         serve(args.lattice, args.seed, args.errors, args.port, args.ramp, args.put_log, args.prefix, args.task, args.period_s)
     except ConfigError as exc:
         print(f"tbsac ioc: error: {exc}", file=sys.stderr, flush=True)

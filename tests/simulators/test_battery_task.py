@@ -160,6 +160,9 @@ def test_a_budget_the_ramp_limit_cannot_honour_trips_and_stops_injecting(battery
 def test_ioc_refuses_a_bad_period(run_cli):
     proc = run_cli("ioc", "--lattice", "bess-1mw-2mwh", "--period-s", "0", timeout=60)
     assert proc.returncode == 2 and "--period-s" in proc.stderr
+    # a plant that follows its settings at once has no periods: the option is refused, not ignored
+    proc = run_cli("ioc", "--lattice", "cafe2-cm1", "--period-s", "1", timeout=60)
+    assert proc.returncode == 2 and "does not run in periods" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def write_prices(path, days: int, bad_row: int | None = None):
