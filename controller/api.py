@@ -182,7 +182,7 @@ def run_on_machine(machine: str, policy: str, mode: str, operator: str, max_step
         raise ConfigError(f"--mode: unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     opened = open_machine(machine, connect=False)
     agent = Policy.load(policy, opened.definition, opened.setup)
-    limits = default_safety(agent).model_dump()
+    limits = default_safety(agent, opened.plant).model_dump()
     for key, value in (("max_steps", max_steps), ("max_excursion", max_excursion), ("max_excursion_steps", max_excursion_steps)):
         if value is not None:
             limits[key] = value

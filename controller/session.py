@@ -90,9 +90,18 @@ def policy_task(plant: Plant, policy: Policy) -> Task:
     return definition.task_for_policy(plant.knobs, plant.readings, policy.metadata)
 
 
-def default_safety(policy: Policy) -> SafetyConfig:
-    """The session limits the policy's task declares."""
-    return SafetyConfig(**get_task(policy.task).safety_limits(policy.metadata))
+def default_safety(policy: Policy, plant: Plant | None = None) -> SafetyConfig:
+    """The session limits the policy's task declares; on a machine that runs in periods
+    (a clock), the session may last as long as its steps' periods can (a real battery's
+    15-minute periods, not the compressed ones of the virtual IOC)."""
+    limits = get_task(policy.task).safety_limits(policy.metadata)
+    longest_period = getattr(plant, "longest_period_s", None)
+    if longest_period:
+        steps = limits.get("max_steps", SafetyConfig.model_fields["max_steps"].default)
+        longest_session = (steps + 2) * longest_period  # the opening reads, then one period per step at most
+        limits["max_duration_s"] = max(limits.get("max_duration_s", SafetyConfig.model_fields["max_duration_s"].default),
+                                       longest_session)
+    return SafetyConfig(**limits)
 
 
 def run_session(
@@ -122,7 +131,7 @@ def run_session(
     task = policy_task(plant, policy)
     primary = task.metrics[0]
     definition = get_task(policy.task)
-    guard = GuardedPlant(plant, safety or default_safety(policy), interlocks, mode, snapshot_path, approver, on_event,
+    guard = GuardedPlant(plant, safety or default_safety(policy, plant), interlocks, mode, snapshot_path, approver, on_event,
                          snapshot_context, lambda start: definition.safe_settings(plant.knobs, start),
                          definition.safe_state_label)
     if guard_ready:

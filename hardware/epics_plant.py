@@ -203,6 +203,11 @@ class EpicsPlant(Plant):
             raise WriteNotVerified("read-back mismatch: " + "; ".join(bad))
 
     # -- settlement periods -------------------------------------------------------------
+    @property
+    def longest_period_s(self) -> float | None:
+        """A clocked machine's longest wait for a new period (its clock timeout); None without a clock."""
+        return self.machine.clock.timeout_s if self.machine.clock is not None else None
+
     def _period_count(self) -> float:
         return float(self._get_many([self.machine.clock.pv])[0]["value"])
 

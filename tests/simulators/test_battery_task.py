@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
+from conftest import for_setup
 from controller.session import run_session
 from core.registry import get_task
 from core.task import TaskEnv
@@ -198,3 +199,27 @@ def test_a_bad_price_file_is_refused_naming_the_row(run_cli, tmp_path):
     write_prices(prices, 2, bad_row=100)
     proc = run_cli("evaluate", "battery", "--policy", "none", "--errors", str(prices), "--episodes", "1", "--json", timeout=120)
     assert proc.returncode == 2 and "row 102" in proc.stderr and "not a number" in proc.stderr
+
+
+def test_a_session_on_real_15_minute_periods_may_last_a_day(tmp_path):
+    """The session's wall-clock limit follows the machine's period clock: a real battery's
+    periods take 900 s (clock timeout 1000 s), not the virtual IOC's compressed second."""
+    import yaml
+
+    from controller.policy import Policy
+    from controller.session import default_safety
+    from hardware.epics_plant import EpicsPlant
+    from hardware.machine import MACHINE_DIR, load_machine
+
+    data = yaml.safe_load((MACHINE_DIR / "virtual-bess.yaml").read_text())
+    agent = Policy.load("pretrained", *for_setup("bess-1mw-2mwh"))
+    limits = {}
+    for timeout in (5.0, 1000.0):
+        data["clock"]["timeout_s"] = timeout
+        path = tmp_path / f"bess-{timeout}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        machine, path = load_machine(path)
+        limits[timeout] = default_safety(agent, EpicsPlant(machine, path, ["MW"])).max_duration_s
+    assert limits[5.0] == 3600.0  # the task's default covers the compressed clock
+    assert limits[1000.0] >= 96 * 1000.0  # a whole traded day of real periods
+    assert default_safety(agent).max_duration_s == 3600.0  # a simulated battery has no clock
