@@ -14,6 +14,9 @@ if not os.environ.get("TBSAC_DATA_DIR"):
 
     os.environ["TBSAC_DATA_DIR"] = tempfile.mkdtemp(prefix="tbsac-tests-")
 os.environ.pop("TBSAC_DATABASE_URL", None)
+# WOFOST crop parameters are not shipped: CI has ../shared/data beside the clone.
+if not os.environ.get("TBSAC_CROP_PARAMETERS") and (ROOT.parent / "shared" / "data" / "wofost81").is_dir():
+    os.environ["TBSAC_CROP_PARAMETERS"] = str(ROOT.parent / "shared" / "data" / "wofost81")
 
 
 def for_setup(setup) -> tuple:
