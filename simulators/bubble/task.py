@@ -4,13 +4,14 @@ bubble's position (from imaging) and the experimenter's target out.
 - plant (:class:`BubbleSimPlant`): knobs ``P1`` (25 kHz) and ``P2`` (50 kHz) in bar,
   [0, 1]; each write holds them for one control interval (10 acoustic cycles of the
   base frequency, 400 us) and runs it. Readings: ``position`` (x / lambda0, as imaged,
-  with noise; outside the field of view it is out of range) and ``target`` (x_T /
-  lambda0, set by the experimenter); interlock ``solver_ok`` (0 after a solver failure).
+  with noise; invalid once the bubble leaves the imaging's field of view) and ``target``
+  (x_T / lambda0, set by the experimenter); interlocks ``solver_ok`` (0 after a solver
+  failure) and ``in_view`` (0 when the imaging loses the bubble).
 - observation: the trend state generalised: [target, position, the two previous
   positions] and their differences, the distance to the target;
 - action in [-1, 1]^2 -> amplitudes (a + 1) / 2 x the maximum amplitude (1 bar);
 - reward (as published): -(|x - x_T| / max(0.25 - x_T, x_T - 0.05))^0.5, +10 and done
-  within 0.01, -10 and done on a solver failure; 128 actions per episode.
+  within 0.01, -10 and done on a solver failure or a lost bubble; 128 actions per episode.
 """
 
 from __future__ import annotations
