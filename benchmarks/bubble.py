@@ -4,7 +4,8 @@ integrator throughput, and zero-shot deployment over real Channel Access.
     python benchmarks/bubble.py [--policy pretrained] [--episodes 100] [--seed 0] [--ca-episodes 10]
                                 [--period-s 0.1] [--out benchmarks/results]
 
-1. Simulation: the agent (TBSAC), the shipped DDPG policy and linear theory on
+1. Simulation: the agent (TBSAC), the shipped DDPG policy, linear theory and a greedy
+   one-step controller on the model (5 x 5 amplitude grid, nominal bubble) on
    `--episodes` held-out bubbles (``test`` preset: R0, start, target and amplitude
    calibration drawn from seeds disjoint from training): success within 128 steps,
    steps to target, final error, solver failures, speed-up over linear theory on the same
@@ -44,7 +45,7 @@ LATTICE, MACHINE, DEFAULT_PREFIX = "dual-25-50khz", "virtual-bubble", "VDUAL:25:
 def simulation(policy: str, episodes: int, seed: int) -> dict:
     from controller import api
 
-    return api.evaluate("bubble", LATTICE, policy, episodes, seed, "test", ("linear", "ddpg")).summary
+    return api.evaluate("bubble", LATTICE, policy, episodes, seed, "test", ("linear", "ddpg", "greedy")).summary
 
 
 def linear_levels(episodes: int = 32, levels=(0.05, 0.1, 0.2, 0.3, 0.5)) -> dict:

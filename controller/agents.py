@@ -129,6 +129,7 @@ def _risk_averse_tqc(risk_weight: float):
 
 
 DDPG_NOISE = 0.1  # exploration: Gaussian action noise (sigma, in the [-1, 1] action range)
+SAC_ONLY = ("ent_coef", "target_entropy")  # a task's SAC settings that DDPG has no use for
 
 
 def make_sac(env: gym.Env, arch: str = "tbsac", seed: int = 0, tensorboard_log: str | None = None,
@@ -146,7 +147,7 @@ def make_sac(env: gym.Env, arch: str = "tbsac", seed: int = 0, tensorboard_log: 
         from stable_baselines3.common.noise import NormalActionNoise
 
         n = env.action_space.shape[0]
-        settings = {k: v for k, v in settings.items() if k != "ent_coef"}
+        settings = {k: v for k, v in settings.items() if k not in SAC_ONLY}
         return DDPG("MlpPolicy", env, policy_kwargs=kwargs, seed=seed, tensorboard_log=tensorboard_log, device="cpu",
                     verbose=0, action_noise=NormalActionNoise(np.zeros(n), np.full(n, DDPG_NOISE)), **settings)
     if algorithm == "tqc":

@@ -94,3 +94,33 @@ def run_linear_theory(r0_m: np.ndarray, starts: np.ndarray, targets: np.ndarray,
     final = np.where(reached > 0, at_reach, np.abs(batch.position - targets))
     return {"steps": reached, "final_distance": final, "solver_failures": failed,
             "amplitudes_bar": amps, "trajectories": trajectories}
+
+
+class GreedyOneStep:
+    """A greedy one-step controller on the model: each step it simulates every amplitude
+    pair of a `grid` x `grid` lattice over [0, max] bar for one control interval from the
+    imaged position (the nominal bubble, at rest: the radial transients decay within the
+    interval) and applies the pair that lands nearest the target. Acts on the task's
+    observation like a policy (``act(obs)`` -> action in [-1, 1]^2)."""
+
+    def __init__(self, nominal_r0_m: float, drive: Drive | None = None, grid: int = 5, position_scale: float = 4.0,
+                 amplitude_max_bar: float = 1.0, cycles: float = 10.0):
+        levels = np.linspace(0.0, amplitude_max_bar, grid)
+        self.candidates = np.array([(a, b) for a in levels for b in levels])
+        self.r0, self.drive, self.scale, self.cycles = nominal_r0_m, drive, position_scale, cycles
+        self.amplitude_max = amplitude_max_bar
+        self.metadata = {"task": "bubble", "task_config": {}}
+
+    def begin(self) -> None:
+        """Stateless between episodes."""
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        from .model import BubbleBatch
+
+        target, position = float(obs[0]) / self.scale, float(obs[1]) / self.scale
+        n = len(self.candidates)
+        batch = BubbleBatch(np.full(n, self.r0), np.full(n, position), drive=self.drive)
+        batch.advance(self.candidates * 1e5, self.cycles)
+        miss = np.where(batch.status == 0, np.abs(batch.position - target), np.inf)
+        best = self.candidates[int(np.argmin(miss))]
+        return best / self.amplitude_max * 2.0 - 1.0

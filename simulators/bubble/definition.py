@@ -11,7 +11,7 @@ from core.config import ConfigError, load_yaml_model
 from core.plant import KnobSpec, ReadingSpec
 from core.task import EpisodeResult, TaskDefinition, TaskEnv
 
-from .baselines import LINEAR_LEVEL_BAR, run_linear_theory
+from .baselines import LINEAR_LEVEL_BAR, GreedyOneStep, run_linear_theory
 from .task import PRESETS, BubbleErrors, BubbleSetup, BubbleSimPlant, BubbleTask, BubbleTaskConfig, distance_metric
 
 SETUP_DIR = resources.files("simulators.bubble") / "setups"
@@ -53,8 +53,8 @@ class BubbleDefinition(TaskDefinition):
     architectures = ("mlp", "mlp-small")
     sac_overrides = {"buffer_size": 300_000, "learning_starts": 2000, "learning_rate": 3e-4}
     train_defaults = {"steps": 100_000, "eval_every": 5000, "eval_episodes": 20}
-    baselines = ("linear", "ddpg")
-    default_baselines = ("linear", "ddpg")
+    baselines = ("linear", "ddpg", "greedy")
+    default_baselines = ("linear", "ddpg")  # greedy: ~25 simulated intervals per decision, on request
     policy_baselines = {"ddpg": "ddpg"}  # method -> shipped policy <setup>-<suffix>.pt
     safety_defaults = {"max_steps": 128, "max_duration_s": 600.0, "max_excursion_steps": 2.0}
     sim_interlocks = [{"name": "solver_ok", "rule": "equals", "threshold": 1.0},
@@ -166,6 +166,10 @@ class BubbleDefinition(TaskDefinition):
         for name, other in (others or {}).items():
             if name in methods:
                 results[name], runs[name], steps[name] = self._agent_runs(setup, errors, other, episodes, seed, max_steps)
+        if "greedy" in methods:
+            greedy = GreedyOneStep(setup.r0_um * 1e-6, setup.drive, amplitude_max_bar=setup.max_amplitude_bar)
+            results["greedy"], runs["greedy"], steps["greedy"] = self._agent_runs(setup, errors, greedy, episodes, seed,
+                                                                                  max_steps)
         if "linear" in methods:
             plant = BubbleSimPlant(setup, errors)
             draws = []

@@ -80,3 +80,24 @@ def test_a_policy_trained_for_another_drive_is_refused():
     problem = definition.check_policy(meta, setup)
     assert "f1_hz=20000.0" in problem and "f1_hz=25000.0" in problem
     assert definition.check_policy({"lattice": {"f1_hz": 25e3, "f2_hz": 50e3, "max_amplitude_bar": 1.0}}, setup) is None
+
+
+def test_the_greedy_controller_takes_the_grid_pair_that_lands_nearest_on_an_exact_model():
+    from simulators.bubble.baselines import GreedyOneStep
+
+    exact = BubbleErrors(r0_scale=(1.0, 1.0), amplitude_scale=(1.0, 1.0), position_noise=0.0, start=(0.1, 0.1),
+                         target=(0.2, 0.2))
+    e = env(exact)
+    obs, _ = e.reset(seed=0)
+    greedy = GreedyOneStep(60e-6)
+    action = greedy.act(obs)
+    amplitudes = e.task.proposed_settings(action)
+    assert all(any(abs(a - level) < 1e-9 for level in (0, 0.25, 0.5, 0.75, 1.0)) for a in amplitudes)
+    e.step(action)
+    moved = abs(e.task.history[2] - 0.2)
+    assert moved < 0.1  # closer than the start, and as predicted: no other grid pair lands nearer
+    for other in greedy.candidates:
+        probe = env(exact)
+        probe.reset(seed=0)
+        probe.step(other * 2.0 - 1.0)
+        assert abs(probe.task.history[2] - 0.2) >= moved - 1e-12
