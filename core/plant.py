@@ -149,6 +149,10 @@ class SimulatedPlant(Plant):
     def set_fault(self, name: str, value: int) -> None:
         raise KeyError(f"{type(self).__name__} has no fault {name!r}")
 
+    def warm_up(self) -> None:
+        """Do any one-off work (compiling) now, not in the first period a clock serves:
+        a late first period would be caught up with back-to-back periods."""
+
     @abstractmethod
     def reset(self, seed: int | None = None) -> None:
         """Draw a new machine from the error model and set the knobs to zero."""

@@ -177,6 +177,7 @@ def serve(lattice: str, seed: int, errors: str, port: int, ramp_s: float, put_lo
     definition, setup, error_model = resolve(lattice, errors, task)
     _server_environment(port)
     plant = definition.sim_plant(setup, error_model)
+    plant.warm_up()
     plant.reset(seed)
     log = PutLog(put_log)
     prefix = prefix or default_prefix(setup.name)

@@ -101,6 +101,10 @@ class BubbleSimPlant(SimulatedPlant):
         self.positions = [start]
         self.amplitudes: list[list[float]] = []  # bar, per control interval
 
+    def warm_up(self) -> None:
+        """Compile the integrator (numba; seconds on a cold cache) on a throwaway bubble."""
+        BubbleBatch(np.array([self.setup.r0_um * 1e-6]), np.array([0.1]), drive=self.setup.drive).advance([0.0, 0.0], 0.1)
+
     def set_fault(self, name: str, value: int) -> None:
         if name == "SOLVER_FAILURE":
             self.forced_failure = bool(value)
