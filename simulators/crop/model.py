@@ -118,11 +118,13 @@ def weather_provider(source: str):
     if source == BUNDLED_STATION:
         return CABOWeatherDataProvider(BUNDLED_STATION, fpath=str(Path(pcse.__file__).parent / "tests" / "test_data"))
     path = Path(source)
-    if path.suffix.lower() == ".csv":
+    if path.suffix.lower() == ".csv" and path.is_file():
         return CSVWeatherDataProvider(str(path))
-    if path.is_file() or path.with_suffix(path.suffix).exists():
-        return CABOWeatherDataProvider(path.stem, fpath=str(path.parent))
-    raise ConfigError(f"weather {source!r}: not the bundled station {BUNDLED_STATION} nor a CABO/CSV file")
+    # CABO: one file per year, <station>.<last three digits of the year>; given as <dir>/<station>
+    if any(path.parent.glob(f"{path.name}.[0-9][0-9][0-9]")):
+        return CABOWeatherDataProvider(path.name, fpath=str(path.parent))
+    raise ConfigError(f"weather {source!r}: not the bundled station {BUNDLED_STATION}, a CSV file, nor a CABO station "
+                      "(<dir>/<station> with files <station>.976, ...)")
 
 
 def agromanagement(field: FieldSeason, doses: dict[dt.date, float] | None = None) -> list:

@@ -86,3 +86,16 @@ def test_yield_rises_with_nitrogen_on_an_n_limited_season_and_saturates():
     assert all(g > -1e-6 for g in gains), grain  # never less grain for more N
     assert gains[0] > 2000  # N-limited: the first 120 kg pay
     assert gains[-1] < 0.1 * gains[0], grain  # and it saturates
+
+
+def test_weather_from_a_cabo_station_directory_or_a_clear_refusal(tmp_path):
+    from pathlib import Path
+
+    import pcse
+
+    from core.config import ConfigError
+
+    station = Path(pcse.__file__).parent / "tests" / "test_data" / "NL1"
+    assert weather_provider(str(station))(dt.date(1985, 4, 1)).TMAX == weather_provider("NL1")(dt.date(1985, 4, 1)).TMAX
+    with pytest.raises(ConfigError, match="not the bundled station"):
+        weather_provider(str(tmp_path / "nowhere"))
