@@ -100,6 +100,24 @@ def read_yaml(path: Path) -> object:
         raise ConfigError(f"{path}: unreadable value ({str(exc).splitlines()[0]})") from None
 
 
+def shipped_yaml_names(directory) -> list[str]:
+    """Names (without ``.yaml``) of the YAML files shipped in a package `directory`."""
+    return sorted(p.name[:-5] for p in directory.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_shipped_or_file(model: type[ModelT], directory, name_or_path: str | Path, what: str, shipped: str) -> ModelT:
+    """A setup by shipped name (``<directory>/<name>.yaml``) or by file path, as `model`;
+    an unknown name is a ConfigError naming `what` it is and the shipped ones."""
+    path = Path(name_or_path)
+    if not path.suffix and not path.exists():
+        candidate = directory / f"{name_or_path}.yaml"
+        if not candidate.is_file():
+            raise ConfigError(f"{what} {name_or_path!r}: not a file and not a shipped {shipped} "
+                              f"(shipped: {', '.join(shipped_yaml_names(directory))})")
+        path = Path(str(candidate))
+    return load_yaml_model(model, path)
+
+
 def load_yaml_model(model: type[ModelT], path: Path) -> ModelT:
     """Read `path` as YAML and validate it as `model`."""
     data = read_yaml(path)

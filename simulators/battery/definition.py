@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.config import ConfigError, load_yaml_model
+from core.config import ConfigError, load_shipped_or_file, shipped_yaml_names
 from core.plant import KnobSpec, ReadingSpec
 from core.task import EpisodeResult, TaskDefinition
 
@@ -90,17 +90,10 @@ class BatteryDefinition(TaskDefinition):
 
     # -- setups ---------------------------------------------------------------------------
     def shipped_setups(self) -> list[str]:
-        return sorted(p.name[:-5] for p in SETUP_DIR.iterdir() if p.name.endswith(".yaml"))
+        return shipped_yaml_names(SETUP_DIR)
 
     def load_setup(self, name_or_path) -> BatteryConfig:
-        path = Path(name_or_path)
-        if not path.suffix and not path.exists():
-            candidate = SETUP_DIR / f"{name_or_path}.yaml"
-            if not candidate.is_file():
-                raise ConfigError(f"battery {name_or_path!r}: not a file and not a shipped battery "
-                                  f"(shipped: {', '.join(self.shipped_setups())})")
-            path = Path(str(candidate))
-        return load_yaml_model(BatteryConfig, path)
+        return load_shipped_or_file(BatteryConfig, SETUP_DIR, name_or_path, "battery", "battery")
 
     def error_presets(self) -> list[str]:
         return sorted(PRESETS)

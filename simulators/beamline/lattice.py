@@ -14,7 +14,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
 
-from core.config import ConfigError, load_yaml_model
+from core.config import load_shipped_or_file, shipped_yaml_names
 
 AMU_MEV = 931.49410242
 ELECTRON_MASS_MEV = 0.51099895
@@ -214,18 +214,9 @@ LATTICE_DIR = resources.files("simulators.beamline") / "lattices"
 
 
 def shipped_lattices() -> list[str]:
-    return sorted(p.name[:-5] for p in LATTICE_DIR.iterdir() if p.name.endswith(".yaml"))
+    return shipped_yaml_names(LATTICE_DIR)
 
 
 def load_lattice(name_or_path: str | Path) -> Lattice:
     """Load a shipped lattice by name (e.g. ``cafe2-cm1``) or a lattice file by path."""
-    path = Path(name_or_path)
-    if not path.suffix and not path.exists():
-        candidate = LATTICE_DIR / f"{name_or_path}.yaml"
-        if not candidate.is_file():
-            raise ConfigError(
-                f"lattice {name_or_path!r}: not a file and not a shipped lattice "
-                f"(shipped: {', '.join(shipped_lattices())})"
-            )
-        path = Path(str(candidate))
-    return load_yaml_model(Lattice, path)
+    return load_shipped_or_file(Lattice, LATTICE_DIR, name_or_path, "lattice", "lattice")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.config import ConfigError, load_yaml_model
+from core.config import ConfigError, load_shipped_or_file, load_yaml_model, shipped_yaml_names
 from core.plant import KnobSpec, ReadingSpec
 from core.task import EpisodeResult, TaskDefinition, TaskEnv
 
@@ -69,17 +69,10 @@ class BubbleDefinition(TaskDefinition):
 
     # -- setups ---------------------------------------------------------------------------
     def shipped_setups(self) -> list[str]:
-        return sorted(p.name[:-5] for p in SETUP_DIR.iterdir() if p.name.endswith(".yaml"))
+        return shipped_yaml_names(SETUP_DIR)
 
     def load_setup(self, name_or_path) -> BubbleSetup:
-        path = Path(name_or_path)
-        if not path.suffix and not path.exists():
-            candidate = SETUP_DIR / f"{name_or_path}.yaml"
-            if not candidate.is_file():
-                raise ConfigError(f"bubble lab {name_or_path!r}: not a file and not a shipped lab "
-                                  f"(shipped: {', '.join(self.shipped_setups())})")
-            path = Path(str(candidate))
-        return load_yaml_model(BubbleSetup, path)
+        return load_shipped_or_file(BubbleSetup, SETUP_DIR, name_or_path, "bubble lab", "lab")
 
     def error_presets(self) -> list[str]:
         return sorted(PRESETS)

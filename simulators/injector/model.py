@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
 from simulators.beamline.lattice import Species, rigidity
 from simulators.beamline.model import DTYPE, cheetah_species
-from core.config import ConfigError, load_yaml_model
+from core.config import load_shipped_or_file, shipped_yaml_names
 
 
 class _Strict(BaseModel):
@@ -144,17 +144,11 @@ LATTICE_DIR = resources.files("simulators.injector") / "lattices"
 
 
 def shipped_injectors() -> list[str]:
-    return sorted(p.name[:-5] for p in LATTICE_DIR.iterdir() if p.name.endswith(".yaml"))
+    return shipped_yaml_names(LATTICE_DIR)
 
 
 def load_injector(name_or_path: str | Path) -> InjectorLattice:
-    path = Path(name_or_path)
-    if not path.suffix and not path.exists():
-        candidate = LATTICE_DIR / f"{name_or_path}.yaml"
-        if not candidate.is_file():
-            raise ConfigError(f"injector lattice {name_or_path!r}: not a file and not a shipped lattice")
-        path = Path(str(candidate))
-    return load_yaml_model(InjectorLattice, path)
+    return load_shipped_or_file(InjectorLattice, LATTICE_DIR, name_or_path, "injector lattice", "lattice")
 
 
 @dataclass
