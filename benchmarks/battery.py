@@ -34,11 +34,10 @@ os.environ.setdefault("TBSAC_DATA_DIR", tempfile.mkdtemp(prefix="tbsac-bench-"))
 
 from core.registry import get_task  # noqa: E402
 from core.task import TaskEnv  # noqa: E402
-from hardware.ioc import free_port, loopback_environment, read_put_log, start_virtual_ioc  # noqa: E402
+from deploy import sessions_on_fresh_iocs  # noqa: E402
 
 LATTICE = "bess-1mw-2mwh"
 MACHINE = "virtual-bess"
-DEFAULT_PREFIX = "VBESS:1MW:2MWH"
 
 
 def simulation(policy: str, days: int, seed: int) -> dict:
@@ -97,10 +96,8 @@ def put_violations(puts: list[dict], machine, budget_mwh: float, period_h: float
 
 def over_channel_access(policy_name: str, days: int, seed: int, period_s: float) -> dict:
     """Zero-shot sessions against virtual battery IOCs, each compared with the simulation."""
-    from controller.machines import open_machine
     from controller.policy import Policy
     from controller.session import run_session
-    from hardware.machine import MACHINE_DIR, load_machine
     from safety.guard import InterlockRule
 
     definition = get_task("battery")
@@ -108,38 +105,20 @@ def over_channel_access(policy_name: str, days: int, seed: int, period_s: float)
     agent = Policy.load(policy_name, definition, setup)
     budget = setup.max_cycles_per_day * setup.capacity_mwh
     rows = []
-    port = free_port()  # one port for all: libca reads EPICS_CA_* once per process
-    os.environ.update(loopback_environment(port))
-    with tempfile.TemporaryDirectory() as tmp:
-        for i in range(days):
-            log = Path(tmp) / f"puts-{i}.jsonl"
-            # A fresh prefix per IOC: channels of the same name on a restarted server are
-            # not reliably found again by the same CA client within its search backoff.
-            prefix = f"BENCH{i}:BESS"
-            machine_path = Path(tmp) / f"machine-{i}.yaml"
-            machine_path.write_text((Path(str(MACHINE_DIR)) / f"{MACHINE}.yaml").read_text()
-                                    .replace(DEFAULT_PREFIX + ":", prefix + ":"))
-            ioc = start_virtual_ioc(LATTICE, seed + i, "test", port, 0.0, log, prefix=prefix, period_s=period_s)
-            try:
-                opened = open_machine(str(machine_path))
-                result = run_session(opened.plant, agent, interlocks=opened.interlocks,
-                                     snapshot_path=Path(tmp) / f"snapshot-{i}.json")
-                opened.plant.close()
-            finally:
-                ioc.terminate()
-                ioc.wait(10)
-            start_period = (int(result.events[0].data["readings"][3]) + 1) % 96
-            sim = definition.sim_plant(setup, definition.load_errors("test"))
-            sim.reset(seed + i)
-            for _ in range(start_period):
-                sim.write_knobs([0.0])
-            sim_result = run_session(sim, agent, interlocks=[InterlockRule(**r) for r in definition.sim_interlocks])
-            violations = put_violations(read_put_log(log), load_machine(machine_path)[0], budget, 0.25)
-            rows.append({"day": seed + i, "start_period": start_period, "status": result.status, "trips": result.trips,
-                         "profit_ca_eur": round(result.final, 2), "profit_sim_eur": round(sim_result.final, 2),
-                         "steps": result.steps, "put_violations": violations})
-            print(f"  CA day {seed + i}: {result.status}, {result.final:.2f} EUR over CA vs {sim_result.final:.2f} in "
-                  f"simulation, {len(violations)} put violations", file=sys.stderr, flush=True)
+    for day, result, puts, machine in sessions_on_fresh_iocs(LATTICE, MACHINE, agent, range(seed, seed + days), period_s):
+        # The IOC idled at 0 kW until the session started: the simulation idles as many periods first.
+        start_period = (int(result.events[0].data["readings"][3]) + 1) % 96
+        sim = definition.sim_plant(setup, definition.load_errors("test"))
+        sim.reset(day)
+        for _ in range(start_period):
+            sim.write_knobs([0.0])
+        sim_result = run_session(sim, agent, interlocks=[InterlockRule(**r) for r in definition.sim_interlocks])
+        violations = put_violations(puts, machine, budget, 0.25)
+        rows.append({"day": day, "start_period": start_period, "status": result.status, "trips": result.trips,
+                     "profit_ca_eur": round(result.final, 2), "profit_sim_eur": round(sim_result.final, 2),
+                     "steps": result.steps, "put_violations": violations})
+        print(f"  CA day {day}: {result.status}, {result.final:.2f} EUR over CA vs {sim_result.final:.2f} in "
+              f"simulation, {len(violations)} put violations", file=sys.stderr, flush=True)
     ca, sim = sum(r["profit_ca_eur"] for r in rows), sum(r["profit_sim_eur"] for r in rows)
     return {"days": rows, "profit_ca_eur": round(ca, 2), "profit_sim_eur": round(sim, 2),
             "relative_difference": round(abs(ca - sim) / max(abs(sim), 1e-9), 5),

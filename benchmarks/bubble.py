@@ -17,7 +17,7 @@ integrator throughput, and zero-shot deployment over real Channel Access.
 4. Zero-shot over CA: per episode a virtual bubble lab (``tbsac ioc --lattice
    dual-25-50khz``) and a session of the policy through the safety layer; the same
    policy on the simulated bubble of the same seed; the IOC's put log is checked
-   against the amplitude limits.
+   against the machine file's amplitude limits and largest step.
 
 Writes ``bubble.json`` and ``bubble.md`` in `--out`.
 """
@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,9 +35,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.registry import get_task  # noqa: E402
-from hardware.ioc import free_port, loopback_environment, read_put_log, start_virtual_ioc  # noqa: E402
+from deploy import check_puts, sessions_on_fresh_iocs  # noqa: E402
 
-LATTICE, MACHINE, DEFAULT_PREFIX = "dual-25-50khz", "virtual-bubble", "VDUAL:25:50KHZ"
+LATTICE, MACHINE = "dual-25-50khz", "virtual-bubble"
 
 
 def simulation(policy: str, episodes: int, seed: int) -> dict:
@@ -92,45 +90,26 @@ def throughput(batch: int = 64, steps: int = 20) -> dict:
 
 def over_channel_access(policy_name: str, episodes: int, seed: int, period_s: float) -> dict:
     """Zero-shot sessions against virtual bubble labs, each compared with the simulation."""
-    from controller.machines import open_machine
     from controller.policy import Policy
     from controller.session import run_session
-    from hardware.machine import MACHINE_DIR
     from safety.guard import InterlockRule
 
     definition = get_task("bubble")
     setup = definition.load_setup(LATTICE)
     agent = Policy.load(policy_name, definition, setup)
     rows = []
-    port = free_port()  # one port for all: libca reads EPICS_CA_* once per process
-    os.environ.update(loopback_environment(port))
-    with tempfile.TemporaryDirectory() as tmp:
-        for i in range(episodes):
-            log = Path(tmp) / f"puts-{i}.jsonl"
-            prefix = f"BENCH{i}:BUBBLE"  # a fresh prefix per IOC (CA search backoff on restarted servers)
-            machine_path = Path(tmp) / f"machine-{i}.yaml"
-            machine_path.write_text((Path(str(MACHINE_DIR)) / f"{MACHINE}.yaml").read_text()
-                                    .replace(DEFAULT_PREFIX + ":", prefix + ":"))
-            ioc = start_virtual_ioc(LATTICE, seed + i, "test", port, 0.0, log, prefix=prefix, period_s=period_s)
-            try:
-                opened = open_machine(str(machine_path))
-                result = run_session(opened.plant, agent, interlocks=opened.interlocks,
-                                     snapshot_path=Path(tmp) / f"snapshot-{i}.json")
-                opened.plant.close()
-            finally:
-                ioc.terminate()
-                ioc.wait(10)
-            sim = definition.sim_plant(setup, definition.load_errors("test"))
-            sim.reset(seed + i)
-            sim_result = run_session(sim, agent, interlocks=[InterlockRule(**r) for r in definition.sim_interlocks])
-            puts = [p for p in read_put_log(log) if ":SIM:" not in p["pv"]]
-            violations = [f"{p['pv']} = {p['value']}" for p in puts if not 0.0 <= p["value"] <= setup.max_amplitude_bar]
-            rows.append({"episode": seed + i, "status": result.status, "success": result.success, "steps": result.steps,
-                         "trips": result.trips, "sim_success": sim_result.success, "sim_steps": sim_result.steps,
-                         "final_distance": round(result.final, 5), "put_violations": violations})
-            print(f"  CA episode {seed + i}: {result.status} in {result.steps} steps (simulation: "
-                  f"{'success' if sim_result.success else 'miss'} in {sim_result.steps}), {len(violations)} put violations",
-                  file=sys.stderr, flush=True)
+    for episode, result, puts, machine in sessions_on_fresh_iocs(LATTICE, MACHINE, agent, range(seed, seed + episodes),
+                                                                 period_s):
+        sim = definition.sim_plant(setup, definition.load_errors("test"))
+        sim.reset(episode)
+        sim_result = run_session(sim, agent, interlocks=[InterlockRule(**r) for r in definition.sim_interlocks])
+        violations = check_puts(puts, machine)  # amplitude limits and largest step of the machine file
+        rows.append({"episode": episode, "status": result.status, "success": result.success, "steps": result.steps,
+                     "trips": result.trips, "sim_success": sim_result.success, "sim_steps": sim_result.steps,
+                     "final_distance": round(result.final, 5), "put_violations": violations})
+        print(f"  CA episode {episode}: {result.status} in {result.steps} steps (simulation: "
+              f"{'success' if sim_result.success else 'miss'} in {sim_result.steps}), {len(violations)} put violations",
+              file=sys.stderr, flush=True)
     return {"episodes": rows, "success_rate": round(float(np.mean([r["success"] for r in rows])), 3),
             "sim_success_rate": round(float(np.mean([r["sim_success"] for r in rows])), 3),
             "median_steps": float(np.median([r["steps"] for r in rows])),

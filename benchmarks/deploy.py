@@ -50,6 +50,39 @@ def check_puts(puts: list[dict], machine, start: dict[str, float] | None = None)
     return problems
 
 
+def sessions_on_fresh_iocs(lattice: str, machine: str, agent, seeds, period_s: float | None = None, tag: str = "BENCH"):
+    """In this process, for each seed a fresh virtual IOC of `lattice` and a session of
+    `agent` on it through the safety layer, with the shipped machine file `machine`
+    pointed at the IOC. Yields (seed, session result, the IOC's machine puts, machine)."""
+    from controller.machines import open_machine
+    from controller.session import run_session
+    from hardware.ioc import default_prefix
+    from hardware.machine import MACHINE_DIR
+
+    port = free_port()  # one port for all: libca reads EPICS_CA_* once per process
+    os.environ.update(loopback_environment(port))
+    shipped = (Path(str(MACHINE_DIR)) / f"{machine}.yaml").read_text()
+    with TemporaryDirectory() as tmp:
+        for i, seed in enumerate(seeds):
+            log = Path(tmp) / f"puts-{i}.jsonl"
+            # A fresh prefix per IOC: channels of the same name on a restarted server are
+            # not reliably found again by the same CA client within its search backoff.
+            prefix = f"{tag}{i}:{lattice.split('-')[0].upper()}"
+            machine_path = Path(tmp) / f"machine-{i}.yaml"
+            machine_path.write_text(shipped.replace(default_prefix(lattice) + ":", prefix + ":"))
+            ioc = start_virtual_ioc(lattice, seed, "test", port, 0.0, log, prefix=prefix, period_s=period_s)
+            try:
+                opened = open_machine(str(machine_path))
+                result = run_session(opened.plant, agent, interlocks=opened.interlocks,
+                                     snapshot_path=Path(tmp) / f"snapshot-{i}.json")
+                opened.plant.close()
+            finally:
+                ioc.terminate()
+                ioc.wait(10)
+            puts = [p for p in read_put_log(log) if ":SIM:" not in p["pv"]]
+            yield seed, result, puts, load_machine(machine_path)[0]
+
+
 def zero_shot(lattice: str, seeds: range, ramp: float) -> dict:
     machine, _ = load_machine(f"virtual-{lattice}")
     runs = []
