@@ -4,8 +4,8 @@ risk-averse (its actor maximises a mix of the mean and the CVaR of the return di
 
 from __future__ import annotations
 
-import numpy as np
 import gymnasium as gym
+import numpy as np
 import torch
 from stable_baselines3 import SAC
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor

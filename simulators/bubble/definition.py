@@ -151,8 +151,8 @@ class BubbleDefinition(TaskDefinition):
 
     def evaluate(self, setup: BubbleSetup, errors: BubbleErrors, agent, episodes: int, seed: int, methods,
                  budget=None, others: dict | None = None):
-        max_steps = BubbleTaskConfig().max_steps if budget is None else budget
         config = BubbleTaskConfig()
+        max_steps = config.max_steps if budget is None else budget
         results, runs, steps = {}, {}, {}
         if agent is not None:
             results["agent"], runs["agent"], steps["agent"] = self._agent_runs(setup, errors, agent, episodes, seed, max_steps)
