@@ -86,7 +86,7 @@ def _setup(task: str, lattice: str | None) -> tuple[TaskDefinition, object]:
     return definition, definition.load_setup(lattice or definition.default_setup())
 
 
-def train(task: str, lattice: str | None, errors: str, eval_errors: str, steps: int | None, seed: int, out: Path,
+def train(task: str, lattice: str | None, errors: str, eval_errors: str | None, steps: int | None, seed: int, out: Path,
           arch: str | None = None, eval_every: int | None = None, eval_episodes: int | None = None,
           stop_at_bar: bool = False, sac_overrides: dict | None = None, progress: bool = True, init_from: str | None = None,
           max_minutes: float | None = None):
@@ -99,7 +99,7 @@ def train(task: str, lattice: str | None, errors: str, eval_errors: str, steps: 
     arch = arch or definition.default_arch
     if arch not in definition.architectures:
         raise ConfigError(f"--arch: {arch!r} is not available for task {task}; expected one of {', '.join(definition.architectures)}")
-    em, eval_em = definition.load_errors(errors), definition.load_errors(eval_errors)
+    em, eval_em = definition.load_errors(errors), definition.load_errors(eval_errors or definition.training_eval_errors)
     algorithm = (sac_overrides or {}).get("algorithm", definition.sac_overrides.get("algorithm", "sac"))
     if algorithm not in ALGORITHMS:
         raise ConfigError(f"--algo: unknown algorithm {algorithm!r}; expected one of {', '.join(ALGORITHMS)}")

@@ -18,6 +18,7 @@ _REGISTRY: dict[str, str | type[TaskDefinition]] = {
     "rfq": "simulators.injector.definition:RfqDefinition",
     "battery": "simulators.battery.definition:BatteryDefinition",
     "bubble": "simulators.bubble.definition:BubbleDefinition",
+    "crop": "simulators.crop.definition:CropDefinition",
 }
 _LOADED: dict[str, TaskDefinition] = {}
 

@@ -276,6 +276,10 @@ class TaskDefinition(ABC):
     summary_keys: ClassVar[tuple[str, ...]] = ()  # per-method keys of the evaluation summary
     scalars: ClassVar[dict[str, tuple[str, ...]]] = {}  # TensorBoard name -> path in the summary
     eval_seed_base: ClassVar[int] = 5_000_000  # training-time evaluation machines
+    # Error preset of the training-time evaluation (checkpoint selection), unless given:
+    # "test" draws other machines of the held-out preset; a task whose held-out dimension
+    # must stay unseen until the benchmark (the crop's weather years) uses "train".
+    training_eval_errors: ClassVar[str] = "test"
     # Error preset of machines whose physics differs from the setup file (``tbsac ioc
     # --foreign SEED``), for bring-up tests and benchmarks; None if the task has none.
     foreign_errors: ClassVar[str | None] = None

@@ -296,8 +296,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=5064)
     parser.add_argument("--ramp", type=float, default=0.2)
     parser.add_argument("--put-log", type=Path, default=None)
-    parser.add_argument("--period-s", type=float, default=None,
-                        help="plants that run in periods (battery: settlement periods; bubble: control intervals): "
+    parser.add_argument("--period-s", "--day-s", dest="period_s", type=float, default=None,
+                        help="plants that run in periods (battery: settlement periods; bubble: control intervals; crop: days): "
                              "seconds per period")
     parser.add_argument("--prefix", default=None)
     args = parser.parse_args(argv)

@@ -49,6 +49,20 @@ class CumulativeLimit(BaseModel):
     label: str = "cumulative budget"
 
 
+class ReadingGate(BaseModel):
+    """A knob held at `value` while a reading is above a level, e.g. no fertiliser after
+    a crop's last development stage: a write asking for more is cut to `value` (recorded).
+    Judged on the last reading the guard checked, before the write."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    knob: str
+    reading: str
+    above: float
+    value: float = 0.0
+    label: str = "reading gate"
+
+
 class SafetyConfig(BaseModel):
     """Session limits (all in the plant's knob units, i.e. simulator units)."""
 
@@ -66,6 +80,7 @@ class SafetyConfig(BaseModel):
         0.35, description="largest relative difference between the machine's response to the opening probe and the "
         "policy's model before the session stops (the policy does not know this machine)")
     budgets: list[CumulativeLimit] = Field(default_factory=list)
+    gates: list[ReadingGate] = Field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -242,6 +257,7 @@ class GuardedPlant(Plant):
         if self.snapshot_path:
             write_snapshot(self.snapshot_path, self.plant, self.snapshot, self.snapshot_context)
         self._check_readings(first, baseline=True)
+        self.last_readings = first
         return self.snapshot
 
     def abort(self, reason: str = "operator abort") -> None:
@@ -311,9 +327,10 @@ class GuardedPlant(Plant):
                      else self.config.max_excursion)
         if not np.all(np.isfinite(proposed)):
             self._trip("proposed settings contain NaN or inf")
-        # The budget first (it may only move a knob towards zero), then the step, excursion
-        # and hard limits; if those pull it back over the budget the session stops.
-        safe = self._within_budgets(proposed.astype(float).copy())
+        # Gates and the budget first (they only move a knob towards its safe value), then
+        # the step, excursion and hard limits; if those pull it back past a gate or over
+        # the budget the session stops.
+        safe = self._within_budgets(self._through_gates(proposed.astype(float).copy()))
         for label, lo, hi in (
             ("per-step change limit", current - self.max_step, current + self.max_step),
             ("total excursion limit", self.snapshot - excursion, self.snapshot + excursion),
@@ -328,6 +345,25 @@ class GuardedPlant(Plant):
         if not np.array_equal(self._within_budgets(safe, record=False), safe):
             self._trip("the step limit keeps the setting beyond the cumulative budget: "
                        + ", ".join(b.label for b in self.config.budgets))
+        if not np.array_equal(self._through_gates(safe, record=False), safe):
+            self._trip("the step limit keeps the setting beyond a gate: " + ", ".join(g.label for g in self.config.gates))
+        return safe
+
+    def _through_gates(self, safe: np.ndarray, record: bool = True) -> np.ndarray:
+        """`safe` with every gated knob held at its gate's value while the gate's reading is above its level."""
+        knobs, readings = [k.name for k in self.knobs], [r.name for r in self.readings]
+        for gate in self.config.gates:
+            if gate.knob not in knobs or gate.reading not in readings:
+                self._trip(f"safety gate {gate.label!r}: no knob {gate.knob!r} or no reading {gate.reading!r} "
+                           f"(knobs: {', '.join(knobs)}; readings: {', '.join(readings)})")
+            i, level = knobs.index(gate.knob), self.last_readings.values[readings.index(gate.reading)]
+            if level > gate.above and abs(safe[i] - gate.value) > 1e-12:
+                if record:
+                    self._record("clamp", f"{gate.label}: {gate.reading} {level:.4g} above {gate.above:.4g}, "
+                                 f"{gate.knob} {safe[i]:.4g} -> {gate.value:.4g}", knobs=[gate.knob],
+                                 before=[float(safe[i])], after=[gate.value])
+                safe = safe.copy()
+                safe[i] = gate.value
         return safe
 
     def budget_used(self, budget: CumulativeLimit, window: int | None = None) -> float:

@@ -32,7 +32,8 @@ err_console = Console(stderr=True)
 
 DEMO_MACHINE = "virtual-cafe2-cm1"  # the embedded default of `tbsac demo`
 TaskArg = typer.Argument(..., help="Registered task (`tbsac info` lists them).")
-LatticeOpt = typer.Option(None, "--lattice", "-l", help="Shipped lattice name or path (default: the task's first).")
+LatticeOpt = typer.Option(None, "--lattice", "-l", "--crop", help="Shipped lattice (setup) name or path (default: the "
+                          "task's first; --crop names the crop task's setups, wheat or maize).")
 
 
 def _error(message: str) -> None:
@@ -53,7 +54,8 @@ def train(
     task: str = TaskArg,
     lattice: Optional[str] = LatticeOpt,
     errors: str = typer.Option("train", "--errors", "-e", help="Error preset or YAML used for training."),
-    eval_errors: str = typer.Option("test", "--eval-errors", help="Error preset for the periodic evaluation."),
+    eval_errors: Optional[str] = typer.Option(None, "--eval-errors", help="Error preset for the periodic evaluation "
+                                              "(default: the task's, e.g. test; the crop's held-out years stay unseen: train)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1000, help="Environment steps (default: the task's)."),
     seed: int = typer.Option(0, "--seed"),
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default runs/<task>)."),
@@ -92,7 +94,7 @@ def evaluate(
     task: str = TaskArg,
     lattice: Optional[str] = LatticeOpt,
     policy: str = typer.Option("pretrained", "--policy", "-p", help="Policy file, 'pretrained' (shipped) or 'none' (baselines only)."),
-    episodes: int = typer.Option(100, "--episodes", "-n", min=1),
+    episodes: int = typer.Option(100, "--episodes", "-n", "--seasons", min=1, help="Machines (crop: seasons) to run."),
     seed: int = typer.Option(1000, "--seed"),
     errors: str = typer.Option("test", "--errors", "-e", help="Error preset or YAML."),
     methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated baselines (default: the task's; '' for none)."),
@@ -170,9 +172,9 @@ def ioc(
     prefix: Optional[str] = typer.Option(None, "--prefix", help="PV prefix (default V + the lattice name, e.g. VCAFE2:CM1)."),
     foreign: Optional[int] = typer.Option(None, "--foreign", metavar="SEED", help="Serve a machine whose physics differs "
                                           "from the lattice file (drawn from SEED; the machine file stays the nominal one)."),
-    period_s: Optional[float] = typer.Option(None, "--period-s", min=1e-3, help="Plants that run in periods (battery: "
-                                             "settlement periods, default 1 s; bubble: control intervals, default 0.05 s): "
-                                             "seconds per period."),
+    period_s: Optional[float] = typer.Option(None, "--period-s", "--day-s", min=1e-3, help="Plants that run in periods "
+                                             "(battery: settlement periods, default 1 s; bubble: control intervals, default "
+                                             "0.05 s; crop: days, default 1 s): seconds per period."),
 ):
     """Serve a simulated machine with hidden errors as a real EPICS IOC (softioc)."""
     from controller import api

@@ -152,9 +152,20 @@ def parameters(field: FieldSeason, crop_dir: Path):
                              sitedata=WOFOST81SiteDataProvider_Classic(**field.site.model_dump()))
 
 
+@functools.lru_cache(maxsize=1)
+def _quiet_pcse() -> None:
+    """PCSE's logging setup passes every component's DEBUG message of every day to the
+    root logger (and INFO to a file): ~30 records a day, ~20 % of a day's time."""
+    import logging
+
+    logging.getLogger("pcse").setLevel(logging.WARNING)
+
+
 def _engine_class():
     from pcse import signals
     from pcse.engine import Engine
+
+    _quiet_pcse()
 
     class NitrogenEngine(Engine):
         """PCSE's engine with a dose for today, sent where the agromanager sends timed events."""
@@ -191,8 +202,13 @@ class Season:
     def __init__(self, field: FieldSeason, crop_dir: str | Path | None = None):
         self.field = field
         crop_dir = crop_parameter_dir(crop_dir)
-        self.engine = _engine_class()(parameters(field, crop_dir), weather_provider(field.weather),
-                                      agromanagement(field), config=str(CONFIG_FILE))
+        from pcse.exceptions import WeatherDataProviderError
+
+        try:
+            self.engine = _engine_class()(parameters(field, crop_dir), weather_provider(field.weather),
+                                          agromanagement(field), config=str(CONFIG_FILE))
+        except WeatherDataProviderError as exc:
+            raise ConfigError(f"weather {field.weather!r}, season sown {field.sowing}: {exc}") from None
         self.engine.n_recovery = field.n_recovery
         self.applied = 0.0  # kg N/ha sent as fertiliser
         self.integrated = 0.0  # of which the model has integrated into the pool (a dose enters the day after)
@@ -215,10 +231,15 @@ class Season:
         dose = float(dose_kg_ha)
         if not dose >= 0:
             raise ValueError(f"N dose must be >= 0 kg/ha, got {dose_kg_ha}")
+        from pcse.exceptions import WeatherDataProviderError
+
         self.engine.pending_n = dose
         self.integrated = self.applied  # yesterday's dose is integrated in this step, today's in the next
         self.applied += dose
-        self.engine.run(1)
+        try:
+            self.engine.run(1)
+        except WeatherDataProviderError as exc:
+            raise ConfigError(f"weather {self.field.weather!r}, season sown {self.field.sowing}: {exc}") from None
         self.days += 1
 
     def variable(self, name: str, default: float = 0.0) -> float:

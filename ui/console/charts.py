@@ -96,12 +96,18 @@ def series_chart(panel: dict, machine: dict, start, steps: list[dict], upto: int
     if panel.get("overlay"):  # readings of one unit on one chart (e.g. a position and its target)
         data = pd.DataFrame(rows or [{"step": 0, "reading": shown[0], "value": None}])
         unit = units.get(shown[0], "")
-        return alt.Chart(data).mark_line(point=True, interpolate=panel.get("interpolate", "linear")).encode(
+        lines = alt.Chart(data).mark_line(point=True, interpolate=panel.get("interpolate", "linear")).encode(
             x=alt.X("step:Q", title=panel.get("step_title", "step"), axis=alt.Axis(tickMinStep=1)),
             y=alt.Y("value:Q", title=f"{panel.get('value_title', ', '.join(shown))} ({unit})", scale=alt.Scale(zero=False)),
             color=alt.Color("reading:N", sort=shown),
             tooltip=["step", "reading", alt.Tooltip("value:Q", format=".4g")],
-        ).properties(width=560, height=220, title=panel.get("caption", ""))
+        )
+        limit = panel.get("limit")  # a level the readings are held against (e.g. a seasonal cap)
+        if limit:
+            rule = alt.Chart(pd.DataFrame([limit])).mark_rule(color="firebrick", strokeDash=[6, 3]).encode(
+                y="value:Q", tooltip=["label", "value"])
+            lines = alt.layer(lines, rule)
+        return lines.properties(width=560, height=220, title=panel.get("caption", ""))
     charts = []
     for name in shown:
         data = pd.DataFrame([r for r in rows if r["reading"] == name] or [{"step": 0, "reading": name, "value": None}])

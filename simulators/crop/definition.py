@@ -1,0 +1,243 @@
+"""Crop nitrogen management on WOFOST 8.1 as a registered task (``tbsac train crop``)."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from core.config import ConfigError, load_shipped_or_file, load_yaml_model, shipped_yaml_names
+from core.plant import KnobSpec, ReadingSpec
+from core.task import EpisodeResult, TaskDefinition, run_episode
+
+from .task import METRICS, PRESETS, CropErrors, CropSetup, CropSimPlant, CropTask, CropTaskConfig, Schedule, reading_indices
+
+SETUP_DIR = resources.files("simulators.crop") / "setups"
+METHODS = ("none", "expert", "best_fixed", "hindsight")
+PLOTTED_SEASON = 0  # the season (index in the evaluation) the figure shows
+
+
+def best_fixed_file(setup_name: str) -> Path:
+    return Path(str(SETUP_DIR / f"{setup_name}.best-fixed.json"))
+
+
+def store_best_fixed(setup: CropSetup, schedule: Schedule, fit: dict) -> Path:
+    """Write the fitted schedule beside the shipped setup (read back by ``load_setup``)."""
+    path = best_fixed_file(setup.name)
+    path.write_text(json.dumps({"schedule": schedule.model_dump(), "fit": fit}, indent=2) + "\n")
+    return path
+
+
+def percentile_summary(values: list[float | None]) -> dict:
+    v = np.array([x for x in values if x is not None], dtype=float)
+    if not len(v):
+        return {"median": None, "p5": None}
+    return {"median": round(float(np.median(v)), 1), "p5": round(float(np.percentile(v, 5)), 1)}
+
+
+def method_summary(runs: list, ceiling: list[float] | None) -> dict:
+    """yield, N, profit, NUE and the share of the hindsight profit, over seasons."""
+    profit = [r.profit_usd_ha for r in runs]
+    out = {"yield_kg_ha": percentile_summary([r.grain_kg_ha for r in runs]),
+           "n_applied_kg_ha": {"median": percentile_summary([r.n_applied_kg_ha for r in runs])["median"]},
+           "profit": percentile_summary(profit),
+           "nue": {"median": percentile_summary([r.nue for r in runs])["median"]},
+           "fraction_of_hindsight": {"median": None}}
+    if ceiling:
+        out["fraction_of_hindsight"]["median"] = round(float(np.median(np.array(profit) / np.array(ceiling))), 4)
+    return out
+
+
+class CropDefinition(TaskDefinition):
+    """Daily nitrogen doses on a WOFOST 8.1 field: one dose knob; crop, soil and weather readings."""
+
+    name = "crop"
+    description = "crop nitrogen management on WOFOST 8.1 (one daily N dose; crop, soil N and weather readings)"
+    metrics = METRICS
+    default_arch = "mlp-small"
+    architectures = ("mlp-small", "mlp")
+    # A season is ~300 daily steps and the yield pays at its end: gamma 0.999 (with the
+    # biomass shaping); a replay buffer of many seasons.
+    sac_overrides = {"gamma": 0.999, "learning_rate": 3e-4, "buffer_size": 300_000, "learning_starts": 3000}
+    train_defaults = {"steps": 120_000, "eval_every": 10_000, "eval_episodes": 16}
+    baselines = METHODS
+    default_baselines = METHODS
+    safety_defaults = {"max_steps": 400, "max_duration_s": 3600.0, "max_excursion_steps": 1.0}
+    sim_interlocks = [{"name": "applicator_ok", "rule": "equals", "threshold": 1.0}]
+    summary_keys = ("yield_kg_ha", "n_applied_kg_ha", "profit", "nue", "fraction_of_hindsight")
+    scalars = {"eval/profit_median": ("profit", "median"), "eval/n_applied_median": ("n_applied_kg_ha", "median")}
+    eval_seed_base = 5_000_000
+    training_eval_errors = "train"  # checkpoints are chosen on training years: the test years stay unseen
+    safe_state_label = "no fertiliser (dose 0)"
+
+    def safe_settings(self, knobs, start):
+        return np.zeros(len(knobs))
+
+    def safety_limits(self, metadata: dict) -> dict:
+        """The defaults plus the rules of the season the policy was trained for: the
+        seasonal N cap (a budget over the season's writes, one per day) and no dose after
+        the last development stage (a gate on the ``dvs`` reading)."""
+        c = CropTaskConfig.model_validate(metadata.get("task_config", {}))
+        cap = {"knob": "dose", "direction": "positive", "per_write": 1.0, "window_writes": c.max_steps,
+               "limit": c.season_cap_kg_ha, "unit": "kg N/ha", "label": "seasonal N cap"}
+        gate = {"knob": "dose", "reading": "dvs", "above": c.last_application_dvs, "value": 0.0,
+                "label": "no N after the last development stage"}
+        return {**self.safety_defaults, "budgets": [cap], "gates": [gate]}
+
+    # -- setups ---------------------------------------------------------------------------
+    def shipped_setups(self) -> list[str]:
+        return shipped_yaml_names(SETUP_DIR)
+
+    def load_setup(self, name_or_path) -> CropSetup:
+        setup = load_shipped_or_file(CropSetup, SETUP_DIR, name_or_path, "crop setup", "setup")
+        fitted = best_fixed_file(setup.name)
+        if setup.best_fixed is None and str(name_or_path) in self.shipped_setups() and fitted.is_file():
+            setup = setup.model_copy(update={"best_fixed": Schedule(**json.loads(fitted.read_text())["schedule"])})
+        return setup
+
+    def error_presets(self) -> list[str]:
+        return sorted(PRESETS)
+
+    def load_errors(self, name_or_path) -> CropErrors:
+        """A season preset (``train``, ``test``: disjoint weather years) or a YAML file of :class:`CropErrors`."""
+        if str(name_or_path) in PRESETS:
+            return PRESETS[str(name_or_path)]
+        path = Path(str(name_or_path))
+        if not path.is_file():
+            raise ConfigError(f"seasons {name_or_path!r}: expected one of {', '.join(sorted(PRESETS))} or a YAML file")
+        return load_yaml_model(CropErrors, path)
+
+    def sim_plant(self, setup: CropSetup, errors: CropErrors) -> CropSimPlant:
+        return CropSimPlant(setup, errors)
+
+    def config_model(self) -> type:
+        return CropTaskConfig
+
+    @staticmethod
+    def task_config(setup: CropSetup, config: CropTaskConfig | None = None) -> CropTaskConfig:
+        """`config` (default the task's) with the setup's applicator limits and season rules."""
+        return (config or CropTaskConfig()).model_copy(update={
+            "max_dose_kg_ha": setup.max_dose_kg_ha, "min_dose_kg_ha": setup.min_dose_kg_ha,
+            "season_cap_kg_ha": setup.season_cap_kg_ha, "last_application_dvs": setup.last_application_dvs})
+
+    def make_task(self, setup, knobs: list[KnobSpec], readings: list[ReadingSpec], config) -> CropTask:
+        if setup is not None and not isinstance(setup, str):
+            config = self.task_config(setup, config)
+        return CropTask(config, reading_indices(readings))
+
+    def policy_metadata(self, setup: CropSetup, errors, config, task: CropTask) -> dict:
+        return {"lattice": {"name": setup.name, "crop": setup.crop, "variety": setup.variety,
+                            "max_dose_kg_ha": setup.max_dose_kg_ha},
+                "observation": {"size": int(task.observation_space.shape[0]),
+                                "layout": "DVS, LAI, biomass, crop N, soil N and their changes; rain, temperature, "
+                                          "N applied / cap, day, last dose"},
+                "action": {"size": 1, "unit": "fraction of the largest dose (<= 0: none)"}}
+
+    def check_policy(self, metadata: dict, setup: CropSetup) -> str | None:
+        trained = metadata.get("lattice", {})
+        mine = {"crop": setup.crop, "variety": setup.variety, "max_dose_kg_ha": setup.max_dose_kg_ha}
+        differ = [k for k, v in mine.items() if trained.get(k) != v]
+        if differ:
+            return (f"field 'metadata.lattice': policy was trained for {', '.join(f'{k}={trained.get(k)}' for k in differ)}, "
+                    f"setup {setup.name} has {', '.join(f'{k}={mine[k]}' for k in differ)}")
+        return None
+
+    # -- evaluation ----------------------------------------------------------------------
+    def summarise(self, episodes: list[EpisodeResult], context: dict) -> dict:
+        finals = [e.final for e in episodes]
+        return {"profit": percentile_summary([f["profit_usd_ha"] for f in finals]),
+                "yield_kg_ha": percentile_summary([f["grain_kg_ha"] for f in finals]),
+                "n_applied_kg_ha": {"median": percentile_summary([f["n_applied_kg_ha"] for f in finals])["median"]}}
+
+    def score(self, summary: dict) -> tuple:
+        return (summary["profit"]["median"], summary["profit"]["p5"])
+
+    def bar_met(self, summary: dict) -> bool:
+        return False  # the bar is relative to the baselines on the same seasons (benchmarks/crop.py)
+
+    def agent_runs(self, setup: CropSetup, errors: CropErrors, agent, seeds: list[int]) -> list:
+        """The agent's season runs on `seeds` (through the one episode loop)."""
+        from .baselines import season_result
+
+        plant = CropSimPlant(setup, errors)
+        task = self.task_for_policy(plant.knobs, plant.readings, agent.metadata)
+        runs = []
+        for s in seeds:
+            plant.reset(s)
+            getattr(agent, "begin", lambda: None)()
+            run_episode(task, plant, agent.act, seed=s)
+            runs.append(season_result(plant, task.config))
+        return runs
+
+    def evaluate(self, setup: CropSetup, errors: CropErrors, agent, episodes: int, seed: int, methods,
+                 budget=None, others: dict | None = None):
+        from .baselines import hindsight, run_schedule
+
+        config = (CropTaskConfig.model_validate(agent.metadata.get("task_config", {})) if agent is not None
+                  else self.task_config(setup))
+        seeds = list(range(seed, seed + episodes))
+        runs: dict[str, list] = {}
+        if agent is not None:
+            runs["agent"] = self.agent_runs(setup, errors, agent, seeds)
+        plant = CropSimPlant(setup, errors)
+        schedules = {"none": None, "expert": setup.expert}
+        notes = {}
+        if "best_fixed" in methods:
+            if setup.best_fixed is None:
+                notes["best_fixed"] = f"not fitted for {setup.name}: python -m simulators.crop.baselines fit --setup {setup.name}"
+            else:
+                schedules["best_fixed"] = setup.best_fixed
+        for name, schedule in schedules.items():
+            if name in methods:
+                runs[name] = [run_schedule(plant, s, schedule, config) for s in seeds]
+        if "hindsight" in methods:
+            start = (setup.best_fixed or setup.expert).doses
+            best = hindsight(setup, errors, seeds, config, start=start)
+            runs["hindsight"] = [run_schedule(plant, s, b, config) for s, b in zip(seeds, best)]
+        ceiling = [r.profit_usd_ha for r in runs["hindsight"]] if "hindsight" in runs else None
+        results = {name: method_summary(r, ceiling) for name, r in runs.items()}
+        for name, note in notes.items():
+            results[name] = {"note": note}
+        summary = {"task": self.name, "lattice": setup.name, "errors": errors.name, "episodes": episodes, "seed": seed,
+                   "economics": {"grain_price": config.grain_price, "n_cost": config.n_cost},
+                   "schedules": {k: v.model_dump() for k, v in schedules.items() if v is not None},
+                   "results": results}
+        plotted = {name: r[PLOTTED_SEASON] for name, r in runs.items() if r}
+        return summary, plotted
+
+    def results_table(self, summary: dict):
+        columns = ["method", "profit median ($/ha)", "profit p5", "yield median (kg/ha)", "N median (kg/ha)",
+                   "NUE (kg/kg N)", "of hindsight"]
+        rows = []
+        for name, r in summary["results"].items():
+            if "note" in r:
+                rows.append([name, r["note"], "", "", "", "", ""])
+                continue
+            fmt = lambda v, f="{:.0f}": "-" if v is None else f.format(v)  # noqa: E731
+            rows.append([name, fmt(r["profit"]["median"]), fmt(r["profit"]["p5"]), fmt(r["yield_kg_ha"]["median"]),
+                         fmt(r["n_applied_kg_ha"]["median"]), fmt(r["nue"]["median"], "{:.1f}"),
+                         fmt(r["fraction_of_hindsight"]["median"], "{:.1%}")])
+        return columns, rows
+
+    def plot_evaluation(self, setup: CropSetup, runs: dict, path: Path, title: str) -> Path | None:
+        from .evaluation import plot_crop_evaluation
+
+        return plot_crop_evaluation(runs, path, title) if runs else None
+
+    def panels(self, setup: CropSetup) -> list[dict]:
+        return [{"kind": "series", "title": "Crop", "readings": ["dvs", "lai"], "step_title": "day of the session",
+                 "caption": "development stage (0 emergence, 1 anthesis, 2 maturity); leaf area index"},
+                {"kind": "series", "title": "Biomass and grain", "readings": ["biomass", "grain"], "overlay": True,
+                 "value_title": "kg/ha", "step_title": "day of the session",
+                 "caption": "above-ground biomass and grain (kg/ha)"},
+                {"kind": "series", "title": "Nitrogen", "readings": ["soil_n", "crop_n", "applied"], "overlay": True,
+                 "value_title": "kg N/ha", "step_title": "day of the session",
+                 "caption": "soil mineral N, crop N and N applied against the seasonal cap",
+                 "limit": {"value": setup.season_cap_kg_ha, "label": "seasonal N cap"}},
+                {"kind": "settings", "title": "Applications", "step_title": "day of the session",
+                 "caption": "N dose spread each day (kg N/ha)"}]
+
+    def wiring(self, setup: CropSetup, knobs: list[KnobSpec]) -> tuple[list[float], str]:
+        return [1.0] * len(knobs), "kg N/ha"

@@ -1,0 +1,163 @@
+"""The crop task: the daily dose goes through the task into the soil and the books close,
+the task's rules hold, the reward is the season's economics, seasons are drawn from
+disjoint weather years, and the baselines do what they say."""
+
+import datetime as dt
+
+import numpy as np
+import pytest
+
+from core.config import ConfigError
+from core.registry import get_task
+from core.task import run_episode
+from simulators.crop.baselines import optimise_doses, run_schedule
+from simulators.crop.model import weather_provider
+from simulators.crop.task import PRESETS, CropTaskConfig, draw_field
+
+
+@pytest.fixture(scope="module")
+def crop():
+    definition = get_task("crop")
+    setup = definition.load_setup("wheat")
+    return definition, setup
+
+
+def field(crop, errors="train"):
+    definition, setup = crop
+    plant = definition.sim_plant(setup, definition.load_errors(errors))
+    return plant, definition.make_task(setup, plant.knobs, plant.readings, CropTaskConfig())
+
+
+class DoseOn:
+    """Asks for a fixed action on given days of the season, nothing otherwise."""
+
+    def __init__(self, days: dict[int, float]):
+        self.days, self.day = days, 0
+
+    def __call__(self, obs):
+        self.day += 1
+        return np.array([self.days.get(self.day, -1.0)])
+
+
+def test_doses_decided_through_the_task_reach_the_soil_and_the_n_books_close_every_day(crop):
+    plant, task = field(crop)
+    plant.reset(3)
+    residuals = []
+    policy = DoseOn({150: 0.3, 190: 0.6, 215: 0.45})  # 30, 60, 45 kg N/ha in spring
+
+    def check(step):
+        residuals.append(plant.season.n_balance()["residual"])
+
+    result = run_episode(task, plant, policy, on_step=check)
+    books = plant.season.n_balance()
+    assert result.terminated and result.final["n_applied_kg_ha"] == pytest.approx(135.0)
+    assert books["applied"] == pytest.approx(135.0) and books["in_transit"] == 0.0
+    assert max(abs(r) for r in residuals) < 0.1
+    assert sorted(d for d in plant.doses if d > 0) == pytest.approx([30.0, 45.0, 60.0])
+
+
+def test_the_task_spreads_nothing_below_the_minimum_after_the_last_stage_or_beyond_the_cap(crop):
+    plant, task = field(crop)
+    plant.reset(0)
+    task.start(plant)
+    v = dict(task._values(task.last_readings))
+    c = task.config
+    assert task.dose(np.array([-0.3])) == 0.0 and task.dose(np.array([1.0])) == c.max_dose_kg_ha
+    assert task.dose(np.array([0.03])) == 0.0  # 3 kg N/ha: below the applicator's minimum
+    assert task.dose(np.array([1.0]), {**v, "applied": c.season_cap_kg_ha - 20}) == pytest.approx(20.0)
+    assert task.dose(np.array([1.0]), {**v, "applied": c.season_cap_kg_ha - 2}) == 0.0
+    assert task.dose(np.array([1.0]), {**v, "dvs": c.last_application_dvs + 0.01}) == 0.0
+    result = run_episode(task, plant, lambda obs: np.array([1.0]))  # always the most: the cap holds
+    assert result.final["n_applied_kg_ha"] == pytest.approx(c.season_cap_kg_ha)
+
+
+def test_the_rewards_add_up_to_the_seasons_profit(crop):
+    """With the agent's discount at 1 the shaping telescopes: sum of rewards = profit - potential at sowing."""
+    definition, setup = crop
+    plant = definition.sim_plant(setup, definition.load_errors("train"))
+    config = CropTaskConfig(shaping_gamma=1.0)
+    task = definition.make_task(setup, plant.knobs, plant.readings, config)
+    plant.reset(1)
+    rewards = []
+    result = run_episode(task, plant, DoseOn({160: 0.6, 200: 0.6}), on_step=lambda s: rewards.append(s.reward))
+    start = task._values(task.initial_readings)
+    potential = config.grain_price * config.shaping_grain_per_biomass * start["biomass"]
+    profit = result.final["profit_usd_ha"]
+    assert profit == pytest.approx(config.grain_price * plant.season.variable("TWSO") - config.n_cost * 120.0)
+    assert sum(rewards) / config.reward_scale == pytest.approx(profit - potential, abs=0.01)
+    assert result.terminated and not result.truncated  # harvest ends the season
+
+
+def test_train_and_test_seasons_come_from_disjoint_weather_years_with_complete_weather(crop):
+    _, setup = crop
+    assert not set(PRESETS["train"].years) & set(PRESETS["test"].years)
+    weather = weather_provider(setup.weather)
+    for errors in PRESETS.values():
+        for year in errors.years:
+            first = dt.date(year, setup.sowing_month, setup.sowing_day) + dt.timedelta(days=errors.sowing_shift_days[0])
+            for day in range(setup.max_duration + errors.sowing_shift_days[1] - errors.sowing_shift_days[0] + 1):
+                weather(first + dt.timedelta(days=day))  # raises on a gap
+    a, b = draw_field(setup, PRESETS["test"], 9), draw_field(setup, PRESETS["test"], 9)
+    assert a == b and a != draw_field(setup, PRESETS["train"], 9)
+    initial_n = [draw_field(setup, PRESETS["train"], s).site.NAVAILI for s in range(40)]
+    assert min(initial_n) < 25 and max(initial_n) > 65  # the field varies, not only the weather
+
+
+def test_a_season_with_a_gap_in_its_weather_is_refused_naming_the_day(crop):
+    definition, setup = crop
+    errors = PRESETS["train"].model_copy(update={"name": "gap", "years": (1991,)})
+    plant = definition.sim_plant(setup, errors)
+    with pytest.raises(ConfigError, match=r"weather 'NL1', season sown 1991-.*No weather data for 1991-"):
+        plant.reset(0)
+
+
+def test_the_expert_splits_at_its_stages_and_more_n_pays_on_an_n_limited_season(crop):
+    definition, setup = crop
+    plant, task = field(crop)
+    config = definition.task_config(setup)
+    none, expert = run_schedule(plant, 0, None, config), run_schedule(plant, 0, setup.expert, config)
+    days = [d for d, dose in enumerate(expert.doses) if dose > 0]
+    assert [expert.doses[d] for d in days] == list(setup.expert.doses)
+    dvs = [expert.trace[d]["dvs"] for d in days]  # the stage on the day each dose was decided
+    assert all(s >= at for s, at in zip(dvs, setup.expert.at)) and dvs == sorted(dvs)
+    assert expert.grain_kg_ha > none.grain_kg_ha + 2000 and expert.profit_usd_ha > none.profit_usd_ha
+
+
+def test_optimised_doses_follow_the_season_less_n_where_water_limits_the_yield(crop):
+    """Train season 5 is water-limited (its yield saturates near 120 kg N/ha), season 0 is N-hungry."""
+    definition, setup = crop
+    config = definition.task_config(setup)
+    errors = definition.load_errors("train")
+    dry, dry_profit = optimise_doses(setup, errors, [5], config, evaluations=25)
+    hungry, hungry_profit = optimise_doses(setup, errors, [0], config, evaluations=25)
+    plant, _ = field(crop)
+    assert sum(dry.doses) < sum(hungry.doses) - 30
+    assert dry_profit >= run_schedule(plant, 5, setup.expert, config).profit_usd_ha
+    assert hungry_profit > run_schedule(plant, 0, setup.expert, config).profit_usd_ha
+
+
+def test_a_policy_for_another_crop_is_refused(crop):
+    definition, setup = crop
+    maize = definition.load_setup("maize")
+    metadata = {"lattice": {"crop": "wheat", "variety": setup.variety, "max_dose_kg_ha": setup.max_dose_kg_ha}}
+    assert definition.check_policy(metadata, setup) is None
+    assert "crop=wheat" in definition.check_policy(metadata, maize)
+
+
+def test_tbsac_evaluate_crop_reports_every_method_and_refuses_an_unknown_crop(run_cli, tmp_path):
+    import json
+
+    proc = run_cli("evaluate", "crop", "--crop", "wheat", "--policy", "none", "--seasons", "2", "--seed", "0",
+                   "--methods", "none,expert,best_fixed", "--json", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    results = out["results"]
+    assert set(results) == {"none", "expert", "best_fixed"} and out["episodes"] == 2
+    for r in results.values():
+        assert set(r) == {"yield_kg_ha", "n_applied_kg_ha", "profit", "nue", "fraction_of_hindsight"}
+        assert r["profit"]["p5"] <= r["profit"]["median"]
+    assert results["none"]["n_applied_kg_ha"]["median"] == 0 and results["none"]["nue"]["median"] is None
+    assert results["expert"]["n_applied_kg_ha"]["median"] == 160
+    assert results["expert"]["yield_kg_ha"]["median"] > results["none"]["yield_kg_ha"]["median"]
+    bad = run_cli("evaluate", "crop", "--crop", "rice", "--policy", "none", "--seasons", "1", timeout=120)
+    assert bad.returncode == 2 and "rice" in bad.stderr and "wheat" in bad.stderr, bad.stderr
