@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
 from core.plant import ConnectionLost, Event, InterlockRuleKind, Plant, PlantFault, Readings, knob_bounds, knob_steps, knob_tolerances
 
@@ -50,17 +50,34 @@ class CumulativeLimit(BaseModel):
 
 
 class ReadingGate(BaseModel):
-    """A knob held at `value` while a reading is above a level, e.g. no fertiliser after
-    a crop's last development stage: a write asking for more is cut to `value` (recorded).
-    Judged on the last reading the guard checked, before the write."""
+    """A knob held at `value` while a reading is above (or below) a level, e.g. no
+    fertiliser after a crop's last development stage: a write asking for anything else is
+    cut to `value` (recorded). Judged on the last reading the guard checked, before the write."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     knob: str
     reading: str
-    above: float
+    above: float | None = None
+    below: float | None = None
     value: float = 0.0
     label: str = "reading gate"
+
+    @model_validator(mode="after")
+    def _one_level(self):
+        if (self.above is None) == (self.below is None):
+            raise ValueError(f"gate {self.label!r}: give exactly one of 'above' and 'below'")
+        return self
+
+    def closed(self, level: float) -> bool:
+        """The gate holds the knob at this reading (an unreadable reading holds it too)."""
+        if not np.isfinite(level):
+            return True
+        return level > self.above if self.above is not None else level < self.below
+
+    def describe(self, level: float) -> str:
+        return (f"{self.reading} {level:.4g} above {self.above:.4g}" if self.above is not None
+                else f"{self.reading} {level:.4g} below {self.below:.4g}")
 
 
 class SafetyConfig(BaseModel):
@@ -357,9 +374,9 @@ class GuardedPlant(Plant):
                 self._trip(f"safety gate {gate.label!r}: no knob {gate.knob!r} or no reading {gate.reading!r} "
                            f"(knobs: {', '.join(knobs)}; readings: {', '.join(readings)})")
             i, level = knobs.index(gate.knob), self.last_readings.values[readings.index(gate.reading)]
-            if level > gate.above and abs(safe[i] - gate.value) > 1e-12:
+            if gate.closed(level) and abs(safe[i] - gate.value) > 1e-12:
                 if record:
-                    self._record("clamp", f"{gate.label}: {gate.reading} {level:.4g} above {gate.above:.4g}, "
+                    self._record("clamp", f"{gate.label}: {gate.describe(level)}, "
                                  f"{gate.knob} {safe[i]:.4g} -> {gate.value:.4g}", knobs=[gate.knob],
                                  before=[float(safe[i])], after=[gate.value])
                 safe = safe.copy()

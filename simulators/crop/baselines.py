@@ -47,13 +47,14 @@ class SeasonRun:
 
 
 def run_schedule(plant: CropSimPlant, seed: int, schedule: Schedule | None, config: CropTaskConfig) -> SeasonRun:
-    """Season `seed` on `plant` with `schedule` (None: no N) under the task's rules."""
+    """Season `seed` on `plant` with `schedule` (None: no N) under the task's rules: a
+    split whose trigger comes before the first development stage allowed waits for it."""
     plant.reset(seed)
     done = [False] * (len(schedule.at) if schedule else 0)
     while not plant.season.done:
         state, applied = plant.season.state(), plant.season.applied
         dose = 0.0
-        if schedule and state["dvs"] <= config.last_application_dvs:
+        if schedule and config.first_application_dvs <= state["dvs"] <= config.last_application_dvs:
             clock = state["dvs"] if schedule.trigger == "dvs" else plant.season.days
             for i, (at, amount) in enumerate(zip(schedule.at, schedule.doses)):
                 if not done[i] and clock >= at:
@@ -80,10 +81,16 @@ def _mean_profit(doses, setup: CropSetup, errors: CropErrors, seeds, config: Cro
 def optimise_doses(setup: CropSetup, errors: CropErrors, seeds, config: CropTaskConfig, start=None,
                    evaluations: int = FIT_EVALUATIONS, crop_dir=None) -> tuple[Schedule, float]:
     """The expert's splits with doses maximising the mean profit over `seeds` (bounded
-    Powell, at most `evaluations` schedule evaluations); (schedule, mean profit)."""
-    x0 = np.asarray(start if start is not None else setup.expert.doses, dtype=float)
+    Powell from the better of `start` (default the expert's doses) and those doses scaled
+    to fill the seasonal cap, at most `evaluations` schedule evaluations in all);
+    (schedule, mean profit)."""
+    given = np.asarray(start if start is not None else setup.expert.doses, dtype=float)
+    filled = np.clip(given * config.season_cap_kg_ha / max(given.sum(), 1e-9), 0.0, config.max_dose_kg_ha)
+    candidates = [(-_mean_profit(x, setup, errors, seeds, config, crop_dir), i, x) for i, x in enumerate((given, filled))]
+    f0, _, x0 = min(candidates, key=lambda c: c[:2])
     bounds = [(0.0, config.max_dose_kg_ha)] * len(x0)
-    best = {"x": x0, "f": -_mean_profit(x0, setup, errors, seeds, config, crop_dir)}
+    best = {"x": x0, "f": f0}
+    evaluations -= len(candidates)
 
     def objective(x):
         f = -_mean_profit(x, setup, errors, seeds, config, crop_dir)

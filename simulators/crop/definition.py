@@ -78,13 +78,15 @@ class CropDefinition(TaskDefinition):
     def safety_limits(self, metadata: dict) -> dict:
         """The defaults plus the rules of the season the policy was trained for: the
         seasonal N cap (a budget over the season's writes, one per day) and no dose after
-        the last development stage (a gate on the ``dvs`` reading)."""
+        the last development stage nor before the first (gates on the ``dvs`` reading)."""
         c = CropTaskConfig.model_validate(metadata.get("task_config", {}))
         cap = {"knob": "dose", "direction": "positive", "per_write": 1.0, "window_writes": c.max_steps,
                "limit": c.season_cap_kg_ha, "unit": "kg N/ha", "label": "seasonal N cap"}
-        gate = {"knob": "dose", "reading": "dvs", "above": c.last_application_dvs, "value": 0.0,
-                "label": "no N after the last development stage"}
-        return {**self.safety_defaults, "budgets": [cap], "gates": [gate]}
+        gates = [{"knob": "dose", "reading": "dvs", "above": c.last_application_dvs, "value": 0.0,
+                  "label": "no N after the last development stage"},
+                 {"knob": "dose", "reading": "dvs", "below": c.first_application_dvs, "value": 0.0,
+                  "label": "no N before the first development stage"}]
+        return {**self.safety_defaults, "budgets": [cap], "gates": gates}
 
     # -- setups ---------------------------------------------------------------------------
     def shipped_setups(self) -> list[str]:
@@ -120,7 +122,8 @@ class CropDefinition(TaskDefinition):
         """`config` (default the task's) with the setup's applicator limits and season rules."""
         return (config or CropTaskConfig()).model_copy(update={
             "max_dose_kg_ha": setup.max_dose_kg_ha, "min_dose_kg_ha": setup.min_dose_kg_ha,
-            "season_cap_kg_ha": setup.season_cap_kg_ha, "last_application_dvs": setup.last_application_dvs})
+            "season_cap_kg_ha": setup.season_cap_kg_ha, "first_application_dvs": setup.first_application_dvs,
+            "last_application_dvs": setup.last_application_dvs})
 
     def make_task(self, setup, knobs: list[KnobSpec], readings: list[ReadingSpec], config) -> CropTask:
         if setup is not None and not isinstance(setup, str):

@@ -13,7 +13,8 @@ grain and a harvested flag. Each write runs one day.
   share of the seasonal cap; days since sowing; the last dose;
 - action ``a in [-1, 1]``: dose ``max(a, 0) x max_dose`` (half the action range is "no
   N today", so most days cost nothing); doses below ``min_dose`` are not spread, none
-  after ``last_application_dvs``, and the seasonal cap is never exceeded;
+  outside development stages ``first_application_dvs`` to ``last_application_dvs``, and
+  the seasonal cap is never exceeded;
 - reward: economic. Each day ``- N cost x N applied that day``; at harvest ``+ grain price
   x grain yield - residual soil N x penalty``; plus potential-based shaping (Ng et al.
   1999) valuing the standing biomass at ``shaping_grain_per_biomass`` kg grain per kg:
@@ -87,6 +88,8 @@ class CropSetup(BaseModel):
     max_dose_kg_ha: PositiveFloat = Field(100.0, description="largest dose in one application")
     min_dose_kg_ha: NonNegativeFloat = Field(5.0, description="smaller doses are not spread")
     season_cap_kg_ha: PositiveFloat = Field(250.0, description="seasonal N cap")
+    first_application_dvs: float = Field(0.1, description="no application before this development stage (a winter "
+                                         "crop: before spring growth, as the closed period for spreading N requires)")
     last_application_dvs: float = Field(1.0, description="no application after this development stage")
     n_recovery: float = Field(0.7, gt=0, le=1)
     soil: Soil = Soil()
@@ -215,6 +218,7 @@ class CropTaskConfig(BaseModel):
     max_dose_kg_ha: PositiveFloat = 100.0
     min_dose_kg_ha: NonNegativeFloat = 5.0
     season_cap_kg_ha: PositiveFloat = 250.0
+    first_application_dvs: float = 0.1
     last_application_dvs: float = 1.0
 
 
@@ -295,7 +299,8 @@ class CropTask(Task):
         c, v = self.config, readings or self._values(self._last)
         dose = float(np.clip(np.asarray(action, dtype=float)[0], 0.0, 1.0)) * c.max_dose_kg_ha
         dose = min(dose, max(0.0, c.season_cap_kg_ha - v["applied"]))
-        if dose < c.min_dose_kg_ha or v["dvs"] > c.last_application_dvs or v["harvested"] >= 0.5:
+        if (dose < c.min_dose_kg_ha or not c.first_application_dvs <= v["dvs"] <= c.last_application_dvs
+                or v["harvested"] >= 0.5):
             return 0.0
         return dose
 

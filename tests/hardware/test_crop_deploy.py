@@ -23,9 +23,9 @@ class DoseOnCalls:
 
     task, path, sha256 = "crop", None, ""
 
-    def __init__(self, doses: dict[int, float], max_steps: int = 60, after=None):
+    def __init__(self, doses: dict[int, float], max_steps: int = 60, after=None, first_dvs: float = 0.1):
         self.doses, self.after, self.calls = doses, after, 0
-        self.metadata = {"task": "crop", "task_config": {"max_steps": max_steps}}
+        self.metadata = {"task": "crop", "task_config": {"max_steps": max_steps, "first_application_dvs": first_dvs}}
 
     def act(self, obs):
         self.calls += 1
@@ -67,7 +67,9 @@ def dose_is_off(ioc) -> bool:
 def test_days_over_channel_access_give_the_simulations_doses_and_crop(start_ioc, tmp_path):
     ioc = field_ioc(start_ioc)
     machine, plant = connect(ioc)
-    policy = DoseOnCalls({5: 1.0, 20: 0.5, 40: 0.75})
+    # The IOC's season starts at sowing: this policy may spread from the start (its task's
+    # first stage is before sowing), so days of doses fit in a short test.
+    policy = DoseOnCalls({5: 1.0, 20: 0.5, 40: 0.75}, first_dvs=-1.0)
     result = session(machine, plant, policy, tmp_path)
     assert result.status == "not_converged" and result.steps == 60 and not result.trips, result.trips
     assert result.restored and dose_is_off(ioc)  # the season is not over: the agent lets go, nothing spread
@@ -81,7 +83,7 @@ def test_days_over_channel_access_give_the_simulations_doses_and_crop(start_ioc,
     sim.reset(SEED)
     for _ in range(int(result.events[0].data["readings"][0])):
         sim.write_knobs([0.0])
-    sim_result = run_session(sim, DoseOnCalls({5: 1.0, 20: 0.5, 40: 0.75}),
+    sim_result = run_session(sim, DoseOnCalls({5: 1.0, 20: 0.5, 40: 0.75}, first_dvs=-1.0),
                              interlocks=[InterlockRule(**r) for r in definition.sim_interlocks])
     field = np.array([r.readings for r in result.step_records])
     simulated = np.array([r.readings for r in sim_result.step_records])
@@ -97,7 +99,7 @@ def trip_session(start_ioc, tmp_path, inject, **machine_overrides):
         if calls == 5:
             inject(ioc)
 
-    result = session(machine, plant, DoseOnCalls({k: 0.5 for k in range(1, 60)}, after=after), tmp_path)
+    result = session(machine, plant, DoseOnCalls({k: 0.5 for k in range(1, 60)}, after=after, first_dvs=-1.0), tmp_path)
     assert result.status == "tripped" and result.restored, result.trips
     assert dose_is_off(ioc)  # safe state: nothing spread, verified
     assert any(e.kind == "restore" and e.reason.startswith("no fertiliser (dose 0)") for e in result.events)

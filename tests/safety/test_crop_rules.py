@@ -36,7 +36,7 @@ def test_the_seasonal_cap_and_the_last_stage_gate_hold_against_a_writer_asking_f
         guard.write_knobs(np.array([60.0]))
         guard.read()
     cap = config.budgets[0].limit
-    assert plant.season.applied == pytest.approx(cap)  # 60 a day until the cap: then nothing
+    assert plant.season.applied == pytest.approx(cap)  # 60 a day from spring growth until the cap: then nothing
     clamps = [e.reason for e in guard.events if e.kind == "clamp"]
     assert any(r.startswith("seasonal N cap: 240 of 250") and r.endswith("dose 60 -> 10") for r in clamps), clamps[:5]
     # after the cap, the gate also holds: every write past the last stage was cut to zero
@@ -79,3 +79,24 @@ def test_an_applicator_fault_trips_and_the_dose_goes_to_zero(field, tmp_path):
         guard.read()
     assert guard.tripped.restored and plant.read_knobs()[0] == 0.0
     assert any(e.kind == "restore" and e.reason.startswith("no fertiliser (dose 0) restored") for e in guard.events)
+
+
+def test_winter_doses_are_held_at_zero_by_the_first_stage_gate(field, tmp_path):
+    definition, plant, config = field
+    guard = guarded(definition, plant, config, tmp_path)
+    for _ in range(10):  # autumn, just after sowing
+        guard.write_knobs(np.array([50.0]))
+        guard.read()
+    assert plant.season.applied == 0.0
+    clamps = [e.reason for e in guard.events if e.kind == "clamp"]
+    assert len(clamps) == 10 and all(c.startswith("no N before the first development stage: dvs") for c in clamps)
+
+
+def test_a_gate_needs_exactly_one_level():
+    from pydantic import ValidationError
+
+    from safety.guard import ReadingGate
+
+    with pytest.raises(ValidationError, match="exactly one of 'above' and 'below'"):
+        ReadingGate(knob="dose", reading="dvs", above=1.0, below=0.1)
+    assert ReadingGate(knob="dose", reading="dvs", below=0.1).closed(float("nan"))  # unreadable: held

@@ -60,10 +60,12 @@ def test_the_task_spreads_nothing_below_the_minimum_after_the_last_stage_or_beyo
     plant, task = field(crop)
     plant.reset(0)
     task.start(plant)
-    v = dict(task._values(task.last_readings))
     c = task.config
-    assert task.dose(np.array([-0.3])) == 0.0 and task.dose(np.array([1.0])) == c.max_dose_kg_ha
-    assert task.dose(np.array([0.03])) == 0.0  # 3 kg N/ha: below the applicator's minimum
+    sown = dict(task._values(task.last_readings))
+    assert sown["dvs"] < c.first_application_dvs and task.dose(np.array([1.0])) == 0.0  # autumn: no N
+    v = {**sown, "dvs": 0.5}  # spring
+    assert task.dose(np.array([-0.3]), v) == 0.0 and task.dose(np.array([1.0]), v) == c.max_dose_kg_ha
+    assert task.dose(np.array([0.03]), v) == 0.0  # 3 kg N/ha: below the applicator's minimum
     assert task.dose(np.array([1.0]), {**v, "applied": c.season_cap_kg_ha - 20}) == pytest.approx(20.0)
     assert task.dose(np.array([1.0]), {**v, "applied": c.season_cap_kg_ha - 2}) == 0.0
     assert task.dose(np.array([1.0]), {**v, "dvs": c.last_application_dvs + 0.01}) == 0.0
