@@ -195,3 +195,21 @@ def test_a_bubble_session_draws_position_against_target_and_the_amplitudes(serve
     amplitudes = [c for c in charts if c.get("encoding", {}).get("color", {}).get("field") == "knob"
                   and c["encoding"].get("x", {}).get("field") == "step"]
     assert len(amplitudes) == 1 and amplitudes[0]["encoding"]["column"]["field"] == "unit"
+
+
+def test_a_crop_session_draws_the_season_and_n_against_the_cap(server):
+    """The crop's panels come from its task through the registry: crop state, N on one
+    chart with the seasonal cap as a rule, and the applications (dose against the day)."""
+    import json
+
+    sid = run_session(server, machine="sim-wheat", seed=1)
+    session = httpx.get(f"{server}/api/sessions/{sid}").json()
+    assert session["status"] == "completed", session.get("trips")
+    at = app_test("history.py")
+    assert not at.exception
+    assert all(title in texts(at) for title in ("Crop", "Biomass and grain", "Nitrogen", "Applications"))
+    charts = [json.loads(c.proto.spec) for c in at.get("vega_lite_chart")]
+    capped = [c for c in charts if "layer" in c and any(layer.get("mark", {}).get("type") == "rule" for layer in c["layer"])]
+    assert len(capped) == 1
+    rule = next(d for d in capped[0]["datasets"].values() if d and "label" in d[0])
+    assert rule == [{"value": 250.0, "label": "seasonal N cap"}]
