@@ -163,3 +163,11 @@ def test_tbsac_evaluate_crop_reports_every_method_and_refuses_an_unknown_crop(ru
     assert results["expert"]["yield_kg_ha"]["median"] > results["none"]["yield_kg_ha"]["median"]
     bad = run_cli("evaluate", "crop", "--crop", "rice", "--policy", "none", "--seasons", "1", timeout=120)
     assert bad.returncode == 2 and "rice" in bad.stderr and "wheat" in bad.stderr, bad.stderr
+
+
+def test_the_evaluation_figure_shows_each_methods_season(crop, tmp_path):
+    definition, setup = crop
+    summary, runs = definition.evaluate(setup, definition.load_errors("test"), None, 1, 0, ("none", "expert"))
+    assert set(runs) == {"none", "expert"} and summary["results"]["expert"]["fraction_of_hindsight"]["median"] is None
+    path = definition.plot_evaluation(setup, runs, tmp_path / "crop.png", "wheat, test")
+    assert path.stat().st_size > 20_000 and path.read_bytes()[:4] == b"\x89PNG"

@@ -211,5 +211,5 @@ def test_a_crop_session_draws_the_season_and_n_against_the_cap(server):
     charts = [json.loads(c.proto.spec) for c in at.get("vega_lite_chart")]
     capped = [c for c in charts if "layer" in c and any(layer.get("mark", {}).get("type") == "rule" for layer in c["layer"])]
     assert len(capped) == 1
-    rule = next(d for d in capped[0]["datasets"].values() if d and "label" in d[0])
-    assert rule == [{"value": 250.0, "label": "seasonal N cap"}]
+    rule = next(layer for layer in capped[0]["layer"] if layer.get("mark", {}).get("type") == "rule")
+    assert rule["encoding"]["y"] == {"datum": 250.0} and rule["encoding"]["tooltip"] == {"value": "seasonal N cap: 250"}

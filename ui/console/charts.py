@@ -104,8 +104,8 @@ def series_chart(panel: dict, machine: dict, start, steps: list[dict], upto: int
         )
         limit = panel.get("limit")  # a level the readings are held against (e.g. a seasonal cap)
         if limit:
-            rule = alt.Chart(pd.DataFrame([limit])).mark_rule(color="firebrick", strokeDash=[6, 3]).encode(
-                y="value:Q", tooltip=["label", "value"])
+            rule = alt.Chart().mark_rule(color="firebrick", strokeDash=[6, 3]).encode(
+                y=alt.datum(limit["value"]), tooltip=alt.value(f"{limit.get('label', 'limit')}: {limit['value']:g}"))
             lines = alt.layer(lines, rule)
         return lines.properties(width=560, height=220, title=panel.get("caption", ""))
     charts = []
