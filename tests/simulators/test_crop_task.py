@@ -171,3 +171,14 @@ def test_the_evaluation_figure_shows_each_methods_season(crop, tmp_path):
     assert set(runs) == {"none", "expert"} and summary["results"]["expert"]["fraction_of_hindsight"]["median"] is None
     path = definition.plot_evaluation(setup, runs, tmp_path / "crop.png", "wheat, test")
     assert path.stat().st_size > 20_000 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_hindsight_ceiling_is_optimised_per_season_in_worker_processes(crop):
+    """Two seasons, two worker processes: each season's own optimum, never below the best
+    fixed schedule it starts from (the shares of the ceiling are per season, in order)."""
+    definition, setup = crop
+    summary, _ = definition.evaluate(setup, definition.load_errors("test"), None, 2, 3, ("best_fixed", "hindsight"))
+    fixed, ceiling = summary["results"]["best_fixed"], summary["results"]["hindsight"]
+    assert ceiling["fraction_of_hindsight"]["median"] == 1.0
+    assert 0.9 < fixed["fraction_of_hindsight"]["median"] <= 1.0
+    assert ceiling["profit"]["median"] >= fixed["profit"]["median"]
