@@ -125,6 +125,7 @@ def test_the_expert_splits_at_its_stages_and_more_n_pays_on_an_n_limited_season(
     assert expert.grain_kg_ha > none.grain_kg_ha + 2000 and expert.profit_usd_ha > none.profit_usd_ha
 
 
+@pytest.mark.slow  # ~25 s: 50 whole seasons
 def test_optimised_doses_follow_the_season_less_n_where_water_limits_the_yield(crop):
     """Train season 5 is water-limited (its yield saturates near 120 kg N/ha), season 0 is N-hungry."""
     definition, setup = crop
@@ -173,6 +174,7 @@ def test_the_evaluation_figure_shows_each_methods_season(crop, tmp_path):
     assert path.stat().st_size > 20_000 and path.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow  # ~25 s: 80 whole seasons in two processes; the benchmark runs it on 40 seasons
 def test_the_hindsight_ceiling_is_optimised_per_season_in_worker_processes(crop):
     """Two seasons, two worker processes: each season's own optimum, never below the best
     fixed schedule it starts from (the shares of the ceiling are per season, in order)."""
