@@ -368,12 +368,12 @@ class GuardedPlant(Plant):
 
     def _through_gates(self, safe: np.ndarray, record: bool = True) -> np.ndarray:
         """`safe` with every gated knob held at its gate's value while the gate's reading is above its level."""
-        knobs, readings = [k.name for k in self.knobs], [r.name for r in self.readings]
+        knobs, readings = [k.name for k in self.knobs], [r.name.lower() for r in self.readings]  # as tasks match readings
         for gate in self.config.gates:
-            if gate.knob not in knobs or gate.reading not in readings:
+            if gate.knob not in knobs or gate.reading.lower() not in readings:
                 self._trip(f"safety gate {gate.label!r}: no knob {gate.knob!r} or no reading {gate.reading!r} "
-                           f"(knobs: {', '.join(knobs)}; readings: {', '.join(readings)})")
-            i, level = knobs.index(gate.knob), self.last_readings.values[readings.index(gate.reading)]
+                           f"(knobs: {', '.join(knobs)}; readings: {', '.join(r.name for r in self.readings)})")
+            i, level = knobs.index(gate.knob), self.last_readings.values[readings.index(gate.reading.lower())]
             if gate.closed(level) and abs(safe[i] - gate.value) > 1e-12:
                 if record:
                     self._record("clamp", f"{gate.label}: {gate.describe(level)}, "
