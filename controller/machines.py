@@ -137,11 +137,15 @@ def open_machine(name_or_path: str, seed: int = 0, errors: str | None = None, co
                    path, machine)
 
 
-def _layout(definition: TaskDefinition, setup, plant: Plant) -> dict:
-    """What a console needs to draw a machine: knobs (units, limits), readings, metrics, panels."""
+def _layout(definition: TaskDefinition, setup, plant: Plant, machine_file=None) -> dict:
+    """What a console needs to draw a machine: knobs (simulator units and limits, and the
+    machine file's engineering unit and signed scale per simulator unit), readings,
+    metrics, panels. A simulated machine's engineering units are its simulator units."""
+    wired = [(c.unit, c.scale) for c in machine_file.knobs] if machine_file else [(k.unit, 1.0) for k in plant.knobs]
     return {
         "task": definition.name,
-        "knobs": [{"name": k.name, "unit": k.unit, "lower": k.lower, "upper": k.upper} for k in plant.knobs],
+        "knobs": [{"name": k.name, "unit": k.unit, "lower": k.lower, "upper": k.upper,
+                   "engineering": {"unit": unit, "scale": scale}} for k, (unit, scale) in zip(plant.knobs, wired)],
         "readings": [{"name": r.name, "unit": r.unit} for r in plant.readings],
         "metrics": [dataclasses.asdict(m) for m in definition.metrics],
         "panels": definition.panels(setup),
@@ -162,7 +166,7 @@ def list_machines() -> tuple[dict, ...]:
             definition, setup, reference = machine_setup(machine, path)
             out.append({"name": machine.name, "kind": "epics", "lattice": machine.lattice, "description": machine.description,
                         "interlocks": [i.name for i in machine.interlocks],
-                        **_layout(definition, setup, epics_plant(machine, path, reference))})
+                        **_layout(definition, setup, epics_plant(machine, path, reference), machine)})
     # Machine files by task in registration order (the beamline first: a console's default
     # choice is the first machine), then by name.
     order = {name: i for i, name in enumerate(task_names())}

@@ -178,6 +178,32 @@ def test_knob_chart_keeps_tesla_and_mrad_on_separate_axes():
     assert "facet" not in orbit and orbit["layer"][0]["encoding"]["y"]["title"] == "setting (simulator units)"
 
 
+def test_proposals_and_knobs_are_shown_in_the_machine_files_units_largest_change_first():
+    """A cryomodule's correctors in amperes with the machine file's scale and polarity
+    (1.85 A per unit, vertical ones -1.85); simulator units on request; a setting at its
+    limit is flagged."""
+    from controller.machines import list_machines
+    from ui.console.charts import knob_chart, proposal_table
+
+    machine = {m["name"]: m for m in list_machines()}["virtual-cafe2-cm1"]
+    names = [k["name"] for k in machine["knobs"]]
+    current = [0.0] * len(names)
+    proposed = [0.0] * len(names)
+    proposed[0], proposed[1], proposed[2] = 0.3, 0.5, 20.0  # DCH1, DCV1, DCH2 (DCH2 at its 20-unit = 37 A limit)
+    table = proposal_table(machine, {"names": names, "current": current, "proposed": proposed})
+    assert list(table["knob"][:3]) == ["DCH2", "DCV1", "DCH1"] and set(table["unit"]) == {"A"}
+    rows = table.set_index("knob")
+    assert rows.loc["DCH1", "proposed"] == pytest.approx(0.555) and rows.loc["DCV1", "change"] == pytest.approx(-0.925)
+    assert rows.loc["DCH2", "limit"] == "AT/NEAR LIMIT" and rows.loc["DCH1", "limit"] == ""
+    assert rows.loc["DCH1", "of range"] == pytest.approx(0.555 / 74.0)
+    raw = proposal_table(machine, {"names": names, "current": current, "proposed": proposed}, simulator_units=True)
+    assert raw.set_index("knob").loc["DCV1", "proposed"] == pytest.approx(0.5)
+    chart = knob_chart(machine, proposed).to_dict()
+    assert chart["layer"][0]["encoding"]["y"]["title"] == "setting (A)"
+    rows = next(iter(chart["datasets"].values()))
+    assert rows[1]["setting"] == pytest.approx(-0.925) and (rows[1]["lower"], rows[1]["upper"]) == (-37.0, 37.0)
+
+
 def test_a_bubble_session_draws_position_against_target_and_the_amplitudes(server):
     """The bubble's panels come from its task through the registry: an overlaid series
     (position and target on one chart) and the knobs' settings against the interval."""

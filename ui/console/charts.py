@@ -11,6 +11,7 @@ power, one chart each or, with ``overlay``, on one chart (a position and its tar
 from __future__ import annotations
 
 import altair as alt
+import numpy as np
 import pandas as pd
 
 WHEN = alt.Scale(domain=["start", "current"], range=["#999999", "#1f77b4"])
@@ -157,12 +158,54 @@ def panel_charts(machine: dict, start, current, session: dict | None = None, ste
     return out
 
 
-def knob_chart(machine: dict, settings) -> alt.Chart:
-    """Knob settings against their limits; one panel per unit (knobs in T and mrad don't share an axis)."""
+def engineering(knob: dict, simulator_units: bool = False) -> tuple[str, float]:
+    """(unit, signed scale per simulator unit) a knob is shown in: the machine file's
+    engineering unit (e.g. A), or the simulator's unit on request."""
+    wired = knob.get("engineering")
+    if simulator_units or not wired:
+        return knob.get("unit", "units"), 1.0
+    return wired["unit"], float(wired["scale"])
+
+
+def knob_limits(knob: dict, simulator_units: bool = False) -> tuple[float, float]:
+    _, scale = engineering(knob, simulator_units)
+    return tuple(sorted((knob["lower"] * scale, knob["upper"] * scale)))
+
+
+NEAR_LIMIT = 0.05  # a setting within 5 % of its range from a limit is flagged
+
+
+def proposal_table(machine: dict, pending: dict, simulator_units: bool = False) -> pd.DataFrame:
+    """A proposed step in the units an operator reads: per knob now, proposed, change and
+    the change's share of the knob's range, largest changes first; knobs the proposal
+    puts at or near a limit are flagged."""
+    by_name = {k["name"]: k for k in machine["knobs"]}
+    rows = []
+    for name, now, proposed in zip(pending["names"], pending["current"], pending["proposed"]):
+        knob = by_name.get(name, {"name": name, "lower": -np.inf, "upper": np.inf})
+        unit, scale = engineering(knob, simulator_units)
+        lower, upper = knob_limits(knob, simulator_units)
+        span = upper - lower
+        value = proposed * scale
+        near = np.isfinite(span) and min(value - lower, upper - value) <= NEAR_LIMIT * span
+        rows.append({"knob": name, "unit": unit, "now": now * scale, "proposed": value, "change": (proposed - now) * scale,
+                     "of range": abs(proposed - now) * abs(scale) / span if np.isfinite(span) and span > 0 else None,
+                     "limit": "AT/NEAR LIMIT" if near else ""})
+    table = pd.DataFrame(rows)
+    return table.sort_values("of range", ascending=False, key=lambda c: c.fillna(0), kind="stable").reset_index(drop=True)
+
+
+def knob_chart(machine: dict, settings, simulator_units: bool = False) -> alt.Chart:
+    """Knob settings against their limits, in engineering units (the simulator's on request);
+    one panel per unit (knobs in T and mrad don't share an axis)."""
     names = [k["name"] for k in machine["knobs"]]
     values = ordered(settings, names)
-    rows = [{"knob": k["name"], "setting": (values[i] if values else 0.0), "unit": k.get("unit", "units"),
-             "lower": k.get("lower"), "upper": k.get("upper")} for i, k in enumerate(machine["knobs"])]
+    rows = []
+    for i, k in enumerate(machine["knobs"]):
+        unit, scale = engineering(k, simulator_units)
+        lower, upper = knob_limits(k, simulator_units)
+        rows.append({"knob": k["name"], "setting": (values[i] * scale if values else 0.0), "unit": unit,
+                     "lower": lower, "upper": upper})
     data = pd.DataFrame(rows)
     units = list(dict.fromkeys(data["unit"]))
     y_title = units[0] if len(units) == 1 else None

@@ -1,9 +1,8 @@
 """Run page: choose machine, policy and mode; start, watch, approve, abort, restore."""
 
-import pandas as pd
 import streamlit as st
 
-from ui.console.charts import knob_chart, metric_title, panel_charts, primary_metric, trend_chart
+from ui.console.charts import knob_chart, metric_title, panel_charts, primary_metric, proposal_table, trend_chart
 from ui.console.client import format_time
 from ui.console.common import call, connected_or_stop, event_log, operator
 
@@ -40,6 +39,8 @@ with right:
     policy = st.selectbox("Policy", list(dict.fromkeys(choices)), key="policy")
 mode = st.radio("Mode", ["auto", "approve", "dry-run"], horizontal=True, key="mode",
                 help="approve: every step waits for your approval; dry-run: proposals only, nothing is written")
+sim_units = st.toggle("Simulator units", key="sim-units", help="Knob settings in the simulator's units instead of the "
+                      "machine file's engineering units (scale and polarity)")
 seed = 0
 if machine["kind"] == "simulated":
     seed = st.number_input("Simulated machine (seed of its hidden errors)", min_value=0, max_value=2**31 - 1, value=0, step=1)
@@ -89,9 +90,11 @@ def live(session_id: int | None) -> None:
     pending = session.get("pending")
     if pending:
         st.subheader(f"Proposed step {pending['id']} — waiting for your approval")
-        change = pd.DataFrame({"knob": pending["names"], "now (units)": pending["current"], "proposed (units)": pending["proposed"]})
-        change["change (units)"] = change["proposed (units)"] - change["now (units)"]
-        st.dataframe(change, hide_index=True, use_container_width=True)
+        change = proposal_table(machine, pending, simulator_units=sim_units)
+        st.dataframe(change, hide_index=True, use_container_width=True,
+                     column_config={"of range": st.column_config.ProgressColumn(
+                         "of range", help="the change as a share of the knob's range", format="%.2f", min_value=0.0,
+                         max_value=1.0)})
         a, r = st.columns(2)
         if a.button("Approve", type="primary", key=f"approve-{pending['id']}"):
             call(client.command, session_id, "approve", operator(), pending["id"])
@@ -111,7 +114,7 @@ def live(session_id: int | None) -> None:
     with c1:
         st.subheader("Knobs")
         settings = steps[-1]["readbacks"] if steps else (start_event["data"]["settings"] if start_event else None)
-        st.altair_chart(knob_chart(machine, settings), use_container_width=True)
+        st.altair_chart(knob_chart(machine, settings, simulator_units=sim_units), use_container_width=True)
     with c2:
         st.subheader("Interlocks")
         trips = [e["reason"] for e in events if e["kind"] == "trip"]
