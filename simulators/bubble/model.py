@@ -101,17 +101,20 @@ def rhs(tau: float, y: np.ndarray, par: np.ndarray, pa1: float, pa2: float, out:
     else:
         s2, c2 = math.sin(k2 * x), math.cos(k2 * x)
         st2, ct2 = math.sin(w2 * t), math.cos(w2 * t)
+    # one reciprocal each of R, rho and c: divisions cost several multiplications
+    inv_r, inv_rho, inv_c = 1.0 / R, 1.0 / rho, 1.0 / c
     pa = pa1 * s1 * st1 + pa2 * s2 * st2
     dpa_dx = pa1 * k1 * c1 * st1 + pa2 * k2 * c2 * st2
-    u_ac = (pa1 * c1 * ct1 + pa2 * c2 * ct2) / (rho * c)
+    u_ac = (pa1 * c1 * ct1 + pa2 * c2 * ct2) * inv_rho * inv_c
     pgas = pg0 * y[0] ** (-3.0 * gam)
-    pl = pgas + pv - 2.0 * sigma / R - 4.0 * mu * Rd / R
-    dpl = -3.0 * gam * pgas * Rd / R + 2.0 * sigma * Rd / (R * R) + 4.0 * mu * Rd * Rd / (R * R)  # without the R'' term
-    num = (-1.5 * (1.0 - Rd / (3.0 * c)) * Rd * Rd + (1.0 + Rd / c) * (pl - p0 - pa) / rho + R / (rho * c) * dpl)
-    Rdd = num / ((1.0 - Rd / c) * R + 4.0 * mu / (rho * c))
+    pl = pgas + pv - (2.0 * sigma + 4.0 * mu * Rd) * inv_r
+    dpl = (-3.0 * gam * pgas + (2.0 * sigma + 4.0 * mu * Rd) * inv_r) * Rd * inv_r  # without the R'' term
+    num = (-1.5 * (1.0 - Rd * inv_c / 3.0) * Rd * Rd + (1.0 + Rd * inv_c) * (pl - p0 - pa) * inv_rho
+           + R * inv_rho * inv_c * dpl)
+    Rdd = num / ((1.0 - Rd * inv_c) * R + 4.0 * mu * inv_rho * inv_c)
     fb = -4.0 / 3.0 * math.pi * R * R * R * dpa_dx
     fd = -12.0 * math.pi * mu * R * (xd - u_ac)
-    xdd = (3.0 * (fb + fd) / (2.0 * math.pi * rho * R * R) - 3.0 * Rd * xd) / R
+    xdd = (3.0 * (fb + fd) * inv_rho * inv_r * inv_r / (2.0 * math.pi) - 3.0 * Rd * xd) * inv_r
     out[0] = y[1]
     out[1] = Rdd / (r0 * f1 * f1)
     out[2] = y[3]
