@@ -126,6 +126,7 @@ def test_approve_mode_orbit_correction_through_the_console(stack, browser):
     events = [e["kind"] for e in httpx.get(f"{stack['server']}/api/sessions/{session['id']}/events").json()]
     assert events.count("approve") == session["result"]["steps"] + 1  # every step, plus the reset probe
     WebDriverWait(browser, 30).until(lambda d: "completed" in page_text(d) and "beam_current" in page_text(d))
+    button(browser, "Start", timeout=10)  # enabled again without a reload: the next session can start
     time.sleep(1.5)  # let the charts finish drawing
     browser.save_screenshot(str(artifacts / "console-run.png"))
 

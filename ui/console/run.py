@@ -74,6 +74,11 @@ def live(session_id: int | None) -> None:
     steps = client.steps(session_id)
     events = client.events(session_id)
     status = session["status"]
+    if status not in ("running", "paused") and machine.get("active_session") == session_id \
+            and not st.session_state.get(f"ended:{session_id}"):
+        # The page's machine list (and its disabled Start) predates the end: redraw the whole page once.
+        st.session_state[f"ended:{session_id}"] = True
+        st.rerun()
     header = f"Session {session_id} · {status} · operator {session['operator']} · mode {session['mode']} · started {format_time(session['started'])}"
     if status in ("running", "paused"):
         (st.info if status == "running" else st.warning)(header)
