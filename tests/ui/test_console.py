@@ -239,3 +239,26 @@ def test_a_crop_session_draws_the_season_and_n_against_the_cap(server):
     assert len(capped) == 1
     rule = next(layer for layer in capped[0]["layer"] if layer.get("mark", {}).get("type") == "rule")
     assert rule["encoding"]["y"] == {"datum": 250.0} and rule["encoding"]["tooltip"] == {"value": "seasonal N cap: 250"}
+    # the run page's header says where the session left the field: the crop's safe state, verified
+    run = app_test()
+    run.selectbox(key="machine").set_value("sim-wheat").run()
+    assert not run.exception
+    assert "machine left: no fertiliser (dose 0) restored (verified by read-back)" in texts(run)
+
+
+def test_the_header_tells_what_the_machine_was_left_at_and_the_headline_number():
+    from ui.console.charts import headline, machine_left
+
+    restore = {"kind": "restore", "reason": "starting settings restored in 3 writes (each within the largest step) and verified"}
+    by_operator = {"kind": "restore", "reason": "starting settings restored by alice and verified"}
+    failed = {"kind": "restore_failed", "reason": "connection lost during restore"}
+    assert machine_left("aborted", [{"kind": "trip", "reason": "operator abort"}, restore]) == \
+        "machine left: starting settings restored (verified by read-back)"
+    assert machine_left("interrupted", [by_operator]) == "machine left: starting settings restored by alice (verified by read-back)"
+    assert "RESTORE FAILED" in machine_left("tripped", [restore, failed]) and "press Restore" in machine_left("tripped", [failed])
+    assert machine_left("interrupted", []) == "machine left: NOT restored — press Restore"
+    assert machine_left("completed", []) == "machine left: at the session's final settings"
+    assert machine_left("running", []) == "" and machine_left("dry-run", []) == "machine left: untouched (dry-run)"
+    metric = {"name": "rms_mm", "unit": "mm", "label": "orbit RMS"}
+    assert headline(metric, [{"step": 4, "metrics": {"rms_mm": 0.41234}}]) == "orbit RMS 0.4123 mm after step 4"
+    assert headline(metric, []) == ""

@@ -2,7 +2,8 @@
 
 import streamlit as st
 
-from ui.console.charts import knob_chart, metric_title, panel_charts, primary_metric, proposal_table, trend_chart
+from ui.console.charts import (headline, knob_chart, machine_left, metric_title, panel_charts, primary_metric,
+                               proposal_table, trend_chart)
 from ui.console.client import format_time
 from ui.console.common import call, connected_or_stop, event_log, operator
 
@@ -80,17 +81,19 @@ def live(session_id: int | None) -> None:
         st.session_state[f"ended:{session_id}"] = True
         st.rerun()
     header = f"Session {session_id} · {status} · operator {session['operator']} · mode {session['mode']} · started {format_time(session['started'])}"
+    left = machine_left(status, events)
     if status in ("running", "paused"):
-        (st.info if status == "running" else st.warning)(header)
+        now = headline(primary_metric(machine, session), steps)
+        (st.info if status == "running" else st.warning)(header + (f" · **{now}**" if now else ""))
     elif status in ("completed", "dry-run"):
         result = session.get("result") or {}
         metric = primary_metric(machine, session)
         before, after = result.get(f"initial_{metric['name']}"), result.get(f"final_{metric['name']}")
         unit = "" if metric["unit"] == "1" else f" {metric['unit']}"
         change = f"{metric.get('label') or metric['name']} {before or 0:.3f} → {after or 0:.3f}{unit}"
-        st.success(f"{header} · {change} in {result.get('steps')} steps")
+        st.success(f"{header} · {change} in {result.get('steps')} steps · {left}")
     else:
-        st.error(f"{header}\n\n{NEXT_STEP.get(status, '')}")
+        st.error(f"{header} · {left}\n\n{NEXT_STEP.get(status, '')}")
 
     pending = session.get("pending")
     if pending:
