@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import datetime as dt
 import io
 import json
 import secrets
@@ -169,16 +170,32 @@ def create_app(store: Store, token: str, sim_step_interval: float = 0.0, allowed
     def sessions(
         status: SessionStatus | None = None,
         machine: str | None = Query(None, max_length=200),
+        operator: str | None = Query(None, max_length=200),
+        task: str | None = Query(None, max_length=50),
+        started_from: dt.date | None = Query(None, description="first day (UTC) a listed session started on"),
+        started_to: dt.date | None = Query(None, description="last day (UTC) a listed session started on"),
         limit: int = Query(100, ge=1, le=1000),
         offset: int = Query(0, ge=0, le=MAX_ID),
     ) -> list[dict]:
+        if started_from and started_to and started_to < started_from:
+            raise HTTPException(422, f"started_to {started_to} is before started_from {started_from}")
+        machines_by_id = store.machine_names()
+        # every filter in the query, so limit and offset page through the matching sessions
         where = []
         if status:
             where.append(SessionRow.status == status)
+        if machine is not None:
+            where.append(SessionRow.machine_id.in_([i for i, name in machines_by_id.items() if name == machine]))
+        if operator is not None:
+            where.append(SessionRow.operator == operator)
+        if task is not None:
+            where.append(SessionRow.task == task)
+        if started_from:
+            where.append(SessionRow.started >= dt.datetime.combine(started_from, dt.time(), dt.timezone.utc))
+        if started_to:
+            where.append(SessionRow.started < dt.datetime.combine(started_to + dt.timedelta(days=1), dt.time(), dt.timezone.utc))
         rows = store.list(SessionRow, *where, order=SessionRow.id.desc(), limit=limit, offset=offset)
-        machines_by_id = store.machine_names()
-        out = [dict(row_dict(r), machine=machines_by_id.get(r.machine_id)) for r in rows]
-        return [o for o in out if machine is None or o["machine"] == machine]
+        return [dict(row_dict(r), machine=machines_by_id.get(r.machine_id)) for r in rows]
 
     @app.get("/api/sessions/{session_id}")
     def session(session_id: SessionId) -> dict:

@@ -118,6 +118,14 @@ def test_history_page_slider_redraws_and_replays(server):
     assert f"{n} of {n} recorded actions reproduced" in texts(at)
     at.selectbox(key="h-status").select("tripped").run()
     assert "No recorded sessions match" in texts(at)
+    at.selectbox(key="h-status").select("all").run()
+    at.text_input(key="h-operator").input("bob").run()
+    assert "No recorded sessions match" in texts(at)
+    at.text_input(key="h-operator").input("alice").run()
+    at.selectbox(key="h-task").select("orbit").run()
+    assert list(at.dataframe[0].value["session"]) == [second, first]
+    at.selectbox(key="h-task").select("crop").run()
+    assert "No recorded sessions match" in texts(at)
 
 
 def test_training_page_lists_runs_evaluations_and_deployments(server, tmp_path):

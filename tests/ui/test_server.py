@@ -213,3 +213,21 @@ def test_server_killed_mid_session_stops_the_session_and_restores(start_ioc, tmp
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_sessions_are_filtered_in_the_query_by_machine_operator_task_and_day(client):
+    import datetime as dt
+
+    a = start(client, machine="sim-cafe2-cm1", seed=1)
+    wait_status(client, a, ("completed", "not_converged"))
+    b = start(client, machine="sim-lpi", seed=1, operator="bob")
+    wait_status(client, b, ("completed", "not_converged"))
+    ids = lambda **q: [s["id"] for s in client.get("/api/sessions", params=q).json()]  # noqa: E731
+    assert ids() == [b, a]
+    assert ids(machine="sim-cafe2-cm1") == [a] and ids(machine="sim-cafe2-cm1", limit=1) == [a]  # filtered before the page
+    assert ids(operator="bob") == [b] and ids(task="orbit") == [a] and ids(task="rfq") == [b]
+    today = dt.datetime.now(dt.timezone.utc).date()
+    assert ids(started_from=today.isoformat(), started_to=today.isoformat()) == [b, a]
+    assert ids(started_to=(today - dt.timedelta(days=1)).isoformat()) == []
+    bad = client.get("/api/sessions", params={"started_from": today.isoformat(), "started_to": "2020-01-01"})
+    assert bad.status_code == 422 and "before started_from" in bad.text

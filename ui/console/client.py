@@ -70,8 +70,11 @@ class ConsoleClient:
     def policies(self) -> dict:
         return self.get("/api/policies")
 
-    def sessions(self, status: str | None = None, machine: str | None = None, limit: int = 200) -> list[dict]:
-        return self.get("/api/sessions", status=status, machine=machine, limit=limit)
+    def sessions(self, status: str | None = None, machine: str | None = None, limit: int = 200, operator: str | None = None,
+                 task: str | None = None, started_from=None, started_to=None) -> list[dict]:
+        return self.get("/api/sessions", status=status, machine=machine, limit=limit, operator=operator, task=task,
+                        started_from=started_from.isoformat() if started_from else None,
+                        started_to=started_to.isoformat() if started_to else None)
 
     def session(self, sid: int) -> dict:
         return self.get(f"/api/sessions/{sid}")

@@ -20,10 +20,18 @@ def final_metric(session: dict) -> dict:
 st.title("History and replay")
 client = connected_or_stop()
 machines = {m["name"]: m for m in client.machines()}
-f1, f2 = st.columns(2)
+f1, f2, f3 = st.columns(3)
 status = f1.selectbox("Status", ["all"] + STATUSES, key="h-status")
 machine_filter = f2.selectbox("Machine", ["all"] + list(machines), key="h-machine")
-sessions = client.sessions(status=None if status == "all" else status, machine=None if machine_filter == "all" else machine_filter)
+tasks = list(dict.fromkeys(m["task"] for m in machines.values()))
+task_filter = f3.selectbox("Task", ["all"] + tasks, key="h-task")
+g1, g2 = st.columns([1, 2])
+operator_filter = g1.text_input("Operator", key="h-operator", placeholder="any").strip()
+days = g2.date_input("Started between (UTC days)", value=(), key="h-days", format="YYYY-MM-DD")
+days = tuple(days) if isinstance(days, (list, tuple)) else (days,)
+sessions = client.sessions(status=None if status == "all" else status, machine=None if machine_filter == "all" else machine_filter,
+                           task=None if task_filter == "all" else task_filter, operator=operator_filter or None,
+                           started_from=days[0] if days else None, started_to=days[-1] if days else None)
 if not sessions:
     st.info("No recorded sessions match. Sessions appear here once one is started from the Run page or with `tbsac run`.")
     st.stop()
