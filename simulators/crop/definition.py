@@ -92,6 +92,9 @@ class CropDefinition(TaskDefinition):
     def shipped_setups(self) -> list[str]:
         return shipped_yaml_names(SETUP_DIR)
 
+    def default_setup(self) -> str:
+        return "wheat"  # the calibrated crop (WOFOST 8.1's maize is not calibrated upstream)
+
     def load_setup(self, name_or_path) -> CropSetup:
         setup = load_shipped_or_file(CropSetup, SETUP_DIR, name_or_path, "crop setup", "setup")
         fitted = best_fixed_file(setup.name)

@@ -141,6 +141,7 @@ def test_optimised_doses_follow_the_season_less_n_where_water_limits_the_yield(c
 
 def test_a_policy_for_another_crop_is_refused(crop):
     definition, setup = crop
+    assert definition.default_setup() == "wheat" and set(definition.shipped_setups()) == {"wheat", "maize"}
     maize = definition.load_setup("maize")
     metadata = {"lattice": {"crop": "wheat", "variety": setup.variety, "max_dose_kg_ha": setup.max_dose_kg_ha}}
     assert definition.check_policy(metadata, setup) is None
