@@ -118,6 +118,28 @@ def load_shipped_or_file(model: type[ModelT], directory, name_or_path: str | Pat
     return load_yaml_model(model, path)
 
 
+def load_preset_or_file(model: type[ModelT], presets: dict[str, ModelT], name_or_path, what: str) -> ModelT:
+    """A preset by name or a YAML file of `model`; anything else is a ConfigError naming
+    `what` it is and the presets."""
+    if str(name_or_path) in presets:
+        return presets[str(name_or_path)]
+    path = Path(str(name_or_path))
+    if not path.is_file():
+        raise ConfigError(f"{what} {name_or_path!r}: expected one of {', '.join(sorted(presets))} or a YAML file")
+    return load_yaml_model(model, path)
+
+
+def reading_positions(names: list[str], needed: tuple[str, ...], task: str) -> list[int]:
+    """Positions of the `needed` readings among a plant's reading `names` (any case);
+    a ConfigError naming the missing ones."""
+    lowered = [n.lower() for n in names]
+    missing = [n for n in needed if n not in lowered]
+    if missing:
+        raise ConfigError(f"the {task} task needs readings named {', '.join(needed)}; "
+                          f"missing: {', '.join(missing)} (has: {', '.join(names)})")
+    return [lowered.index(n) for n in needed]
+
+
 def load_yaml_model(model: type[ModelT], path: Path) -> ModelT:
     """Read `path` as YAML and validate it as `model`."""
     data = read_yaml(path)

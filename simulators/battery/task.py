@@ -30,7 +30,7 @@ import numpy as np
 from gymnasium import spaces
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt
 
-from core.config import ConfigError
+from core.config import ConfigError, reading_positions
 from core.plant import KnobSpec, Plant, ReadingSpec, Readings, SimulatedPlant
 from core.task import MetricSpec, Outcome, Task
 
@@ -189,12 +189,7 @@ def profit_metric() -> MetricSpec:
 
 def reading_indices(readings: list[ReadingSpec]) -> list[int]:
     """Positions of the readings the task needs (by name, any case); ConfigError naming the missing ones."""
-    names = [r.name.lower() for r in readings]
-    missing = [n for n in READING_NAMES if n not in names]
-    if missing:
-        raise ConfigError(f"the battery task needs readings named {', '.join(READING_NAMES)}; "
-                          f"missing: {', '.join(missing)} (has: {', '.join(r.name for r in readings)})")
-    return [names.index(n) for n in READING_NAMES]
+    return reading_positions([r.name for r in readings], READING_NAMES, "battery")
 
 
 @dataclass

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.config import ConfigError, load_shipped_or_file, load_yaml_model, shipped_yaml_names
+from core.config import ConfigError, load_preset_or_file, load_shipped_or_file, shipped_yaml_names
 from core.plant import KnobSpec, ReadingSpec
 from core.task import EpisodeResult, TaskDefinition, TaskEnv
 
@@ -78,12 +78,7 @@ class BubbleDefinition(TaskDefinition):
         return sorted(PRESETS)
 
     def load_errors(self, name_or_path) -> BubbleErrors:
-        if str(name_or_path) in PRESETS:
-            return PRESETS[str(name_or_path)]
-        path = Path(str(name_or_path))
-        if not path.is_file():
-            raise ConfigError(f"errors {name_or_path!r}: expected one of {', '.join(sorted(PRESETS))} or a YAML file")
-        return load_yaml_model(BubbleErrors, path)
+        return load_preset_or_file(BubbleErrors, PRESETS, name_or_path, "errors")
 
     def sim_plant(self, setup: BubbleSetup, errors: BubbleErrors) -> BubbleSimPlant:
         return BubbleSimPlant(setup, errors)

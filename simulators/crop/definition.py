@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.config import ConfigError, load_shipped_or_file, load_yaml_model, shipped_yaml_names
+from core.config import load_preset_or_file, load_shipped_or_file, shipped_yaml_names
 from core.plant import KnobSpec, ReadingSpec
 from core.task import EpisodeResult, TaskDefinition, run_episode
 
@@ -107,12 +107,7 @@ class CropDefinition(TaskDefinition):
 
     def load_errors(self, name_or_path) -> CropErrors:
         """A season preset (``train``, ``test``: disjoint weather years) or a YAML file of :class:`CropErrors`."""
-        if str(name_or_path) in PRESETS:
-            return PRESETS[str(name_or_path)]
-        path = Path(str(name_or_path))
-        if not path.is_file():
-            raise ConfigError(f"seasons {name_or_path!r}: expected one of {', '.join(sorted(PRESETS))} or a YAML file")
-        return load_yaml_model(CropErrors, path)
+        return load_preset_or_file(CropErrors, PRESETS, name_or_path, "seasons")
 
     def sim_plant(self, setup: CropSetup, errors: CropErrors) -> CropSimPlant:
         return CropSimPlant(setup, errors)

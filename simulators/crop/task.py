@@ -36,7 +36,7 @@ import numpy as np
 from gymnasium import spaces
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
-from core.config import ConfigError
+from core.config import reading_positions
 from core.plant import KnobSpec, Plant, ReadingSpec, Readings, SimulatedPlant
 from core.task import MetricSpec, Outcome, Task
 
@@ -232,12 +232,7 @@ METRICS = (profit_metric(), MetricSpec("grain_kg_ha", "kg/ha", True, None, "grai
 
 def reading_indices(readings: list[ReadingSpec]) -> list[int]:
     """Positions of the readings the task needs (by name, any case); ConfigError naming the missing ones."""
-    names = [r.name.lower() for r in readings]
-    missing = [n for n in READING_NAMES if n not in names]
-    if missing:
-        raise ConfigError(f"the crop task needs readings named {', '.join(READING_NAMES)}; "
-                          f"missing: {', '.join(missing)} (has: {', '.join(r.name for r in readings)})")
-    return [names.index(n) for n in READING_NAMES]
+    return reading_positions([r.name for r in readings], READING_NAMES, "crop")
 
 
 TRENDED = ("dvs", "lai", "biomass", "crop_n", "soil_n")
