@@ -103,6 +103,18 @@ class Ioc:
         path.write_text(yaml.safe_dump(data, sort_keys=False))
         return path
 
+    def open(self, **machine_overrides):
+        """This IOC's machine as `tbsac run` opens it (``controller.machines.open_machine``:
+        the shipped machine file pointed at this IOC, top-level fields replaced by `machine_overrides`)."""
+        from controller.machines import open_machine
+
+        path = self.machine_file()
+        if machine_overrides:
+            data = yaml.safe_load(path.read_text())
+            data.update(machine_overrides)
+            path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return open_machine(str(path))
+
     def puts(self, machine_only: bool = True) -> list[dict]:
         from hardware.ioc import read_put_log
 
@@ -126,6 +138,14 @@ class Ioc:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def guarded_session(opened, policy, tmp_path: Path):
+    """A session of `policy` on an opened machine through the safety layer, with the
+    machine's interlocks and the policy's task's safety limits."""
+    from controller.session import run_session
+
+    return run_session(opened.plant, policy, interlocks=opened.interlocks, snapshot_path=tmp_path / "snapshot.json")
 
 
 @pytest.fixture

@@ -7,12 +7,10 @@ Every test starts its own IOC (one 15-minute period every 0.1 s) with a unique p
 import epics
 import numpy as np
 import pytest
-import yaml
 
+from conftest import guarded_session
 from controller.session import run_session
 from core.registry import get_task
-from hardware.epics_plant import EpicsPlant
-from hardware.machine import load_machine
 from safety.guard import InterlockRule
 
 PERIOD_S = 0.1
@@ -39,21 +37,6 @@ def battery_ioc(start_ioc, seed=3, period_s=PERIOD_S):
     return start_ioc(lattice="bess-1mw-2mwh", machine="virtual-bess", seed=seed, period_s=period_s)
 
 
-def connect(ioc, **machine_overrides):
-    path = ioc.machine_file()
-    if machine_overrides:
-        data = yaml.safe_load(path.read_text())
-        data.update(machine_overrides)
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
-    machine, path = load_machine(path)
-    return machine, EpicsPlant(machine, path, ["MW"]).connect()
-
-
-def session(machine, plant, policy, tmp_path):
-    return run_session(plant, policy, interlocks=[InterlockRule(i.name, i.rule, i.threshold) for i in machine.interlocks],
-                       snapshot_path=tmp_path / "snapshot.json")
-
-
 def assert_puts_within_limits(ioc):
     values = [p["value"] for p in ioc.puts()]
     assert values and all(abs(v) <= RATED_KW + 1e-9 for v in values), values
@@ -63,8 +46,8 @@ def assert_puts_within_limits(ioc):
 
 def test_a_day_over_channel_access_earns_what_the_simulation_earns_on_the_same_prices(start_ioc, tmp_path):
     ioc = battery_ioc(start_ioc)
-    machine, plant = connect(ioc)
-    result = session(machine, plant, Constant(0.3), tmp_path)
+    opened = ioc.open()
+    result = guarded_session(opened, Constant(0.3), tmp_path)
     assert result.status == "completed" and result.success and result.steps == 96, result.trips
     assert result.restored and epics.caget(ioc.pv("power:I_SET"), timeout=2) == 0.0  # the agent let go: no power
     assert len(result.step_records) == 96
@@ -86,14 +69,14 @@ def test_a_day_over_channel_access_earns_what_the_simulation_earns_on_the_same_p
 
 def trip_session(start_ioc, tmp_path, inject, **machine_overrides):
     ioc = battery_ioc(start_ioc)
-    machine, plant = connect(ioc, **machine_overrides)
+    opened = ioc.open(**machine_overrides)
     epics.caput(ioc.pv("power:I_SET"), 0.0, wait=True)
 
     def after(calls):
         if calls == 5:
             inject(ioc)
 
-    result = session(machine, plant, Constant(-0.4, after), tmp_path)
+    result = guarded_session(opened, Constant(-0.4, after), tmp_path)
     assert result.status == "tripped" and result.restored, result.trips
     assert epics.caget(ioc.pv("power:I_SET"), timeout=2) == 0.0  # safe state: no power, verified
     assert any(e.kind == "restore" and e.reason.startswith("no power") for e in result.events)
@@ -121,9 +104,9 @@ def test_stale_price_feed_trips_and_stops_injecting(start_ioc, tmp_path):
 def test_a_period_clock_that_stops_trips_and_stops_injecting(start_ioc, tmp_path):
     # Periods every 3 s, the machine file allows 1 s: the first read waiting for a new period gives up.
     ioc = battery_ioc(start_ioc, period_s=3.0)
-    machine, plant = connect(ioc, clock={"pv": ioc.pv("CLOCK:PERIOD"), "timeout_s": 1.0})
+    opened = ioc.open(clock={"pv": ioc.pv("CLOCK:PERIOD"), "timeout_s": 1.0})
     epics.caput(ioc.pv("power:I_SET"), 200.0, wait=True)  # found discharging at 200 kW
-    result = session(machine, plant, Constant(0.0), tmp_path)
+    result = guarded_session(opened, Constant(0.0), tmp_path)
     assert result.status == "tripped" and "no new period within 1.0 s" in result.trips[0]
     assert result.restored and epics.caget(ioc.pv("power:I_SET"), timeout=2) == 0.0
 

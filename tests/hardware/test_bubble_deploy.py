@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import guarded_session
 from controller.session import run_session
 from core.registry import get_task
-from hardware.epics_plant import EpicsPlant
-from hardware.machine import load_machine
 from safety.guard import InterlockRule
 
 PERIOD_S = 0.1
@@ -45,16 +44,6 @@ def bubble_ioc(start_ioc, tmp_path, seed=QUIET_SEED, period_s=PERIOD_S):
                      errors=str(quiet_errors(tmp_path)))
 
 
-def connect(ioc):
-    machine, path = load_machine(ioc.machine_file())
-    return machine, EpicsPlant(machine, path, ["bar", "bar"]).connect()
-
-
-def session(machine, plant, policy, tmp_path):
-    return run_session(plant, policy, interlocks=[InterlockRule(i.name, i.rule, i.threshold) for i in machine.interlocks],
-                       snapshot_path=tmp_path / "snapshot.json")
-
-
 def assert_puts_within_limits(ioc):
     values = [p["value"] for p in ioc.puts()]
     assert values and all(0.0 <= v <= 1.0 for v in values), values
@@ -66,9 +55,9 @@ def drive_is_off(ioc) -> bool:
 
 def test_the_lab_over_channel_access_moves_the_bubble_as_the_simulation_does(start_ioc, tmp_path):
     ioc = bubble_ioc(start_ioc, tmp_path)
-    machine, plant = connect(ioc)
+    opened = ioc.open()
     policy = Constant([-0.4, -0.7])  # 0.3 bar at 25 kHz, 0.15 bar at 50 kHz
-    result = session(machine, plant, policy, tmp_path)
+    result = guarded_session(opened, policy, tmp_path)
     assert result.status == "not_converged" and result.steps == 40 and not result.trips, result.trips
     assert result.restored and drive_is_off(ioc)  # not at the target: the drive goes to zero
     assert_puts_within_limits(ioc)
@@ -87,13 +76,13 @@ def test_the_lab_over_channel_access_moves_the_bubble_as_the_simulation_does(sta
 
 def trip_session(start_ioc, tmp_path, inject):
     ioc = bubble_ioc(start_ioc, tmp_path)
-    machine, plant = connect(ioc)
+    opened = ioc.open()
 
     def after(calls):
         if calls == 5:
             inject(ioc)
 
-    result = session(machine, plant, Constant([-0.4, -0.7], after), tmp_path)
+    result = guarded_session(opened, Constant([-0.4, -0.7], after), tmp_path)
     assert result.status == "tripped" and result.restored, result.trips
     assert drive_is_off(ioc)  # safe state: zero drive, verified
     assert any(e.kind == "restore" and e.reason.startswith("zero drive") for e in result.events)

@@ -5,12 +5,10 @@ fertiliser). Every test starts its own IOC (one day every 0.1 s) with a unique p
 import epics
 import numpy as np
 import pytest
-import yaml
 
+from conftest import guarded_session
 from controller.session import run_session
 from core.registry import get_task
-from hardware.epics_plant import EpicsPlant
-from hardware.machine import load_machine
 from safety.guard import InterlockRule
 
 DAY_S = 0.1
@@ -38,22 +36,6 @@ def field_ioc(start_ioc, seed=SEED, day_s=DAY_S):
     return start_ioc(lattice="wheat", machine="virtual-field", seed=seed, period_s=day_s)
 
 
-def connect(ioc, **machine_overrides):
-    path = ioc.machine_file()
-    if machine_overrides:
-        data = yaml.safe_load(path.read_text())
-        data.update(machine_overrides)
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
-    machine, path = load_machine(path)
-    return machine, EpicsPlant(machine, path, ["kg N/ha"]).connect()
-
-
-def session(machine, plant, policy, tmp_path):
-    """A session with the policy's task's safety limits (seasonal cap, last-stage gate)."""
-    return run_session(plant, policy, interlocks=[InterlockRule(i.name, i.rule, i.threshold) for i in machine.interlocks],
-                       snapshot_path=tmp_path / "snapshot.json")
-
-
 def assert_puts_within_limits(ioc, cap=250.0):
     values = [p["value"] for p in ioc.puts()]
     assert values and all(0.0 <= v <= MAX_DOSE for v in values), values
@@ -66,11 +48,11 @@ def dose_is_off(ioc) -> bool:
 
 def test_days_over_channel_access_give_the_simulations_doses_and_crop(start_ioc, tmp_path):
     ioc = field_ioc(start_ioc)
-    machine, plant = connect(ioc)
+    opened = ioc.open()
     # The IOC's season starts at sowing: this policy may spread from the start (its task's
     # first stage is before sowing), so days of doses fit in a short test.
     policy = DoseOnCalls({5: 1.0, 20: 0.5, 40: 0.75}, first_dvs=-1.0)
-    result = session(machine, plant, policy, tmp_path)
+    result = guarded_session(opened, policy, tmp_path)
     assert result.status == "not_converged" and result.steps == 60 and not result.trips, result.trips
     assert result.restored and dose_is_off(ioc)  # the season is not over: the agent lets go, nothing spread
     assert_puts_within_limits(ioc)
@@ -93,13 +75,13 @@ def test_days_over_channel_access_give_the_simulations_doses_and_crop(start_ioc,
 
 def trip_session(start_ioc, tmp_path, inject, **machine_overrides):
     ioc = field_ioc(start_ioc)
-    machine, plant = connect(ioc, **machine_overrides)
+    opened = ioc.open(**machine_overrides)
 
     def after(calls):
         if calls == 5:
             inject(ioc)
 
-    result = session(machine, plant, DoseOnCalls({k: 0.5 for k in range(1, 60)}, after=after, first_dvs=-1.0), tmp_path)
+    result = guarded_session(opened, DoseOnCalls({k: 0.5 for k in range(1, 60)}, after=after, first_dvs=-1.0), tmp_path)
     assert result.status == "tripped" and result.restored, result.trips
     assert dose_is_off(ioc)  # safe state: nothing spread, verified
     assert any(e.kind == "restore" and e.reason.startswith("no fertiliser (dose 0)") for e in result.events)
@@ -122,8 +104,8 @@ def test_a_frozen_field_station_trips_and_the_dose_goes_to_zero(start_ioc, tmp_p
 def test_a_day_clock_that_stops_trips_and_the_dose_goes_to_zero(start_ioc, tmp_path):
     # Days every 3 s, the machine file allows 1 s: the first read waiting for a new day gives up.
     ioc = field_ioc(start_ioc, day_s=3.0)
-    machine, plant = connect(ioc, clock={"pv": ioc.pv("CLOCK:PERIOD"), "timeout_s": 1.0})
+    opened = ioc.open(clock={"pv": ioc.pv("CLOCK:PERIOD"), "timeout_s": 1.0})
     epics.caput(ioc.pv("dose:I_SET"), 30.0, wait=True)  # found spreading 30 kg N/ha a day
-    result = session(machine, plant, DoseOnCalls({}), tmp_path)
+    result = guarded_session(opened, DoseOnCalls({}), tmp_path)
     assert result.status == "tripped" and "no new period within 1.0 s" in result.trips[0]
     assert result.restored and dose_is_off(ioc)
