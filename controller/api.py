@@ -89,10 +89,12 @@ def _setup(task: str, lattice: str | None) -> tuple[TaskDefinition, object]:
 def train(task: str, lattice: str | None, errors: str, eval_errors: str | None, steps: int | None, seed: int, out: Path,
           arch: str | None = None, eval_every: int | None = None, eval_episodes: int | None = None,
           stop_at_bar: bool = False, sac_overrides: dict | None = None, progress: bool = True, init_from: str | None = None,
-          max_minutes: float | None = None):
-    """Train an agent on `task`, recorded in the store as a training run; registers its policy.
+          max_minutes: float | None = None, on_evaluation=None, sweep: str | None = None, trial: str | None = None):
+    """Train an agent on `task`, recorded in the store as a training run; registers its policy
+    (the file's bytes too). Returns the TrainResult with the run's and the policy's ids.
 
-    `init_from` (a policy file or ``pretrained``) fine-tunes a trained policy instead of starting afresh."""
+    `init_from` (a policy file or ``pretrained``) fine-tunes a trained policy instead of starting afresh;
+    `sweep`/`trial` name the sweep trial this run is (``tbsac sweep``)."""
     from .training import train as train_task
 
     definition, setup = _setup(task, lattice)
@@ -117,12 +119,13 @@ def train(task: str, lattice: str | None, errors: str, eval_errors: str | None, 
     overrides = {**definition.sac_overrides, **(sac_overrides or {})}
     run_row = store.start_training_run(
         task=task, lattice=setup.name, errors=em.name, arch=arch, steps=steps, seed=seed, out_dir=str(out.resolve()),
+        sweep=sweep, trial=trial,
         config={"eval_errors": eval_em.name, "eval_every": eval_every, "eval_episodes": eval_episodes, **overrides,
                 **({"init_from": str(init_policy.path)} if init_policy else {})})
     try:
         result = train_task(definition, setup, em, steps, seed, out, arch, eval_em, eval_every, eval_episodes,
                             progress=progress, stop_at_bar=stop_at_bar, sac_overrides=sac_overrides, init_policy=init_policy,
-                            max_seconds=max_minutes * 60 if max_minutes else None)
+                            max_seconds=max_minutes * 60 if max_minutes else None, on_evaluation=on_evaluation)
     except BaseException:
         store.finish_training_run(run_row.id, "failed", {}, [])
         raise
@@ -130,7 +133,10 @@ def train(task: str, lattice: str | None, errors: str, eval_errors: str | None, 
         "best_step": result.best_step, "best": result.best_summary, "first_bar_step": result.first_bar_step,
         "first_bar_seconds": result.first_bar_seconds, "wall_seconds": result.wall_seconds}, result.curves)
     trained = Policy.load(result.policy_path)
-    store.add_policy(result.policy_path, file_sha256(result.policy_path), trained.metadata, training_run_id=run_row.id)
+    content = result.policy_path.read_bytes()
+    row = store.add_policy(result.policy_path, file_sha256(result.policy_path), trained.metadata, training_run_id=run_row.id,
+                           content=content)
+    result.run_id, result.policy_id = run_row.id, row.id
     return result
 
 
@@ -141,11 +147,19 @@ class Evaluation:
     errors: object
     summary: dict
     runs: dict
+    evaluation_id: int | None = None  # the store's row
 
 
 def evaluate(task: str, lattice: str | None, policy: str | None, episodes: int, seed: int, errors: str,
-             methods: tuple[str, ...] | None = None, budget: int | None = None) -> Evaluation:
-    """The agent (unless `policy` is None) and the task's baselines on the same machines; recorded."""
+             methods: tuple[str, ...] | None = None, budget: int | None = None, workers: int = 1,
+             address: str | None = None) -> Evaluation:
+    """The agent (unless `policy` is None) and the task's baselines on the same machines; recorded.
+
+    With `workers` > 1 or a Ray cluster `address` the machines are split over Ray workers;
+    the numbers are the serial run's (each machine's episodes depend only on its seed)."""
+    import torch
+
+    torch.set_num_threads(1)  # as on the workers: a split evaluation must equal the serial one
     definition, setup = _setup(task, lattice)
     chosen = definition.default_baselines if methods is None else methods
     unknown = [m for m in chosen if m not in definition.baselines]
@@ -157,10 +171,102 @@ def evaluate(task: str, lattice: str | None, policy: str | None, episodes: int, 
     others = {m: Policy.load("pretrained", definition, setup, variant) for m, variant in definition.policy_baselines.items()
               if m in chosen}
     extra = {"others": others} if others else {}
-    summary, runs = definition.evaluate(setup, em, agent, episodes, seed, tuple(chosen), budget, **extra)
+    if workers > 1 or address:
+        from .cluster import evaluate_on_workers
+
+        summary, runs = evaluate_on_workers(definition, setup, em, agent, episodes, seed, tuple(chosen), budget, workers, address)
+    else:
+        summary, runs = definition.evaluate(setup, em, agent, episodes, seed, tuple(chosen), budget, **extra)
     store = open_store()
-    store.add_evaluation(register_policy(store, agent) if agent else None, summary)
-    return Evaluation(definition, setup, em, summary, runs)
+    row = store.add_evaluation(register_policy(store, agent) if agent else None, summary)
+    return Evaluation(definition, setup, em, summary, runs, row.id)
+
+
+def absolute_store_url(url: str) -> str:
+    """`url` with a relative SQLite path made absolute (sweep trials run in other directories)."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        parsed = parsed.set(database=str(Path(parsed.database).resolve()))
+    return parsed.render_as_string(hide_password=False)
+
+
+def sweep(path: Path, address: str | None = None, out: Path | None = None, max_concurrent: int | None = None,
+          on_progress: Callable[[str], None] = print):
+    """Run a sweep file's trials on Ray (local, or the cluster at `address`); each trial is
+    recorded in the store as a training run (curve, policy) and an evaluation."""
+    from .cluster import import_ray
+    from .sweep import load_sweep, run_sweep
+
+    import_ray()  # before anything else: say how to install it
+    spec = load_sweep(path)
+    store = open_store()  # the schema is upgraded here, once, before trials open the store
+    url = absolute_store_url(store.url)
+    if address and url.startswith("sqlite"):
+        on_progress(f"warning: the store is a SQLite file on this host ({store.display_url}); trials on other hosts of the "
+                    "cluster cannot write it: set TBSAC_DATABASE_URL to a PostgreSQL database they can reach")
+    return run_sweep(spec, out or Path("runs") / "sweeps" / spec.name, url, address, max_concurrent, on_progress)
+
+
+def promote(sweep_name: str, lattice: str | None = None, dry_run: bool = False, force: bool = False) -> list[dict]:
+    """Install the best completed trial of a sweep, per lattice, as that lattice's shipped
+    (``pretrained``) policy; the replaced file is kept in the data directory.
+
+    Best = the task's own score of the trial's best periodic evaluation (what training
+    uses to keep a checkpoint); one that did not meet the task's bar there is refused
+    unless `force`. The policy comes from the store's copy of its file."""
+    from .store import PolicyRow, TrainingRunRow
+
+    store = open_store()
+    runs = store.list(TrainingRunRow, TrainingRunRow.sweep == sweep_name, TrainingRunRow.status == "completed")
+    if not runs:
+        raise ConfigError(f"--sweep: no completed training runs recorded for sweep {sweep_name!r}")
+    if lattice:
+        runs = [r for r in runs if r.lattice == lattice]
+        if not runs:
+            raise ConfigError(f"--lattice: sweep {sweep_name!r} has no completed run on lattice {lattice!r}")
+    promoted = []
+    for name in dict.fromkeys(r.lattice for r in runs):
+        candidates = [r for r in runs if r.lattice == name and (r.evaluation or {}).get("best")]
+        if not candidates:
+            continue
+        definition = get_task(candidates[0].task)
+        best = max(candidates, key=lambda r: definition.score(r.evaluation["best"]))
+        if not definition.bar_met(best.evaluation["best"]) and not force:
+            raise ConfigError(f"sweep {sweep_name!r}, lattice {name}: the best trial (run {best.id}, {best.trial}) did not meet "
+                              f"the {definition.name} bar on its evaluation; not promoted (--force to promote it anyway)")
+        policies = store.list(PolicyRow, PolicyRow.training_run_id == best.id)
+        if not policies:
+            raise ConfigError(f"sweep {sweep_name!r}: run {best.id} recorded no policy")
+        content = store.policy_content(policies[0].id)
+        if content is None:
+            source = Path(policies[0].path)
+            if not source.is_file():
+                raise ConfigError(f"run {best.id}: the store keeps no copy of its policy and {source} is not on this host")
+            content = source.read_bytes()
+        target = POLICY_DIR / f"{name}.pt"
+        entry = {"lattice": name, "training_run": best.id, "trial": best.trial, "policy": policies[0].id,
+                 "sha256": policies[0].sha256, "best": best.evaluation["best"], "target": str(target), "backup": None}
+        if not dry_run:
+            import hashlib
+            import tempfile
+
+            if hashlib.sha256(content).hexdigest() != policies[0].sha256:
+                raise ConfigError(f"run {best.id}: the stored policy does not match its recorded sha256; not promoted")
+            with tempfile.TemporaryDirectory() as tmp:  # the file must load as a policy of the task before it replaces one
+                check = Path(tmp) / target.name
+                check.write_bytes(content)
+                Policy.load(check, definition)
+            if target.exists():
+                backups = data_dir() / "promoted"
+                backups.mkdir(exist_ok=True)
+                backup = backups / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}-replaced.pt"
+                backup.write_bytes(target.read_bytes())
+                entry["backup"] = str(backup)
+            target.write_bytes(content)
+        promoted.append(entry)
+    return promoted
 
 
 def serve_virtual_machine(lattice: str, seed: int, errors: str, port: int, ramp: float, put_log: Path | None,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
-    JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, func, select, update,
+    JSON, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text, create_engine, event, func, select, text, update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -60,6 +60,8 @@ class TrainingRunRow(Base):
     status: Mapped[str] = mapped_column(String(20), default="running")
     started: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    sweep: Mapped[str | None] = mapped_column(String(200), index=True)  # `tbsac sweep`: the sweep's name
+    trial: Mapped[str | None] = mapped_column(String(200))  # ... and the trial's
 
 
 class PolicyRow(Base):
@@ -71,6 +73,9 @@ class PolicyRow(Base):
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
     training_run_id: Mapped[int | None] = mapped_column(ForeignKey("training_runs.id"))
     created: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # The file's bytes, for policies trained by this tool (a sweep's trial may write its
+    # file on another host); deferred so listing policies does not load them.
+    content: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)
 
 
 class EvaluationRow(Base):
@@ -166,15 +171,33 @@ def _sqlite_pragmas(engine: Engine) -> None:
         cursor.close()
 
 
+MIGRATION_LOCK = 74_616_301  # PostgreSQL advisory lock key: one schema upgrade at a time
+
+
 def migrate(url: str) -> None:
-    """Upgrade the database at `url` to the current schema with Alembic."""
+    """Upgrade the database at `url` to the current schema with Alembic.
+
+    On PostgreSQL under an advisory lock: several processes (two engineers' sweeps, their
+    trials, control servers) may open a fresh shared database at the same moment."""
     from alembic import command
     from alembic.config import Config
 
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    command.upgrade(cfg, "head")
+    if not url.startswith("postgresql"):
+        command.upgrade(cfg, "head")
+        return
+    engine = create_engine(url)
+    try:
+        with engine.connect() as lock:
+            lock.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
+            try:
+                command.upgrade(cfg, "head")
+            finally:
+                lock.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK})
+    finally:
+        engine.dispose()
 
 
 class Store:
@@ -204,17 +227,26 @@ class Store:
                 s.flush()
             return row
 
-    def add_policy(self, path: Path, sha256: str, metadata: dict, training_run_id: int | None = None) -> PolicyRow:
+    def add_policy(self, path: Path, sha256: str, metadata: dict, training_run_id: int | None = None,
+                   content: bytes | None = None) -> PolicyRow:
         with self.Session.begin() as s:
             row = s.scalar(select(PolicyRow).where(PolicyRow.sha256 == sha256))
             if row is None:
                 row = PolicyRow(sha256=sha256, path=str(Path(path).resolve()), lattice=metadata.get("lattice", {}).get("name", ""),
-                                meta=metadata, training_run_id=training_run_id)
+                                meta=metadata, training_run_id=training_run_id, content=content)
                 s.add(row)
                 s.flush()
-            elif training_run_id and row.training_run_id is None:
-                row.training_run_id = training_run_id
+            else:
+                if training_run_id and row.training_run_id is None:
+                    row.training_run_id = training_run_id
+                if content is not None and row.content is None:
+                    row.content = content
             return row
+
+    def policy_content(self, policy_id: int) -> bytes | None:
+        """The bytes of a recorded policy file (None if only its path was recorded)."""
+        with self.Session() as s:
+            return s.scalar(select(PolicyRow.content).where(PolicyRow.id == policy_id))
 
     def start_training_run(self, **fields) -> TrainingRunRow:
         with self.Session.begin() as s:
@@ -318,6 +350,8 @@ def row_dict(row) -> dict:
     """A row's columns as a JSON-friendly dict."""
     out = {}
     for column in row.__table__.columns:
+        if isinstance(column.type, LargeBinary):  # file bytes (deferred): not for listings
+            continue
         value = getattr(row, column.key if hasattr(row, column.key) else column.name, None)
         if column.name == "metadata":
             value = row.meta

@@ -31,6 +31,8 @@ class TrainResult:
     first_bar_seconds: float | None
     wall_seconds: float
     curves: list[dict] = field(default_factory=list)
+    run_id: int | None = None  # the store's training run and policy (set by controller.api.train)
+    policy_id: int | None = None
 
 
 class PolicyEvalCallback(BaseCallback):
@@ -42,9 +44,9 @@ class PolicyEvalCallback(BaseCallback):
     """
 
     def __init__(self, make_policy, evaluate, score, bar, scalars: dict, out: Path, every: int, stop_at_bar: bool,
-                 max_seconds: float | None = None):
+                 max_seconds: float | None = None, on_evaluation=None):
         super().__init__()
-        self.max_seconds = max_seconds
+        self.max_seconds, self.on_evaluation = max_seconds, on_evaluation
         self.make_policy, self.evaluate, self.score, self.bar, self.scalars = make_policy, evaluate, score, bar, scalars
         self.out, self.every, self.stop_at_bar = out, every, stop_at_bar
         self.curves: list[dict] = []
@@ -69,6 +71,8 @@ class PolicyEvalCallback(BaseCallback):
             self.best, self.best_step, self.best_summary = self.score(summary), self.num_timesteps, summary
             policy.save(self.out / "policy.pt")
         log.info("step %d: %s", self.num_timesteps, summary)
+        if self.on_evaluation:  # e.g. a sweep's live progress
+            self.on_evaluation(self.curves[-1], {key: value_of(summary) for key, value_of in self.scalars.items()})
         if self.bar(summary) and self.first_bar is None:
             self.first_bar = (self.num_timesteps, elapsed)
             if self.stop_at_bar:
@@ -178,6 +182,7 @@ def train(
     sac_overrides: dict | None = None,
     init_policy: Policy | None = None,
     max_seconds: float | None = None,
+    on_evaluation=None,
 ) -> TrainResult:
     """Train an agent on any registered task; writes checkpoints, TensorBoard logs and policy.pt.
 
@@ -186,7 +191,8 @@ def train(
     keeps the checkpoint the task scores best. With `init_policy` (fine-tuning) the actor
     starts from that policy's weights and stays frozen while the fresh critics learn its
     value (``FINE_TUNE_CRITIC_WARMUP`` steps): an untrained critic would otherwise pull the
-    actor away from what it knew.
+    actor away from what it knew. `on_evaluation(curve_row, scalars)` is called after each
+    periodic evaluation.
     """
     torch.set_num_threads(1)  # two threads on two busy cores made SAC up to 100x slower
     arch = arch or definition.default_arch
@@ -236,7 +242,7 @@ def train(
 
     scalars = {name: (lambda m, keys=keys: _path(m, keys)) for name, keys in definition.scalars.items()}
     callback = PolicyEvalCallback(make_policy, evaluate, definition.score, definition.bar_met, scalars, out, eval_every, stop_at_bar,
-                                  max_seconds)
+                                  max_seconds, on_evaluation)
     return _learn(model, CallbackList([*callbacks, callback]) if callbacks else callback, callback, steps, out, progress, {
         "task": definition.name, "lattice": setup.name, "errors": errors.name, "eval_errors": eval_model.name,
         "arch": arch, "seed": seed})

@@ -252,6 +252,11 @@ class TaskEnv(gym.Env):
         self.plant.close()
 
 
+def concat_parts(parts: list[dict[str, list]]) -> dict[str, list]:
+    """Per-method records of evaluation parts joined in order (each part has the same methods)."""
+    return {method: [record for part in parts for record in part[method]] for method in parts[0]}
+
+
 class TaskDefinition(ABC):
     """A registered task: everything generic code needs to know about it.
 
@@ -359,10 +364,34 @@ class TaskDefinition(ABC):
         getattr(policy, "begin", lambda: None)()
         return run_episode(env.task, env.plant, policy.act, max_steps=max_steps, seed=seed)
 
-    @abstractmethod
     def evaluate(self, setup: Any, errors: Any, agent, episodes: int, seed: int, methods: tuple[str, ...],
                  budget: int | None = None) -> tuple[dict, dict[str, list]]:
-        """Agent (if given) and `methods` on machines seed .. seed + episodes - 1: (summary, runs)."""
+        """Agent (if given) and `methods` on machines seed .. seed + episodes - 1: (summary, runs).
+
+        The default is one part over every machine, merged: a task that splits its
+        evaluation (``evaluate_part`` + ``merge_evaluation``) gets it; others override this."""
+        if not self.splits_evaluation:
+            raise NotImplementedError(f"task {self.name} implements neither evaluate nor evaluate_part")
+        part = self.evaluate_part(setup, errors, agent, range(seed, seed + episodes), methods, budget)
+        return self.merge_evaluation(setup, errors, agent, [part], seed, methods, budget)
+
+    # An evaluation split over workers (``tbsac evaluate --workers N``): parts over disjoint
+    # machine ranges, each machine's episodes depending only on its seed, so the merged
+    # summary is the serial one, number for number.
+    def evaluate_part(self, setup: Any, errors: Any, agent, seeds: range, methods: tuple[str, ...],
+                      budget: int | None = None) -> dict[str, list]:
+        """Per-method episode records (picklable) on machines `seeds`."""
+        raise NotImplementedError(f"task {self.name} does not split its evaluation")
+
+    def merge_evaluation(self, setup: Any, errors: Any, agent, parts: list[dict[str, list]], seed: int,
+                         methods: tuple[str, ...], budget: int | None = None) -> tuple[dict, dict[str, list]]:
+        """(summary, runs) of the parts of an evaluation, in machine order."""
+        raise NotImplementedError(f"task {self.name} does not split its evaluation")
+
+    @property
+    def splits_evaluation(self) -> bool:
+        """Whether ``evaluate_part``/``merge_evaluation`` are implemented (``--workers`` needs them)."""
+        return type(self).evaluate_part is not TaskDefinition.evaluate_part
 
     @abstractmethod
     def results_table(self, summary: dict) -> tuple[list[str], list[list[str]]]:

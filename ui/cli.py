@@ -101,12 +101,16 @@ def evaluate(
     budget: Optional[int] = typer.Option(None, "--budget", min=2, max=200, help="Steps each method may spend (default: the task's)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object and nothing else."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG path (default <task>-<lattice>-<errors>.png, if the task plots)."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Split the machines over this many Ray workers (same numbers "
+                                "as a serial run; needs the cluster extra)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (ray://HOST:PORT); default local Ray."),
 ):
     """Run the agent and the task's baselines on the same simulated machines and compare them."""
     from controller import api
 
     chosen = None if methods is None else tuple(m.strip() for m in methods.split(",") if m.strip())
-    ev = api.evaluate(task, lattice, None if policy == "none" else policy, episodes, seed, errors, chosen, budget)
+    ev = api.evaluate(task, lattice, None if policy == "none" else policy, episodes, seed, errors, chosen, budget,
+                      workers, address)
     if as_json:
         print(json.dumps(ev.summary))
         return
@@ -297,6 +301,61 @@ def calibrate(
     console.print(f"written {report['setup_file']}, {report['machine_file']}, {out / 'report.md'}, {report['plot']}")
     if not report["good"]:
         raise typer.Exit(3)
+
+
+@app.command("sweep")
+def sweep_cmd(
+    file: Path = typer.Argument(..., help="Sweep file (YAML): task, lattices, errors, seeds, hyperparameters, train, evaluate."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (ray://HOST:PORT); default local Ray."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Directory of the trials' files (default runs/sweeps/<name>)."),
+    max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", min=1, help="At most this many trials at once "
+                                                 "(default: as many as the CPUs allow)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (the trials' outcomes) at the end."),
+):
+    """Train and evaluate every trial of a sweep on Ray Tune; each is recorded in the store.
+
+    Exit 1 if a trial failed twice (it is retried once)."""
+    from controller import api
+
+    logging.basicConfig(level=logging.WARNING)
+    result = api.sweep(file, address, out, max_concurrent, on_progress=lambda line: err_console.print(
+        line, markup=False, highlight=False, soft_wrap=True))
+    outcomes = [{"trial": o.trial.name, "lattice": o.trial.lattice, "errors": o.trial.errors, "seed": o.trial.seed,
+                 "hyperparameters": o.trial.hyperparameters, "status": o.status, "error": o.error,
+                 **{k: o.metrics.get(k) for k in ("training_run_id", "policy_id", "evaluation_id", "bar_met", "step")}}
+                for o in result.outcomes]
+    if as_json:
+        print(json.dumps({"sweep": result.name, "wall_seconds": result.wall_seconds, "trials": outcomes}))
+    else:
+        console.print(_table(f"sweep {result.name}: {len(outcomes)} trials in {result.wall_seconds} s",
+                             ["trial", "status", "training run", "policy", "evaluation", "bar met"],
+                             [[o["trial"], o["status"], str(o["training_run_id"] or "-"), str(o["policy_id"] or "-"),
+                               str(o["evaluation_id"] or "-"), "-" if o["bar_met"] is None else str(o["bar_met"])]
+                              for o in outcomes]))
+        console.print(f"Ray Tune's records: {result.storage}")
+    for o in result.failed:
+        _error(f"trial {o.trial.name} failed after one retry: {o.error}")
+    if result.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def promote(
+    sweep: str = typer.Option(..., "--sweep", help="Name of a recorded sweep."),
+    lattice: Optional[str] = typer.Option(None, "--lattice", "-l", help="Only this lattice (default: every lattice of the sweep)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be promoted, change nothing."),
+    force: bool = typer.Option(False, "--force", help="Promote even if the best trial did not meet the task's bar."),
+):
+    """Make the best trial of a sweep (per lattice) the shipped 'pretrained' policy (the
+    replaced file is kept in the data directory)."""
+    from controller import api
+
+    for entry in api.promote(sweep, lattice, dry_run, force):
+        verb = "would promote" if dry_run else "promoted"
+        best = ", ".join(f"{k} {v}" for k, v in entry["best"].items() if isinstance(v, (int, float)))
+        console.print(f"{verb} run {entry['training_run']} ({entry['trial']}) to {entry['target']}: {best}")
+        if entry["backup"]:
+            console.print(f"  the replaced policy is kept at {entry['backup']}")
 
 
 @app.command()

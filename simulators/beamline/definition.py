@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.plant import KnobSpec, ReadingSpec, knob_bounds, knob_steps
-from core.task import EpisodeResult, TaskDefinition
+from core.task import EpisodeResult, TaskDefinition, concat_parts
 
 from .errors import load_error_model, preset_names
 from .lattice import Lattice, load_lattice, shipped_lattices
@@ -138,13 +138,21 @@ class OrbitDefinition(TaskDefinition):
     def bar_met(self, summary: dict) -> bool:
         return OrbitBar().met(summary)
 
-    def evaluate(self, setup, errors, agent, episodes, seed, methods, budget=None):
-        from .evaluation import METHODS, evaluate_orbit
-
+    def _eval_config(self, agent, budget) -> OrbitTaskConfig:
         config = OrbitTaskConfig.model_validate(agent.metadata.get("task_config", {}) if agent else {})
-        if budget:
-            config = config.model_copy(update={"max_steps": budget})
-        return evaluate_orbit(setup, errors, agent, episodes, seed, config, tuple(m for m in METHODS if m in methods or m == "agent"))
+        return config.model_copy(update={"max_steps": budget}) if budget else config
+
+    def evaluate_part(self, setup, errors, agent, seeds, methods, budget=None):
+        from .evaluation import METHODS, orbit_runs
+
+        return orbit_runs(setup, errors, agent, seeds, self._eval_config(agent, budget),
+                          tuple(m for m in METHODS if m in methods or m == "agent"))
+
+    def merge_evaluation(self, setup, errors, agent, parts, seed, methods, budget=None):
+        from .evaluation import orbit_summary
+
+        runs = concat_parts(parts)
+        return orbit_summary(setup, errors, seed, runs), runs
 
     def results_table(self, summary: dict):
         columns = ["method", "success", "final RMS median (mm)", "final RMS p95 (mm)", "steps median", "steps p95",

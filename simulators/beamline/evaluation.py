@@ -68,6 +68,28 @@ def controllers_for(lattice: Lattice, agent, config: OrbitTaskConfig, methods=ME
     return found
 
 
+def orbit_runs(lattice: Lattice, error_model: ErrorModel, agent, seeds: range, config: OrbitTaskConfig | None = None,
+               methods: tuple[str, ...] = METHODS) -> dict[str, list[EpisodeResult]]:
+    """Every method's episodes on machines `seeds` (each depends only on its seed)."""
+    config = config or OrbitTaskConfig()
+    plant = OrbitSimPlant(lattice, error_model)
+    env = OrbitEnv(lattice, error_model, config, plant=plant)
+    return {name: [run_episode(env, controller, s) for s in seeds]
+            for name, controller in controllers_for(lattice, agent, config, methods).items()}
+
+
+def orbit_summary(lattice: Lattice, error_model: ErrorModel, seed: int, runs: dict[str, list[EpisodeResult]]) -> dict:
+    """The `evaluate orbit` JSON for every method's episodes (possibly merged from workers)."""
+    return {
+        "task": "orbit",
+        "lattice": lattice.name,
+        "errors": error_model.name,
+        "episodes": len(next(iter(runs.values()))) if runs else 0,
+        "seed": seed,
+        "results": {name: summarise(eps) for name, eps in runs.items()},
+    }
+
+
 def evaluate_orbit(
     lattice: Lattice,
     error_model: ErrorModel,
@@ -81,21 +103,8 @@ def evaluate_orbit(
 
     Returns the JSON-ready summary and the episodes per method (for plots).
     """
-    config = config or OrbitTaskConfig()
-    plant = OrbitSimPlant(lattice, error_model)
-    env = OrbitEnv(lattice, error_model, config, plant=plant)
-    runs: dict[str, list[EpisodeResult]] = {}
-    for name, controller in controllers_for(lattice, agent, config, methods).items():
-        runs[name] = [run_episode(env, controller, seed + i) for i in range(episodes)]
-    summary = {
-        "task": "orbit",
-        "lattice": lattice.name,
-        "errors": error_model.name,
-        "episodes": episodes,
-        "seed": seed,
-        "results": {name: summarise(eps) for name, eps in runs.items()},
-    }
-    return summary, runs
+    runs = orbit_runs(lattice, error_model, agent, range(seed, seed + episodes), config, methods)
+    return orbit_summary(lattice, error_model, seed, runs), runs
 
 
 def bpm_positions(lattice: Lattice) -> np.ndarray:

@@ -25,7 +25,10 @@ log = logging.getLogger(__name__)
 
 RFQ_METHODS = ("agent", "nelder_mead", "xopt_bo", "random")
 SEARCH_HALF_WIDTH_STEPS = 10  # optimisers search current settings +- 10 steps per knob
-XOPT_ACQUISITION = {"n_restarts": 10, "max_time": 1.0}
+# The acquisition optimiser stops after an iteration count, not a wall time (Xopt's default
+# 5 s; we had 1 s): a time limit made the proposals depend on the machine's load, so an
+# evaluation split over workers (or run twice) gave other numbers. 10 restarts instead of 20.
+XOPT_ACQUISITION = {"n_restarts": 10, "max_time": None, "max_iter": 100}
 
 
 @dataclass
@@ -99,7 +102,9 @@ def run_random(env: TransmissionEnv, budget: int, rng: np.random.Generator) -> M
     return m
 
 
-def run_xopt(env: TransmissionEnv, budget: int) -> MeasurementBudget:
+def run_xopt(env: TransmissionEnv, budget: int, seed: int) -> MeasurementBudget:
+    """Xopt's expected-improvement Bayesian optimisation; the acquisition's random restarts
+    draw from torch's generator, seeded with `seed` (the injector) for reproducible runs."""
     import pandas as pd
     import torch
 
@@ -109,6 +114,7 @@ def run_xopt(env: TransmissionEnv, budget: int) -> MeasurementBudget:
     from xopt.numerical_optimizer import LBFGSOptimizer
 
     torch.set_default_dtype(dtype)  # importing Xopt switches the whole process to float64
+    torch.manual_seed(seed)
 
     m = MeasurementBudget(env, budget)
     lo, hi = _box(env)
@@ -175,13 +181,13 @@ def summarise_rfq(episodes: list[RfqEpisode]) -> dict:
     }
 
 
-def evaluate_rfq(lattice: InjectorLattice, errors: InjectorErrorModel, policy, episodes: int, seed: int,
-                 budget: int = 30, methods: tuple[str, ...] = RFQ_METHODS) -> tuple[dict, dict[str, list[RfqEpisode]]]:
-    """Every method on injectors ``seed .. seed + episodes - 1`` with the same budget."""
+def rfq_runs(lattice: InjectorLattice, errors: InjectorErrorModel, policy, seeds: range, budget: int = 30,
+             methods: tuple[str, ...] = RFQ_METHODS) -> dict[str, list[RfqEpisode]]:
+    """Every method on injectors `seeds` with the same budget (each injector's episodes
+    depend only on its seed, so parts over disjoint ranges merge into the serial result)."""
     env = TransmissionEnv(lattice, errors, TransmissionTaskConfig(max_steps=budget))
     runs: dict[str, list[RfqEpisode]] = {m: [] for m in methods if m != "agent" or policy is not None}
-    for i in range(episodes):
-        machine = seed + i
+    for machine in seeds:
         finals_and_starts = []
         for method in runs:
             env.reset(seed=machine)
@@ -191,7 +197,7 @@ def evaluate_rfq(lattice: InjectorLattice, errors: InjectorErrorModel, policy, e
                 final_settings = env.plant.read_knobs()
             else:
                 m = {"nelder_mead": lambda: run_nelder_mead(env, budget),
-                     "xopt_bo": lambda: run_xopt(env, budget),
+                     "xopt_bo": lambda: run_xopt(env, budget, machine),
                      "random": lambda: run_random(env, budget, np.random.default_rng(machine))}[method]()
                 ep.trace, final_settings = m.trace, m.best[1]
             ep.final = env.plant.true_transmission(final_settings)
@@ -202,6 +208,13 @@ def evaluate_rfq(lattice: InjectorLattice, errors: InjectorErrorModel, policy, e
         best = max([best] + [runs[m][-1].final for m in runs])
         for m in runs:
             runs[m][-1].best_achievable = best
+    return runs
+
+
+def evaluate_rfq(lattice: InjectorLattice, errors: InjectorErrorModel, policy, episodes: int, seed: int,
+                 budget: int = 30, methods: tuple[str, ...] = RFQ_METHODS) -> tuple[dict, dict[str, list[RfqEpisode]]]:
+    """Every method on injectors ``seed .. seed + episodes - 1`` with the same budget."""
+    runs = rfq_runs(lattice, errors, policy, range(seed, seed + episodes), budget, methods)
     return rfq_summary(lattice.name, errors.name, seed, budget, runs), runs
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from core.plant import KnobSpec, ReadingSpec
-from core.task import EpisodeResult, TaskDefinition, run_episode
+from core.task import EpisodeResult, TaskDefinition, concat_parts, run_episode
 
 from .model import load_injector, shipped_injectors
 from .task import INJECTOR_PRESETS, InjectorSimPlant, TransmissionTask, TransmissionTaskConfig, load_injector_errors
@@ -134,11 +134,17 @@ class RfqDefinition(TaskDefinition):
     def bar_met(self, summary: dict) -> bool:
         return RfqBar().met(summary)
 
-    def evaluate(self, setup, errors, agent, episodes, seed, methods, budget=None):
-        from .baselines import evaluate_rfq
+    def evaluate_part(self, setup, errors, agent, seeds, methods, budget=None):
+        from .baselines import rfq_runs
 
         chosen = (("agent",) if agent is not None else ()) + tuple(m for m in methods if m != "agent")
-        return evaluate_rfq(setup, errors, agent, episodes, seed, budget or 30, chosen)
+        return rfq_runs(setup, errors, agent, seeds, budget or 30, chosen)
+
+    def merge_evaluation(self, setup, errors, agent, parts, seed, methods, budget=None):
+        from .baselines import rfq_summary
+
+        runs = concat_parts(parts)
+        return rfq_summary(setup.name, errors.name, seed, budget or 30, runs), runs
 
     def results_table(self, summary: dict):
         columns = ["method", "final T median", "final / best median", "steps to 85 % (reached)", "steps to 0.9 best (reached)"]

@@ -39,7 +39,9 @@ def test_migrations_create_the_schema_at_head(store):
     assert {"machines", "policies", "training_runs", "evaluations", "sessions", "steps", "events", "measurements",
             "alembic_version"} <= tables
     with store.engine.connect() as conn:
-        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0005"
+        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0006"
+    columns = {t: {c["name"] for c in inspect(store.engine).get_columns(t)} for t in ("training_runs", "policies")}
+    assert {"sweep", "trial"} <= columns["training_runs"] and "content" in columns["policies"]
     Store(store.url)  # upgrading an up-to-date database is a no-op
 
 

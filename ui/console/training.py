@@ -12,7 +12,7 @@ client = connected_or_stop()
 runs = client.training_runs()
 if runs:
     st.dataframe(pd.DataFrame([{
-        "run": r["id"], "task": r["task"], "lattice": r["lattice"], "errors": r["errors"], "arch": r["arch"], "steps": r["steps"], "seed": r["seed"],
+        "run": r["id"], "sweep / trial": f"{r['sweep']} / {r['trial']}" if r.get("sweep") else "-", "task": r["task"], "lattice": r["lattice"], "errors": r["errors"], "arch": r["arch"], "steps": r["steps"], "seed": r["seed"],
         "status": r["status"], "best step": (r["evaluation"] or {}).get("best_step"),
         "bar first met at step": (r["evaluation"] or {}).get("first_bar_step"), "started (UTC)": format_time(r["started"]),
     } for r in runs]), hide_index=True, use_container_width=True)

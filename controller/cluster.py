@@ -1,0 +1,88 @@
+"""Ray, the optional engine behind ``tbsac sweep`` and ``tbsac evaluate --workers``.
+
+Local Ray on this machine by default (one worker per requested CPU), a cluster by its
+address. Ray is an extra (``pip install -e '.[cluster]'``); without it these commands
+say how to install it. Every worker runs torch on one thread: two threads per process
+on busy cores made SAC up to 100x slower, and one thread everywhere keeps an evaluation
+split over workers number for number equal to the serial one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from contextlib import contextmanager
+
+from core.config import ConfigError
+from core.registry import get_task
+
+RAY_MISSING = "Ray is not installed: pip install -e '.[cluster]' (Ray Tune; an optional extra of tbsac)"
+# Workers inherit these: one torch/BLAS thread per worker process.
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
+def import_ray():
+    """The ray module, or ConfigError saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(RAY_MISSING) from None
+    return ray
+
+
+@contextmanager
+def ray_runtime(address: str | None = None, cpus: int | None = None, env: dict | None = None):
+    """Ray for the block: a local instance with `cpus` CPUs (default: all), or the cluster
+    at `address` (``ray://HOST:PORT`` or ``HOST:PORT``); shut down after the block."""
+    ray = import_ray()
+    if ray.is_initialized():  # a caller (a test, a notebook) already chose where to run
+        yield ray
+        return
+    runtime_env = {"env_vars": {**WORKER_ENV, **(env or {})}}
+    options = dict(include_dashboard=False, logging_level=logging.WARNING, runtime_env=runtime_env)
+    try:
+        if address:
+            ray.init(address=address, **options)
+        else:
+            ray.init(num_cpus=cpus or os.cpu_count(), **options)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+        raise ConfigError(f"--address: cannot start or reach {where} ({' '.join(str(exc).split())[:300]})") from None
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def seed_chunks(seed: int, episodes: int, workers: int, per_worker: int = 4) -> list[range]:
+    """Machines seed .. seed + episodes - 1 in contiguous parts, about `per_worker` parts per
+    worker so that slow machines (an optimiser that takes longer) do not leave a worker idle."""
+    parts = max(1, min(episodes, workers * per_worker))
+    size = math.ceil(episodes / parts)
+    return [range(start, min(start + size, seed + episodes)) for start in range(seed, seed + episodes, size)]
+
+
+def _evaluate_part(task: str, setup, errors, agent, seeds: range, methods: tuple[str, ...], budget: int | None):
+    import torch
+
+    torch.set_num_threads(1)
+    return get_task(task).evaluate_part(setup, errors, agent, seeds, methods, budget)
+
+
+def evaluate_on_workers(definition, setup, errors, agent, episodes: int, seed: int, methods: tuple[str, ...],
+                        budget: int | None, workers: int, address: str | None = None) -> tuple[dict, dict]:
+    """The task's evaluation split over Ray workers: (summary, runs), equal to the serial run's."""
+    if not definition.splits_evaluation:
+        raise ConfigError(f"--workers: task {definition.name} does not split its evaluation over workers; "
+                          "run it without --workers")
+    with ray_runtime(address, workers) as ray:
+        remote = ray.remote(num_cpus=1, max_retries=1)(_evaluate_part)
+        setup_ref, errors_ref, agent_ref = ray.put(setup), ray.put(errors), ray.put(agent)
+        pending = [remote.remote(definition.name, setup_ref, errors_ref, agent_ref, part, methods, budget)
+                   for part in seed_chunks(seed, episodes, workers)]
+        try:
+            parts = ray.get(pending)
+        except ray.exceptions.RayTaskError as exc:
+            raise RuntimeError(f"an evaluation worker failed: {exc.cause!r}") from None
+    return definition.merge_evaluation(setup, errors, agent, parts, seed, methods, budget)
