@@ -174,7 +174,8 @@ def evaluate(task: str, lattice: str | None, policy: str | None, episodes: int, 
     if workers > 1 or address:
         from .cluster import evaluate_on_workers
 
-        summary, runs = evaluate_on_workers(definition, setup, em, agent, episodes, seed, tuple(chosen), budget, workers, address)
+        summary, runs = evaluate_on_workers(definition, setup, em, agent, episodes, seed, tuple(chosen), budget, workers, address,
+                                            **extra)
     else:
         summary, runs = definition.evaluate(setup, em, agent, episodes, seed, tuple(chosen), budget, **extra)
     store = open_store()
@@ -233,7 +234,7 @@ def promote(sweep_name: str, lattice: str | None = None, dry_run: bool = False, 
             continue
         definition = get_task(candidates[0].task)
         best = max(candidates, key=lambda r: definition.score(r.evaluation["best"]))
-        if not definition.bar_met(best.evaluation["best"]) and not force:
+        if not definition.relative_bar and not definition.bar_met(best.evaluation["best"]) and not force:
             raise ConfigError(f"sweep {sweep_name!r}, lattice {name}: the best trial (run {best.id}, {best.trial}) did not meet "
                               f"the {definition.name} bar on its evaluation; not promoted (--force to promote it anyway)")
         policies = store.list(PolicyRow, PolicyRow.training_run_id == best.id)
@@ -267,6 +268,48 @@ def promote(sweep_name: str, lattice: str | None = None, dry_run: bool = False, 
             target.write_bytes(content)
         promoted.append(entry)
     return promoted
+
+
+def policy_catalogue(store: Store) -> list[dict]:
+    """Every recorded policy with what an operator chooses it by: a name (sweep/trial, the
+    training run, or the file), its training's best periodic evaluation (the task's key
+    numbers) and whether that met the task's bar (None where the bar is relative to
+    baselines or nothing was recorded), and its latest ``tbsac evaluate``."""
+    from .store import EvaluationRow, PolicyRow, TrainingRunRow, row_dict
+
+    runs = {r.id: r for r in store.list(TrainingRunRow)}
+    latest: dict[int, EvaluationRow] = {}
+    for row in store.list(EvaluationRow, EvaluationRow.policy_id.is_not(None)):
+        latest[row.policy_id] = row  # ordered by id: the last one wins
+    out = []
+    for row in store.list(PolicyRow):
+        entry = row_dict(row)
+        run = runs.get(row.training_run_id)
+        task = row.meta.get("task")
+        definition = get_task(task) if task in task_names() else None
+        name = Path(row.path).stem
+        if run is not None:
+            name = f"{run.sweep}/{run.trial}" if run.sweep else f"run {run.id} ({name})"
+        best = (run.evaluation or {}).get("best") if run is not None else None
+        entry.update(name=name, task=task, bar_met=None, training_summary={})
+        if best and definition is not None:
+            entry["training_summary"] = {key.split("/")[-1]: _path_value(best, keys)
+                                         for key, keys in definition.scalars.items()}
+            entry["bar_met"] = None if definition.relative_bar else bool(definition.bar_met(best))
+        evaluation = latest.get(row.id)
+        entry["evaluation"] = None if evaluation is None else {
+            "id": evaluation.id, "errors": evaluation.errors, "episodes": evaluation.episodes,
+            "agent": evaluation.results.get("agent"), "created": row_dict(evaluation)["created"]}
+        out.append(entry)
+    return out
+
+
+def _path_value(summary: dict, keys: tuple[str, ...]):
+    for key in keys:
+        if not isinstance(summary, dict) or key not in summary:
+            return None
+        summary = summary[key]
+    return summary
 
 
 def serve_virtual_machine(lattice: str, seed: int, errors: str, port: int, ramp: float, put_log: Path | None,

@@ -10,9 +10,7 @@ and one that fails again reported, never dropped.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import os
 import re
 import sys
 import time
@@ -164,7 +162,8 @@ def run_trial(config: dict) -> None:
     from ray import tune
 
     torch.set_num_threads(1)
-    os.environ["TBSAC_DATABASE_URL"] = config["store_url"]  # the sweep's store, also on another host
+    # The sweep's store reaches the trial as TBSAC_DATABASE_URL in Ray's runtime environment
+    # (not in the trial's config, which Tune writes to disk: a URL may carry a password).
     from . import api
 
     sweep, trial = config["sweep"], config["trial"]
@@ -214,7 +213,9 @@ class SweepResult:
         return [o for o in self.outcomes if o.status != "completed"]
 
 
-_progress_sink: list[Callable[[str], None]] = [print]  # module state: Tune pickles its callbacks, not a console
+# Module state: Tune pickles its callbacks, not a console. Through Ray Client the callback
+# runs on the cluster, where this stays the default: stderr, forwarded to the submitter's.
+_progress_sink: list[Callable[[str], None]] = [lambda line: print(line, file=sys.stderr, flush=True)]
 
 
 def _progress(line: str) -> None:
@@ -264,12 +265,12 @@ def run_sweep(sweep: SweepFile, out: Path, store_url: str, address: str | None =
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     _progress_sink[0] = on_progress
-    with ray_runtime(address):
+    with ray_runtime(address, env={"TBSAC_DATABASE_URL": store_url}):
         from ray import tune
 
         trainable = tune.with_resources(run_trial, {"cpu": sweep.resources.cpus,
                                                     "memory": int(sweep.resources.memory_gb * 2**30)})
-        space = {"sweep": sweep.model_dump(), "store_url": store_url, "out": str(out),
+        space = {"sweep": sweep.model_dump(), "out": str(out),
                  "trial": tune.grid_search([t.__dict__ for t in grid])}
         tuner = tune.Tuner(
             trainable, param_space=space,
@@ -277,8 +278,7 @@ def run_sweep(sweep: SweepFile, out: Path, store_url: str, address: str | None =
             run_config=tune.RunConfig(name=sweep.name, storage_path=str(out / "ray"), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=1), callbacks=[_progress_callback()]),
         )
-        with contextlib.redirect_stdout(sys.stderr):  # Tune's own banner: stdout stays for results (--json)
-            results = tuner.fit()
+        results = tuner.fit()
     by_name = {t.name: t for t in grid}
     outcomes = []
     for result in results:

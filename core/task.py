@@ -285,6 +285,9 @@ class TaskDefinition(ABC):
     # "test" draws other machines of the held-out preset; a task whose held-out dimension
     # must stay unseen until the benchmark (the crop's weather years) uses "train".
     training_eval_errors: ClassVar[str] = "test"
+    # True where the acceptance bar compares the agent with baselines on the same days or
+    # seasons (benchmarks/): ``bar_met`` cannot judge a policy's own evaluation.
+    relative_bar: ClassVar[bool] = False
     # Error preset of machines whose physics differs from the setup file (``tbsac ioc
     # --foreign SEED``), for bring-up tests and benchmarks; None if the task has none.
     foreign_errors: ClassVar[str | None] = None
@@ -365,21 +368,22 @@ class TaskDefinition(ABC):
         return run_episode(env.task, env.plant, policy.act, max_steps=max_steps, seed=seed)
 
     def evaluate(self, setup: Any, errors: Any, agent, episodes: int, seed: int, methods: tuple[str, ...],
-                 budget: int | None = None) -> tuple[dict, dict[str, list]]:
+                 budget: int | None = None, **extra) -> tuple[dict, dict[str, list]]:
         """Agent (if given) and `methods` on machines seed .. seed + episodes - 1: (summary, runs).
+        `extra` carries ``others`` (the ``policy_baselines``' policies by method).
 
         The default is one part over every machine, merged: a task that splits its
         evaluation (``evaluate_part`` + ``merge_evaluation``) gets it; others override this."""
         if not self.splits_evaluation:
             raise NotImplementedError(f"task {self.name} implements neither evaluate nor evaluate_part")
-        part = self.evaluate_part(setup, errors, agent, range(seed, seed + episodes), methods, budget)
+        part = self.evaluate_part(setup, errors, agent, range(seed, seed + episodes), methods, budget, **extra)
         return self.merge_evaluation(setup, errors, agent, [part], seed, methods, budget)
 
     # An evaluation split over workers (``tbsac evaluate --workers N``): parts over disjoint
     # machine ranges, each machine's episodes depending only on its seed, so the merged
     # summary is the serial one, number for number.
     def evaluate_part(self, setup: Any, errors: Any, agent, seeds: range, methods: tuple[str, ...],
-                      budget: int | None = None) -> dict[str, list]:
+                      budget: int | None = None, **extra) -> dict[str, list]:
         """Per-method episode records (picklable) on machines `seeds`."""
         raise NotImplementedError(f"task {self.name} does not split its evaluation")
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from core.config import ConfigError, load_shipped_or_file, shipped_yaml_names
 from core.plant import KnobSpec, ReadingSpec
-from core.task import EpisodeResult, TaskDefinition
+from core.task import EpisodeResult, TaskDefinition, concat_parts
 
 from .model import PERIOD_H, BatteryConfig
 from .task import PRESETS, BatterySimPlant, BatteryTask, BatteryTaskConfig, PriceModel, price_day, profit_metric, reading_indices
@@ -154,10 +154,15 @@ class BatteryDefinition(TaskDefinition):
     def score(self, summary: dict) -> tuple:
         return (summary["profit_eur"]["total"], summary["cvar5_daily_profit_eur"])
 
+    relative_bar = True
+
     def bar_met(self, summary: dict) -> bool:
         return False  # the bar is relative to the baselines on the same days (benchmarks/battery.py)
 
-    def evaluate(self, setup: BatteryConfig, errors: PriceModel, agent, episodes: int, seed: int, methods, budget=None):
+    CEILING = "_ceiling_eur"  # in an evaluation part: each day's perfect-foresight profit (every method's reference)
+
+    def evaluate_part(self, setup: BatteryConfig, errors: PriceModel, agent, seeds, methods, budget=None, **extra):
+        """Per method, each day's prices, power, state of charge and profit on days `seeds`."""
         from .baselines import mpc_decider, nothing_decider, run_day, threshold_decider, tune_thresholds
         from .model import perfect_foresight
 
@@ -170,16 +175,11 @@ class BatteryDefinition(TaskDefinition):
             deciders["threshold"] = lambda: threshold_decider(low, high, setup)
         if "nothing" in methods:
             deciders["nothing"] = lambda: nothing_decider
-        days = [(today, float(before[-1])) for before, today in (price_day(errors, seed + i) for i in range(episodes))]
+        days = [(today, float(before[-1])) for before, today in (price_day(errors, s) for s in seeds)]
         plans = [perfect_foresight(d, setup) for d, _ in days]
-        ceiling = np.array([plan.profit_eur for plan in plans])
-        runs: dict[str, list] = {}
-        summary_results: dict[str, dict] = {}
+        runs: dict[str, list] = {self.CEILING: [float(plan.profit_eur) for plan in plans]}
 
-        def record(name: str, powers: list[np.ndarray], profits: np.ndarray, socs: list[np.ndarray]) -> None:
-            discharged = np.array([np.clip(p, 0, None).sum() * PERIOD_H for p in powers])
-            trades = np.array([int(np.sum(np.abs(np.diff(np.concatenate([[0.0], p]))) > 1e-6)) for p in powers])
-            summary_results[name] = day_summary(profits, discharged, trades, setup.capacity_mwh, ceiling)
+        def record(name: str, powers: list[np.ndarray], profits: list[float], socs: list[np.ndarray]) -> None:
             runs[name] = [{"price": d.tolist(), "power_mw": np.asarray(p).tolist(), "soc": np.asarray(soc).tolist(),
                            "profit_eur": float(total)} for (d, _), p, soc, total in zip(days, powers, socs, profits)]
 
@@ -189,21 +189,33 @@ class BatteryDefinition(TaskDefinition):
             from core.task import run_episode
 
             powers, profits, socs = [], [], []
-            for i in range(episodes):
-                env.reset(seed + i)
-                run_episode(task, env, agent.act, seed=seed + i)
+            for s in seeds:
+                env.reset(s)
+                run_episode(task, env, agent.act, seed=s)
                 powers.append(np.array(env.powers))
                 profits.append(sum(env.profits))
                 socs.append(np.array(env.socs))
-            record("agent", powers, np.array(profits), socs)
+            record("agent", powers, profits, socs)
         if "lp_ceiling" in methods:
-            record("lp_ceiling", [plan.power_mw for plan in plans], ceiling, [plan.soc for plan in plans])
+            record("lp_ceiling", [plan.power_mw for plan in plans], [plan.profit_eur for plan in plans], [plan.soc for plan in plans])
         for name, make in deciders.items():
             results = [run_day(d, prev, setup, make()) for d, prev in days]
-            record(name, [r.power_mw for r in results], np.array([r.total for r in results]),
+            record(name, [r.power_mw for r in results], [r.total for r in results],
                    [np.concatenate([[setup.soc_start], r.soc]) for r in results])
-        summary = {"task": self.name, "lattice": setup.name, "errors": errors.name, "episodes": episodes, "seed": seed,
-                   "results": summary_results}
+        return runs
+
+    def merge_evaluation(self, setup: BatteryConfig, errors: PriceModel, agent, parts, seed, methods, budget=None):
+        runs = concat_parts(parts)
+        ceiling = np.array(runs.pop(self.CEILING))
+        results = {}
+        for name, days in runs.items():
+            powers = [np.asarray(d["power_mw"]) for d in days]
+            discharged = np.array([np.clip(p, 0, None).sum() * PERIOD_H for p in powers])
+            trades = np.array([int(np.sum(np.abs(np.diff(np.concatenate([[0.0], p]))) > 1e-6)) for p in powers])
+            results[name] = day_summary(np.array([d["profit_eur"] for d in days]), discharged, trades, setup.capacity_mwh,
+                                        ceiling)
+        summary = {"task": self.name, "lattice": setup.name, "errors": errors.name, "episodes": len(ceiling), "seed": seed,
+                   "results": results}
         return summary, runs
 
     def results_table(self, summary: dict):

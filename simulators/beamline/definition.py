@@ -142,7 +142,7 @@ class OrbitDefinition(TaskDefinition):
         config = OrbitTaskConfig.model_validate(agent.metadata.get("task_config", {}) if agent else {})
         return config.model_copy(update={"max_steps": budget}) if budget else config
 
-    def evaluate_part(self, setup, errors, agent, seeds, methods, budget=None):
+    def evaluate_part(self, setup, errors, agent, seeds, methods, budget=None, **extra):
         from .evaluation import METHODS, orbit_runs
 
         return orbit_runs(setup, errors, agent, seeds, self._eval_config(agent, budget),

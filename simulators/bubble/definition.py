@@ -9,7 +9,7 @@ import numpy as np
 
 from core.config import ConfigError, load_preset_or_file, load_shipped_or_file, shipped_yaml_names
 from core.plant import KnobSpec, ReadingSpec
-from core.task import EpisodeResult, TaskDefinition, TaskEnv
+from core.task import EpisodeResult, TaskDefinition, TaskEnv, concat_parts
 
 from .baselines import LINEAR_LEVEL_BAR, GreedyOneStep, run_linear_theory
 from .task import PRESETS, BubbleErrors, BubbleSetup, BubbleSimPlant, BubbleTask, BubbleTaskConfig, distance_metric
@@ -130,53 +130,70 @@ class BubbleDefinition(TaskDefinition):
     def bar_met(self, summary: dict) -> bool:
         return summary["success_rate"] >= 0.95  # the speed bar is relative to linear theory (benchmarks/bubble.py)
 
-    def _agent_runs(self, setup, errors, agent, episodes: int, seed: int, max_steps: int) -> tuple[dict, list, np.ndarray]:
-        """(summary, plotted runs, steps to target per episode, -1 for a miss) of a policy."""
+    def _policy_records(self, setup, errors, agent, seeds, max_steps: int) -> list[dict]:
+        """Per episode of a policy (or step-wise controller): steps to target (-1: missed),
+        final distance, solver failure, and for the first few the trajectory to plot."""
         plant = BubbleSimPlant(setup, errors)
         task = self.task_for_policy(plant.knobs, plant.readings, agent.metadata)
         env = TaskEnv(plant, task)
-        results, runs = [], []
-        for i in range(episodes):
-            results.append(self.run_evaluation_episode(env, agent, seed + i, max_steps))
-            if i < PLOTTED_EPISODES:
-                runs.append({"target": plant.target, "position": list(plant.positions),
-                             "amplitudes": list(plant.amplitudes)})
-        summary = self.summarise(results, {"max_steps": max_steps})
-        return summary, runs, np.array([self._steps(e) for e in results])
+        records = []
+        for i, s in enumerate(seeds):
+            e = self.run_evaluation_episode(env, agent, s, max_steps)
+            records.append({"steps": self._steps(e), "final": e.final.get("distance", np.nan),
+                            "failure": bool(e.info.get("solver_failure")),
+                            "plot": {"target": plant.target, "position": list(plant.positions),
+                                     "amplitudes": list(plant.amplitudes)} if i < PLOTTED_EPISODES else None})
+        return records
 
-    def evaluate(self, setup: BubbleSetup, errors: BubbleErrors, agent, episodes: int, seed: int, methods,
-                 budget=None, others: dict | None = None):
+    def evaluate_part(self, setup: BubbleSetup, errors: BubbleErrors, agent, seeds, methods, budget=None,
+                      others: dict | None = None):
+        """Per method, each bubble's record on bubbles `seeds` (each bubble is integrated on its
+        own, also in the linear-theory batch, so parts merge into the serial numbers)."""
         config = BubbleTaskConfig()
         max_steps = config.max_steps if budget is None else budget
-        results, runs, steps = {}, {}, {}
+        records: dict[str, list] = {}
         if agent is not None:
-            results["agent"], runs["agent"], steps["agent"] = self._agent_runs(setup, errors, agent, episodes, seed, max_steps)
+            records["agent"] = self._policy_records(setup, errors, agent, seeds, max_steps)
         for name, other in (others or {}).items():
             if name in methods:
-                results[name], runs[name], steps[name] = self._agent_runs(setup, errors, other, episodes, seed, max_steps)
+                records[name] = self._policy_records(setup, errors, other, seeds, max_steps)
         if "greedy" in methods:
             greedy = GreedyOneStep(setup.r0_um * 1e-6, setup.drive, amplitude_max_bar=setup.max_amplitude_bar)
-            results["greedy"], runs["greedy"], steps["greedy"] = self._agent_runs(setup, errors, greedy, episodes, seed,
-                                                                                  max_steps)
+            records["greedy"] = self._policy_records(setup, errors, greedy, seeds, max_steps)
         if "linear" in methods:
             plant = BubbleSimPlant(setup, errors)
             draws = []
-            for i in range(episodes):
-                plant.reset(seed + i)
+            for s in seeds:
+                plant.reset(s)
                 draws.append((plant.r0_m, plant.positions[0], plant.target, plant.scale))
             r0, starts, targets, scales = map(np.array, zip(*draws))
             lin = run_linear_theory(r0, starts, targets, scales, setup.r0_um * 1e-6, LINEAR_HORIZON, config.tolerance,
                                     drive=setup.drive, record=PLOTTED_EPISODES)
-            results["linear"] = method_summary(lin["steps"], lin["final_distance"], lin["solver_failures"],
-                                               LINEAR_HORIZON, max_steps)
+            records["linear"] = [
+                {"steps": int(lin["steps"][i]), "final": float(lin["final_distance"][i]),
+                 "failure": bool(lin["solver_failures"][i]),
+                 "plot": {"target": float(targets[i]), "position": lin["trajectories"][i]} if i < len(lin["trajectories"]) else None}
+                for i in range(len(targets))]
+        return records
+
+    def merge_evaluation(self, setup: BubbleSetup, errors: BubbleErrors, agent, parts, seed, methods, budget=None):
+        max_steps = BubbleTaskConfig().max_steps if budget is None else budget
+        records = concat_parts(parts)
+        results, steps = {}, {}
+        for name, rows in records.items():
+            steps[name] = np.array([r["steps"] for r in rows])
+            horizon = LINEAR_HORIZON if name == "linear" else max_steps
+            results[name] = method_summary(steps[name], np.array([r["final"] for r in rows]),
+                                           np.array([r["failure"] for r in rows]), horizon, max_steps)
+        if "linear" in results:
             results["linear"]["level_bar"] = LINEAR_LEVEL_BAR
-            runs["linear"] = [{"target": float(t), "position": traj} for t, traj in zip(targets, lin["trajectories"])]
-            steps["linear"] = lin["steps"]
             for name in results:
                 if name != "linear":
                     results[name]["speedup_vs_linear"] = speedup(steps[name], max_steps, steps["linear"])
+        episodes = len(next(iter(records.values()))) if records else 0
         summary = {"task": self.name, "lattice": setup.name, "errors": errors.name, "episodes": episodes, "seed": seed,
                    "results": results}
+        runs = {name: [r["plot"] for r in rows if r["plot"] is not None][:PLOTTED_EPISODES] for name, rows in records.items()}
         return summary, runs
 
     def results_table(self, summary: dict):

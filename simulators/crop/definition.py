@@ -10,7 +10,7 @@ import numpy as np
 
 from core.config import load_preset_or_file, load_shipped_or_file, shipped_yaml_names
 from core.plant import KnobSpec, ReadingSpec
-from core.task import EpisodeResult, TaskDefinition, run_episode
+from core.task import EpisodeResult, TaskDefinition, concat_parts, run_episode
 
 from .task import METRICS, PRESETS, CropErrors, CropSetup, CropSimPlant, CropTask, CropTaskConfig, Schedule, reading_indices
 
@@ -155,6 +155,8 @@ class CropDefinition(TaskDefinition):
     def score(self, summary: dict) -> tuple:
         return (summary["profit"]["median"], summary["profit"]["p5"])
 
+    relative_bar = True
+
     def bar_met(self, summary: dict) -> bool:
         return False  # the bar is relative to the baselines on the same seasons (benchmarks/crop.py)
 
@@ -172,24 +174,30 @@ class CropDefinition(TaskDefinition):
             runs.append(season_result(plant, task.config))
         return runs
 
-    def evaluate(self, setup: CropSetup, errors: CropErrors, agent, episodes: int, seed: int, methods,
-                 budget=None, others: dict | None = None):
-        from .baselines import hindsight, run_schedule
+    def _eval_config(self, setup: CropSetup, agent) -> CropTaskConfig:
+        return (CropTaskConfig.model_validate(agent.metadata.get("task_config", {})) if agent is not None
+                else self.task_config(setup))
 
-        config = (CropTaskConfig.model_validate(agent.metadata.get("task_config", {})) if agent is not None
-                  else self.task_config(setup))
-        seeds = list(range(seed, seed + episodes))
-        runs: dict[str, list] = {}
-        if agent is not None:
-            runs["agent"] = self.agent_runs(setup, errors, agent, seeds)
-        plant = CropSimPlant(setup, errors)
-        schedules = {"none": None, "expert": setup.expert}
-        notes = {}
+    def _schedules(self, setup: CropSetup, methods) -> tuple[dict, dict]:
+        """(fixed schedules by method, notes on methods that cannot run)."""
+        schedules, notes = {"none": None, "expert": setup.expert}, {}
         if "best_fixed" in methods:
             if setup.best_fixed is None:
                 notes["best_fixed"] = f"not fitted for {setup.name}: python -m simulators.crop.baselines fit --setup {setup.name}"
             else:
                 schedules["best_fixed"] = setup.best_fixed
+        return schedules, notes
+
+    def evaluate_part(self, setup: CropSetup, errors: CropErrors, agent, seeds, methods, budget=None, **extra):
+        """Season results per method on seasons `seeds` (each season depends only on its seed)."""
+        from .baselines import hindsight, run_schedule
+
+        config, seeds = self._eval_config(setup, agent), list(seeds)
+        runs: dict[str, list] = {}
+        if agent is not None:
+            runs["agent"] = self.agent_runs(setup, errors, agent, seeds)
+        plant = CropSimPlant(setup, errors)
+        schedules, _ = self._schedules(setup, methods)
         for name, schedule in schedules.items():
             if name in methods:
                 runs[name] = [run_schedule(plant, s, schedule, config) for s in seeds]
@@ -197,15 +205,22 @@ class CropDefinition(TaskDefinition):
             start = (setup.best_fixed or setup.expert).doses
             best = hindsight(setup, errors, seeds, config, start=start)
             runs["hindsight"] = [run_schedule(plant, s, b, config) for s, b in zip(seeds, best)]
+        return runs
+
+    def merge_evaluation(self, setup: CropSetup, errors: CropErrors, agent, parts, seed, methods, budget=None):
+        runs = concat_parts(parts)
+        config = self._eval_config(setup, agent)
+        schedules, notes = self._schedules(setup, methods)
         ceiling = [r.profit_usd_ha for r in runs["hindsight"]] if "hindsight" in runs else None
         results = {name: method_summary(r, ceiling) for name, r in runs.items()}
         for name, note in notes.items():
             results[name] = {"note": note}
+        episodes = len(next(iter(runs.values()))) if runs else 0
         summary = {"task": self.name, "lattice": setup.name, "errors": errors.name, "episodes": episodes, "seed": seed,
                    "economics": {"grain_price": config.grain_price, "n_cost": config.n_cost},
                    "schedules": {k: v.model_dump() for k, v in schedules.items() if v is not None},
                    "results": results}
-        plotted = {name: r[PLOTTED_SEASON] for name, r in runs.items() if r}
+        plotted = {name: r[PLOTTED_SEASON] for name, r in runs.items() if len(r) > PLOTTED_SEASON}
         return summary, plotted
 
     def results_table(self, summary: dict):

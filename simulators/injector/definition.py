@@ -134,7 +134,7 @@ class RfqDefinition(TaskDefinition):
     def bar_met(self, summary: dict) -> bool:
         return RfqBar().met(summary)
 
-    def evaluate_part(self, setup, errors, agent, seeds, methods, budget=None):
+    def evaluate_part(self, setup, errors, agent, seeds, methods, budget=None, **extra):
         from .baselines import rfq_runs
 
         chosen = (("agent",) if agent is not None else ()) + tuple(m for m in methods if m != "agent")

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -138,6 +139,9 @@ def test_two_sweeps_write_one_postgresql_store_concurrently(tmp_path):
 @pytest.mark.parametrize("task, args", [
     ("orbit", ["-n", "4"]),
     ("rfq", ["-n", "2", "--budget", "5"]),  # every baseline, Xopt's Bayesian optimisation included
+    ("battery", ["-n", "3"]),  # agent, LP ceiling, MPC, threshold, nothing
+    ("crop", ["-n", "3", "--methods", "none,expert,best_fixed"]),  # (hindsight: minutes per season)
+    ("bubble", ["-n", "3"]),  # TBSAC, DDPG, greedy and linear theory (one batch per part)
 ])
 def test_an_evaluation_split_over_workers_equals_the_serial_one(run_cli, task, args):
     serial = run_cli("evaluate", task, *args, "--json")
@@ -146,9 +150,18 @@ def test_an_evaluation_split_over_workers_equals_the_serial_one(run_cli, task, a
     assert json.loads(split.stdout) == json.loads(serial.stdout)
 
 
-def test_a_task_that_does_not_split_says_so(run_cli):
-    proc = run_cli("evaluate", "battery", "-n", "2", "--workers", "2")
-    assert proc.returncode == 2 and "does not split its evaluation" in proc.stderr
+def test_a_task_that_does_not_split_says_so(monkeypatch):
+    import sys
+
+    from controller.cluster import evaluate_on_workers
+    from core.config import ConfigError
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "toy"))  # a task that only overrides evaluate
+    from thermal import ThermalDefinition
+
+    assert "thermal" in sys.modules and not ThermalDefinition().splits_evaluation
+    with pytest.raises(ConfigError, match="task thermal does not split its evaluation"):
+        evaluate_on_workers(ThermalDefinition(), None, None, None, 4, 0, (), None, workers=2)
 
 
 @pytest.mark.parametrize("content, message", [
@@ -187,3 +200,52 @@ def test_without_ray_the_commands_say_how_to_install_it(run_cli, tmp_path):
         proc = run_cli(*args, env=env)
         assert proc.returncode == 2, proc.stderr
         assert "pip install -e '.[cluster]'" in proc.stderr
+
+
+def test_the_documented_sweep_files_are_valid():
+    from controller.sweep import load_sweep, trials
+
+    files = sorted((Path(__file__).resolve().parents[2] / "benchmarks" / "sweeps").glob("*.yaml"))
+    assert files
+    for path in files:
+        sweep = load_sweep(path)
+        grid = math.prod(len(v) for v in sweep.hyperparameters.values())
+        assert len(trials(sweep)) == len(sweep.lattices or [None]) * len(sweep.errors) * len(sweep.seeds) * grid
+
+
+@pytest.mark.slow  # starts a Ray "cluster" (a head node on loopback) beside the test's own processes
+def test_the_same_sweep_file_runs_against_a_cluster_address(run_cli, tmp_path):
+    import shutil
+
+    from controller.store import TrainingRunRow
+    from hardware.ioc import free_port
+
+    ray_cmd = shutil.which("ray")
+    assert ray_cmd, "the cluster extra installs the `ray` command"
+    port, client_port = free_port(), free_port()
+    # The cluster's token, shared by its nodes and whoever submits to it (Ray's token authentication)
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(16).hex()}
+    head = subprocess.run([ray_cmd, "start", "--head", f"--port={port}", f"--ray-client-server-port={client_port}",
+                           "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
+                          capture_output=True, text=True, timeout=180, env={**os.environ, **auth})
+    assert head.returncode == 0, head.stderr[-2000:]
+    try:
+        sweep = write_sweep(tmp_path, f"cluster-{os.getpid()}", seeds=[0, 1])
+        proc = run_cli("sweep", str(sweep), "--address", f"ray://127.0.0.1:{client_port}", "--out", str(tmp_path / "trials"),
+                       "--json", timeout=600, env=auth)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.startswith("{"), proc.stdout[:3000]
+        assert [t["status"] for t in json.loads(proc.stdout)["trials"]] == ["completed"] * 2
+        runs = open_store().list(TrainingRunRow, TrainingRunRow.sweep == f"cluster-{os.getpid()}")
+        assert len(runs) == 2 and all(len(r.curves) == 2 for r in runs)
+    finally:
+        subprocess.run([ray_cmd, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_an_address_where_no_ray_head_answers_is_refused_at_once(run_cli, tmp_path):
+    from hardware.ioc import free_port
+
+    sweep = write_sweep(tmp_path, "nohead")
+    for args in (["sweep", str(sweep)], ["evaluate", "orbit", "-n", "2"]):
+        proc = run_cli(*args, "--address", f"ray://127.0.0.1:{free_port()}", timeout=120)
+        assert proc.returncode == 2 and "nothing answers at ray://127.0.0.1:" in proc.stderr, proc.stderr[-2000:]
