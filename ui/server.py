@@ -27,7 +27,7 @@ from controller.manager import Conflict, NotFound, SessionManager
 from controller.policy import POLICY_DIR
 from controller.replay import load_session, replay, step_rows
 from controller.store import EvaluationRow, PolicyRow, SessionRow, Store, TrainingRunRow, row_dict
-from controller.api import ConfigError
+from controller.api import ConfigError, policy_catalogue
 
 SessionStatus = Literal["running", "paused", "completed", "not_converged", "tripped", "aborted", "rejected", "dry-run", "interrupted", "faulted", "mismatch"]
 
@@ -146,15 +146,17 @@ def create_app(store: Store, token: str, sim_step_interval: float = 0.0, allowed
     @app.get("/api/policies")
     def policies() -> dict:
         shipped = sorted(p.name[:-3] for p in POLICY_DIR.iterdir() if p.name.endswith(".pt"))
-        recorded = [row_dict(r) for r in store.list(PolicyRow)]
+        recorded = policy_catalogue(store)
         names = store.machine_names()
         deployed: dict[int, list[str]] = {}
         for s in store.list(SessionRow, SessionRow.status == "completed"):
             machines_of_policy = deployed.setdefault(s.policy_id, [])
             if names.get(s.machine_id) not in machines_of_policy:
                 machines_of_policy.append(names.get(s.machine_id))
+        shipped_dir = PathLib(str(POLICY_DIR)).resolve()
         for r in recorded:
             r["deployed_on"] = deployed.get(r["id"], [])
+            r["shipped"] = PathLib(r["path"]).resolve().parent == shipped_dir  # a 'pretrained' file, as recorded
         return {"pretrained": shipped, "recorded": recorded}
 
     @app.get("/api/training-runs")

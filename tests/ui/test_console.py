@@ -85,7 +85,7 @@ def test_run_page_approve_mode_shows_the_proposed_step(server):
     approve.click().run()
     events = [e["kind"] for e in httpx.get(f"{server}/api/sessions/{sid}/events").json()]
     assert "approve" in events
-    abort = next(b for b in at.button if b.label == "Abort")
+    abort = next(b for b in at.button if b.label == "Stop")  # the red one: abort and restore
     abort.click().run()
     for _ in range(100):
         if not httpx.get(f"{server}/api/sessions/{sid}").json()["live"]:
@@ -132,7 +132,8 @@ def test_training_page_lists_runs_evaluations_and_deployments(server, tmp_path):
     from controller.store import Store
 
     store = Store(f"sqlite:///{tmp_path / 'console.sqlite'}")
-    run = store.start_training_run(task="orbit", lattice="cafe2-cm1", errors="train", arch="tbsac", steps=2000, seed=1, out_dir="x")
+    run = store.start_training_run(task="orbit", lattice="cafe2-cm1", errors="train", arch="tbsac", steps=2000, seed=1, out_dir="x",
+                                   sweep="nightly", trial="003-cafe2-cm1-train-seed1")
     curve = [{"step": 1000, "success_rate": 0.5, "steps": {"median": 9.0}, "final_rms_mm": {"p95": 0.9}},
              {"step": 2000, "success_rate": 1.0, "steps": {"median": 5.0}, "final_rms_mm": {"p95": 0.48}}]
     store.finish_training_run(run.id, "completed", {"best_step": 2000, "best": curve[1] | {"final_rms_mm": {"p95": 0.48}}}, curve)
@@ -144,6 +145,7 @@ def test_training_page_lists_runs_evaluations_and_deployments(server, tmp_path):
     assert not at.exception
     frames = [df.value for df in at.dataframe]
     assert frames[0]["best step"].tolist() == [2000]
+    assert frames[0]["sweep / trial"].tolist() == ["nightly / 003-cafe2-cm1-train-seed1"]  # a `tbsac sweep` trial
     assert set(frames[1]["method"]) == {"agent", "svd_model"}
     assert frames[2]["deployed on"].tolist() == ["sim-cafe2-cm3"]
 
@@ -270,3 +272,32 @@ def test_the_header_tells_what_the_machine_was_left_at_and_the_headline_number()
     metric = {"name": "rms_mm", "unit": "mm", "label": "orbit RMS"}
     assert headline(metric, [{"step": 4, "metrics": {"rms_mm": 0.41234}}]) == "orbit RMS 0.4123 mm after step 4"
     assert headline(metric, []) == ""
+
+
+def test_policies_are_offered_by_name_and_one_that_failed_its_bar_needs_confirmation(server, tmp_path):
+    from controller.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'console.sqlite'}")
+    meta = {"task": "orbit", "lattice": {"name": "cafe2-cm1"}}
+    for trial, (success, rms) in {"001-cafe2-cm1-seed0": (1.0, 0.42), "002-cafe2-cm1-seed1": (0.0, 3.1)}.items():
+        run = store.start_training_run(task="orbit", lattice="cafe2-cm1", errors="train", arch="tbsac", steps=600, seed=0,
+                                       out_dir="x", sweep="nightly", trial=trial)
+        best = {"success_rate": success, "steps": {"median": 5.0}, "final_rms_mm": {"p95": rms}, "beam_lost": 0}
+        store.finish_training_run(run.id, "completed", {"best_step": 600, "best": best}, [dict(best, step=600)])
+        store.add_policy(tmp_path / f"{trial}.pt", trial.ljust(64, "0")[:64], meta, training_run_id=run.id)
+    at = app_test()
+    at.selectbox(key="machine").select("sim-cafe2-cm1").run()
+    box = at.selectbox(key="policy")
+    labels = box.options  # as the operator reads them
+    assert labels[0].startswith("pretrained")
+    good = next(label for label in labels if label.startswith("nightly/001-cafe2-cm1-seed0"))
+    bad = next(label for label in labels if label.startswith("nightly/002-cafe2-cm1-seed1"))
+    assert "success_rate 1" in good and "bar met" in good and "FAILED" not in good
+    assert "success_rate 0" in bad and "✗ FAILED its bar" in bad
+    start = lambda: next(b for b in at.button if b.label == "Start")  # noqa: E731
+    assert not start().disabled
+    box.set_value(str((tmp_path / "002-cafe2-cm1-seed1.pt").resolve())).run()
+    assert "did not meet the orbit bar" in texts(at)
+    assert start().disabled  # until the operator confirms
+    at.checkbox[0].check().run()
+    assert not start().disabled

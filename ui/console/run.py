@@ -5,7 +5,7 @@ import streamlit as st
 from ui.console.charts import (headline, knob_chart, machine_left, metric_title, panel_charts, primary_metric,
                                proposal_table, trend_chart)
 from ui.console.client import format_time
-from ui.console.common import call, connected_or_stop, event_log, operator
+from ui.console.common import call, connected_or_stop, event_log, operator, policy_label
 
 NEXT_STEP = {
     "tripped": "The safety layer stopped the session. Read the reason in the event log; "
@@ -35,9 +35,20 @@ with left:
                         format_func=lambda n: f"{n} ({by_name[n]['kind']}, {by_name[n]['lattice']})")
 machine = by_name[name]
 policies = client.policies()
-choices = ["pretrained"] + [p["path"] for p in policies["recorded"] if p["lattice"] == machine["lattice"]]
+# Offered by name with what their training measured; the shipped one first (its record, if
+# it was evaluated here), then the recorded policies of this machine's lattice, newest first.
+shipped = next((p for p in policies["recorded"] if p.get("shipped") and p["path"].endswith(f"/{machine['lattice']}.pt")), None)
+offered = {"pretrained": shipped} | {p["path"]: p for p in reversed(policies["recorded"])
+                                     if p["lattice"] == machine["lattice"] and not p.get("shipped")}
 with right:
-    policy = st.selectbox("Policy", list(dict.fromkeys(choices)), key="policy")
+    policy = st.selectbox("Policy", list(offered), key="policy", format_func=lambda k: policy_label(
+        offered[k], f"pretrained ({machine['lattice']}.pt, shipped)" if k == "pretrained" else offered[k]["name"]))
+chosen = offered.get(policy)
+policy_confirmed = True
+if chosen and chosen.get("bar_met") is False:
+    st.warning(f"**{chosen['name']} did not meet the {chosen.get('task')} bar in its training's evaluation** "
+               f"({policy_label(chosen, 'numbers').split(' · ', 1)[-1]}). It may do worse than the method you use today.")
+    policy_confirmed = st.checkbox("I have checked this policy and want to run it anyway", key=f"confirm-{policy}")
 mode = st.radio("Mode", ["auto", "approve", "dry-run"], horizontal=True, key="mode",
                 help="approve: every step waits for your approval; dry-run: proposals only, nothing is written")
 sim_units = st.toggle("Simulator units", key="sim-units", help="Knob settings in the simulator's units instead of the "
@@ -53,15 +64,22 @@ if session_id is None:
     session_id = latest[0]["id"] if latest else None
 
 buttons = st.columns(5)
-if buttons[0].button("Start", type="primary", disabled=bool(machine.get("active_session"))):
+if buttons[0].button("Start", type="primary", disabled=bool(machine.get("active_session")) or not policy_confirmed):
     sid = call(client.start, machine=name, policy=policy, mode=mode, operator=operator(), seed=int(seed))
     if sid:
         st.session_state[f"session:{name}"] = sid
         st.rerun()
-for col, command in zip(buttons[1:], ("pause", "resume", "abort", "restore")):
-    if col.button(command.capitalize(), disabled=session_id is None, key=f"cmd-{command}"):
+# Stop is the abort command (the session ends, its starting settings written back and
+# verified by the safety layer); red, so that it is found without reading.
+st.markdown("<style>.st-key-cmd-abort button {background-color: #c62828; border-color: #c62828; color: white;}"
+            ".st-key-cmd-abort button:hover {background-color: #8e0000; color: white;}</style>", unsafe_allow_html=True)
+for col, (command, label, hint) in zip(buttons[1:], (
+        ("pause", "Pause", "hold before the next step"), ("resume", "Resume", "continue after a pause"),
+        ("abort", "Stop", "abort the session and restore the starting settings (verified)"),
+        ("restore", "Restore", "write the starting settings of the last session back"))):
+    if col.button(label, disabled=session_id is None, key=f"cmd-{command}", help=hint):
         if call(client.command, session_id, command, operator()):
-            st.toast(f"{command} sent for session {session_id}")
+            st.toast(f"{label.lower()} sent for session {session_id}")
 
 
 @st.fragment(run_every=1.0)
