@@ -77,8 +77,9 @@ class ActiveSession:
 class _Controls:
     """A session process's side of the operator's commands: pause, resume, abort, approve."""
 
-    def __init__(self, conn, machine: str, sim_step_interval: float):
-        self.conn, self.machine, self.sim_step_interval = conn, machine, sim_step_interval
+    def __init__(self, conn, min_step_interval: float):
+        self.conn, self.min_step_interval = conn, min_step_interval
+        self.last_step: float | None = None
         self.running, self.decided, self.finished = threading.Event(), threading.Event(), threading.Event()
         self.running.set()
         self.guard = None
@@ -112,8 +113,15 @@ class _Controls:
         while not self.running.wait(0.05):
             if self.guard and self.guard.abort_requested.is_set():
                 return  # the guard trips at its next call
-        if self.sim_step_interval and self.machine.startswith(SIM_PREFIX):
-            time.sleep(self.sim_step_interval)
+        if self.min_step_interval and self.last_step is not None:
+            # Paced, so that an operator sees each step and can stop between two; an abort
+            # ends the wait at once.
+            deadline = self.last_step + self.min_step_interval
+            while (left := deadline - time.monotonic()) > 0:
+                if self.guard and self.guard.abort_requested.is_set():
+                    break
+                time.sleep(min(0.05, left))
+        self.last_step = time.monotonic()
 
     def approver(self, current, proposed, names) -> bool:
         self.proposals += 1
@@ -169,6 +177,15 @@ def _server_context() -> dict:
     return {"env": {k: v for k, v in os.environ.items() if k.startswith(ENVIRONMENT_PREFIXES)}, "sys_path": list(sys.path)}
 
 
+def step_interval(opened, mode: str, sim_step_interval: float) -> float:
+    """The least time between two steps of a server-run session: the machine file's
+    ``min_step_interval_s`` in auto mode (approve mode waits for the operator anyway, a
+    dry run writes nothing); the server's ``--sim-step-interval`` on simulated machines."""
+    if opened.machine_file is None:
+        return sim_step_interval
+    return opened.machine_file.min_step_interval_s if mode == "auto" else 0.0
+
+
 def session_process(conn, store_url: str, request: dict, sim_step_interval: float) -> None:
     """The body of a session process: open, lock, run, record; then tell the parent."""
     os.environ.update(request["context"]["env"])
@@ -187,7 +204,7 @@ def session_process(conn, store_url: str, request: dict, sim_step_interval: floa
     sid = recorder.session_id
     snapshot = unique_snapshot_path(opened.name, sid)
     store.set_snapshot(sid, str(snapshot))
-    controls = _Controls(conn, request["machine"], sim_step_interval)
+    controls = _Controls(conn, step_interval(opened, request["mode"], sim_step_interval))
     threading.Thread(target=controls.listen, daemon=True, name="commands").start()
     conn.send(("started", sid))
     try:

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
 from core.config import ConfigError, load_yaml_model
 from core.plant import InterlockRuleKind
@@ -108,6 +108,8 @@ class MachineFile(_Strict):
     connection_timeout_s: PositiveFloat = 2.0
     read_timeout_s: PositiveFloat = 1.0
     stale_after_s: PositiveFloat = Field(5.0, description="a reading older than this is a fault")
+    min_step_interval_s: NonNegativeFloat = Field(1.0, description="auto sessions run from the control server take at "
+                                                  "least this long per step, so that an operator can stop between steps")
     clock: PeriodClock | None = None
 
     @model_validator(mode="after")

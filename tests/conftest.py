@@ -90,13 +90,15 @@ class Ioc:
                                       period_s=self.period_s)
         return self
 
-    def machine_file(self, name: str = "machine.yaml", **corrector_overrides) -> Path:
-        """The shipped machine file for this lattice, pointed at this IOC's prefix."""
+    def machine_file(self, name: str = "machine.yaml", min_step_interval_s: float = 0.0, **corrector_overrides) -> Path:
+        """The shipped machine file for this lattice, pointed at this IOC's prefix; server-run
+        auto sessions unpaced unless `min_step_interval_s` (the shipped default is 1 s)."""
         from hardware.machine import MACHINE_DIR
 
         text = (MACHINE_DIR / f"{self.machine}.yaml").read_text()
         default = "V" + self.lattice.upper().replace("-", ":")
         data = yaml.safe_load(text.replace(default + ":", self.prefix + ":"))
+        data["min_step_interval_s"] = min_step_interval_s
         for c in data["knobs"]:
             c.update(corrector_overrides)
         path = self.tmp / name

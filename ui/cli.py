@@ -449,7 +449,8 @@ def serve(
     allowed_host: list[str] = typer.Option([], "--allowed-host", help="Host names clients may use (Host header); loopback always."),
     machine_dir: list[Path] = typer.Option([], "--machine-dir", help="Folders whose machine files the API may open (besides the shipped ones)."),
     policy_dir: list[Path] = typer.Option([], "--policy-dir", help="Folders whose policy files the API may load (besides shipped and recorded ones)."),
-    sim_step_interval: float = typer.Option(0.0, "--sim-step-interval", min=0.0, help="Pause between steps on simulated machines, s."),
+    sim_step_interval: float = typer.Option(1.0, "--sim-step-interval", min=0.0, help="Least time per step of sessions on "
+                                            "simulated machines, s (machine files set their own: min_step_interval_s)."),
 ):
     """The control server: owns machine connections; consoles come and go."""
     import secrets

@@ -6,6 +6,7 @@ saved as screenshots in ``$TBSAC_ARTIFACTS`` (default ``test-artifacts/``).
 """
 
 import contextlib
+import datetime as dt
 import os
 import shutil
 import subprocess
@@ -168,6 +169,9 @@ def test_auto_mode_rfq_tuning_through_the_console(injector_stack, browser):
     result = session["result"]
     assert result["trips"] == [] and 1 <= result["steps"] <= 30
     assert result["final_transmission"] > result["initial_transmission"]
+    # Paced by the machine file's min_step_interval_s (default 1 s), so that Stop can act between steps.
+    times = [dt.datetime.fromisoformat(s["time"]) for s in httpx.get(f"{stack['server']}/api/sessions/{session['id']}/steps").json()]
+    assert len(times) == result["steps"] and all(b - a >= dt.timedelta(seconds=0.95) for a, b in zip(times, times[1:]))
     events = httpx.get(f"{stack['server']}/api/sessions/{session['id']}/events").json()
     walks = [e for e in events if e["kind"] == "return_to_best"]
     # The operator sees the transmission change, the beam currents and the interlocks.

@@ -158,6 +158,23 @@ def test_http_session_on_virtual_ioc_and_cli_replay(client, start_ioc, run_cli, 
     assert report["steps"] == state["steps"] and report["reproduced_fraction"] == 1.0
 
 
+def test_auto_sessions_are_paced_by_the_machine_file_and_stop_between_steps(client, start_ioc):
+    import datetime as dt
+
+    ioc = start_ioc(seed=12, ramp=0.05)
+    sid = start(client, machine=str(ioc.machine_file(min_step_interval_s=2.0)))
+    deadline = time.monotonic() + 60
+    while len(client.get(f"/api/sessions/{sid}/steps").json()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.post(f"/api/sessions/{sid}/abort", json={"operator": "carol"}, headers=AUTH).status_code == 200
+    state = wait_status(client, sid, {"aborted"})
+    assert state["result"]["restored"] and "operator abort by carol" in state["result"]["trips"][0]
+    steps = client.get(f"/api/sessions/{sid}/steps").json()
+    times = [dt.datetime.fromisoformat(s["time"]) for s in steps]
+    assert 2 <= len(steps) <= 3  # stopped in the pause between steps, not after the episode
+    assert all(b - a >= dt.timedelta(seconds=1.95) for a, b in zip(times, times[1:]))
+
+
 def test_server_killed_mid_session_stops_the_session_and_restores(start_ioc, tmp_path, run_cli):
     """The session runs in a process of its own: when the server dies (SIGKILL) nobody can
     supervise it any more, so it aborts itself and restores the machine; every step is kept."""
