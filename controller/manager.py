@@ -337,7 +337,7 @@ class SessionManager:
             active.pending = None  # consumed: a second click cannot approve the next step
             self.store.add_event(session_id, _now(), "approve" if approve else "reject",
                                  f"step {pending['id']} {'approved' if approve else 'rejected'} by {operator}",
-                                 {"proposal": pending["id"], "proposed": pending["proposed"]})
+                                 {"proposal": pending["id"], "proposed": pending["proposed"], "operator": operator})
             active.send("decide", approve)
 
     def restore(self, session_id: int, operator: str) -> None:

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from core.config import ConfigError
+from core.outcome import decided_by, machine_left
 from core.task import walk_action
 
 from .policy import Policy, file_sha256
-from .store import PolicyRow, SessionRow, Store, row_dict
+from .store import MachineRow, PolicyRow, SessionRow, Store, row_dict
 
 ACTION_TOLERANCE = 1e-5
 
@@ -126,6 +127,10 @@ def step_rows(store: Store, session_id: int) -> list[dict]:
 
 
 def export(store: Store, session_id: int, fmt: str, out: Path) -> Path:
+    """A session's steps as CSV or Parquet (one row per step), or its logbook report (md)."""
+    if fmt == "md":
+        Path(out).write_text(session_report(store, session_id))
+        return out
     rows = step_rows(store, session_id)
     columns = list(rows[0]) if rows else ["session", "step"]
     if fmt == "csv":
@@ -139,5 +144,69 @@ def export(store: Store, session_id: int, fmt: str, out: Path) -> Path:
 
         pq.write_table(pa.Table.from_pylist(rows) if rows else pa.table({c: [] for c in columns}), out)
     else:
-        raise ConfigError(f"--format: unknown format {fmt!r}; expected csv or parquet")
+        raise ConfigError(f"--format: unknown format {fmt!r}; expected csv, parquet or md")
     return out
+
+
+def _named(values, names: list[str]) -> dict:
+    """Knob values keyed by name (events record them as lists in layout order)."""
+    if isinstance(values, dict):
+        return dict(values)
+    return dict(zip(names, values or []))
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def session_report(store: Store, session_id: int) -> str:
+    """A session as Markdown for the logbook: who, what, on which machine with which policy,
+    the headline result, what the machine was left at, approvals, every step (metrics,
+    reward, who chose it, the largest knob change in the machine's units) and every event."""
+    session = load_session(store, session_id)
+    machine = store.get(MachineRow, session.machine_id)
+    policy = store.get(PolicyRow, session.policy_id)
+    events = [row_dict(e) for e in store.events(session_id)]
+    layout = session.layout or {}
+    metrics = layout.get("metrics", [])
+    knobs = layout.get("knobs", [])
+    result = session.result or {}
+    started, ended = row_dict(session)["started"], row_dict(session)["ended"]
+    lines = [f"# Session {session.id}: {session.status} on {machine.name if machine else session.machine_id}", "",
+             "| | |", "|---|---|",
+             f"| task | {_cell(session.task)} |",
+             f"| machine | {_cell(machine.name if machine else None)} ({_cell(machine.kind if machine else None)}) |",
+             f"| policy | {_cell(policy.path if policy else None)} (sha256 {policy.sha256[:12] if policy else '-'}) |",
+             f"| operator, mode | {_cell(session.operator)}, {_cell(session.mode)} |",
+             f"| started, ended (UTC) | {_cell(started)}, {_cell(ended)} |"]
+    for m in metrics[:1]:
+        before, after = result.get(f"initial_{m['name']}"), result.get(f"final_{m['name']}")
+        lines.append(f"| {m.get('label') or m['name']} ({m['unit']}) | {_cell(before)} → {_cell(after)} in "
+                     f"{_cell(result.get('steps'))} steps |")
+    lines.append(f"| {machine_left(session.status, events) or 'machine left: session still running'} | |")
+    decisions = decided_by(events)
+    lines.append(f"| approved by, rejected by | {', '.join(decisions['approved']) or '-'}, "
+                 f"{', '.join(decisions['rejected']) or '-'} |")
+    trips = [e["reason"] for e in events if e["kind"] == "trip"]
+    lines += [f"| trips | {_cell('; '.join(trips)) if trips else 'none'} |", ""]
+
+    unit = {k["name"]: (k.get("engineering") or {}).get("unit") or k.get("unit", "") for k in knobs}
+    scale = {k["name"]: (k.get("engineering") or {}).get("scale", 1.0) for k in knobs}
+    metric_columns = [f"{m.get('label') or m['name']} ({m['unit']})" for m in metrics]
+    lines += ["## Steps", "", "| step | time (UTC) | " + " | ".join(metric_columns + ["reward", "by", "largest change"]) + " |",
+              "|" + "---|" * (len(metric_columns) + 5)]
+    start = next((e for e in events if e["kind"] == "start"), None)
+    before = _named((start or {}).get("data", {}).get("settings"), [k["name"] for k in knobs])
+    for s in store.steps(session_id):
+        safe = s.safe or {}
+        changes = {n: (safe[n] - before[n]) * scale.get(n, 1.0) for n in safe if n in before}
+        before = dict(s.readbacks or {})
+        largest = max(changes, key=lambda n: abs(changes[n]), default=None)
+        change = f"{largest} {changes[largest]:+.4g} {unit.get(largest, '')}".strip() if largest else "-"
+        values = [_cell((s.metrics or {}).get(m["name"])) for m in metrics]
+        lines.append(f"| {s.step} | {row_dict(s)['time']} | " + " | ".join(values + [_cell(s.reward), _cell(s.by), change]) + " |")
+    lines += ["", "## Events", ""]
+    lines += [f"- {e['time']} **{e['kind']}**: {_cell(e['reason'])}" for e in events] or ["- none"]
+    return "\n".join(lines) + "\n"

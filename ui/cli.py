@@ -420,11 +420,11 @@ def replay_cmd(
 @app.command("export")
 def export_cmd(
     session: Optional[int] = typer.Argument(None, help="Session id."),
-    fmt: str = typer.Option("csv", "--format", help="csv or parquet (sessions)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output file (default session-N.csv/.parquet, measurement-N.json)."),
+    fmt: str = typer.Option("csv", "--format", help="csv or parquet (a session's steps), md (its logbook report)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output file (default session-N.csv/.parquet/.md, measurement-N.json)."),
     measurement: Optional[int] = typer.Option(None, "--measurement", help="Export a recorded measurement (JSON) instead."),
 ):
-    """Export a session's steps (one row per step, named columns) or a measurement (JSON)."""
+    """Export a session's steps (one row per step, named columns), its logbook report (Markdown) or a measurement (JSON)."""
     from controller import api
 
     if (session is None) == (measurement is None):

@@ -25,8 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from controller.machines import MACHINE_DIR, list_machines
 from controller.manager import Conflict, NotFound, SessionManager
 from controller.policy import POLICY_DIR
-from controller.replay import load_session, replay, step_rows
-from controller.store import EvaluationRow, PolicyRow, SessionRow, Store, TrainingRunRow, row_dict
+from controller.replay import load_session, replay, session_report, step_rows
+from controller.store import EvaluationRow, EventRow, PolicyRow, SessionRow, Store, TrainingRunRow, row_dict
+from core.outcome import decided_by
 from controller.api import ConfigError, policy_catalogue
 
 SessionStatus = Literal["running", "paused", "completed", "not_converged", "tripped", "aborted", "rejected", "dry-run", "interrupted", "faulted", "mismatch"]
@@ -197,7 +198,11 @@ def create_app(store: Store, token: str, sim_step_interval: float = 0.0, allowed
         if started_to:
             where.append(SessionRow.started < dt.datetime.combine(started_to + dt.timedelta(days=1), dt.time(), dt.timezone.utc))
         rows = store.list(SessionRow, *where, order=SessionRow.id.desc(), limit=limit, offset=offset)
-        return [dict(row_dict(r), machine=machines_by_id.get(r.machine_id)) for r in rows]
+        decisions: dict[int, list[dict]] = {}
+        for e in store.list(EventRow, EventRow.session_id.in_([r.id for r in rows]), EventRow.kind.in_(("approve", "reject"))):
+            decisions.setdefault(e.session_id, []).append(row_dict(e))
+        return [dict(row_dict(r), machine=machines_by_id.get(r.machine_id), decided_by=decided_by(decisions.get(r.id, [])))
+                for r in rows]
 
     @app.get("/api/sessions/{session_id}")
     def session(session_id: SessionId) -> dict:
@@ -231,6 +236,13 @@ def create_app(store: Store, token: str, sim_step_interval: float = 0.0, allowed
             writer.writerows(rows)
         return PlainTextResponse(buf.getvalue(), media_type="text/csv",
                                  headers={"Content-Disposition": f"attachment; filename=session-{session_id}.csv"})
+
+    @app.get("/api/sessions/{session_id}/report", response_class=PlainTextResponse)
+    def report(session_id: SessionId) -> PlainTextResponse:
+        """The session as Markdown for the logbook (``tbsac export N --format md``)."""
+        session_or_404(session_id)
+        return PlainTextResponse(session_report(store, session_id), media_type="text/markdown",
+                                 headers={"Content-Disposition": f"attachment; filename=session-{session_id}.md"})
 
     @app.get("/api/sessions/{session_id}/stream")
     async def stream(session_id: SessionId) -> StreamingResponse:

@@ -165,6 +165,11 @@ def test_export_csv_and_parquet(store, tmp_path):
     assert table.num_rows == result.steps and "interlock:beam_current" in table.column_names
     with pytest.raises(ConfigError, match="format"):
         export(store, sid, "xlsx", tmp_path / "s.xlsx")
+    report = export(store, sid, "md", tmp_path / "s.md").read_text()  # the logbook report
+    assert report.startswith(f"# Session {sid}: completed on sim-cafe2-cm1") and "| operator, mode | alice, auto |" in report
+    assert sum(line.startswith("| ") and line[2].isdigit() for line in report.splitlines()) == result.steps
+    changes = [line.rsplit("|", 2)[-2].strip() for line in report.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert all(c.split()[0].startswith("DC") and float(c.split()[1]) != 0 for c in changes), changes  # the knob moved most
 
 
 def test_unknown_session(store):

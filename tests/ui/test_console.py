@@ -80,7 +80,7 @@ def test_run_page_approve_mode_shows_the_proposed_step(server):
             break
         time.sleep(0.05)
     at.run()
-    assert "waiting for your approval" in " ".join(h.value for h in at.subheader)
+    assert "waiting for your approval" in texts(at)
     approve = next(b for b in at.button if b.label == "Approve")
     approve.click().run()
     events = [e["kind"] for e in httpx.get(f"{server}/api/sessions/{sid}/events").json()]
@@ -257,7 +257,8 @@ def test_a_crop_session_draws_the_season_and_n_against_the_cap(server):
 
 
 def test_the_header_tells_what_the_machine_was_left_at_and_the_headline_number():
-    from ui.console.charts import headline, machine_left
+    from core.outcome import machine_left
+    from ui.console.charts import headline
 
     restore = {"kind": "restore", "reason": "starting settings restored in 3 writes (each within the largest step) and verified"}
     by_operator = {"kind": "restore", "reason": "starting settings restored by alice and verified"}

@@ -106,6 +106,17 @@ def test_approve_mode_orbit_correction_through_the_console(stack, browser):
     browser.find_element(By.XPATH, "//label[.//p[normalize-space(.)='approve']]").click()
     WebDriverWait(browser, 10).until(lambda d: d.find_element(By.XPATH, "//label[.//p[normalize-space(.)='approve']]//input").is_selected())
     button(browser, "Start").click()
+    # A control-room screen: status, the proposal, Approve/Reject and Stop without scrolling.
+    browser.set_window_size(1600, 900)
+    WebDriverWait(browser, 60).until(lambda d: "waiting for your approval" in page_text(d))
+    time.sleep(1.0)  # the fragment finishes drawing the proposal
+    height = browser.execute_script("return window.innerHeight")
+    for label in ("Approve", "Reject", "Stop"):
+        box = button(browser, label).rect
+        assert box["y"] + box["height"] <= height, f"{label} below the fold: {box} (viewport {height} px)"
+    header = browser.find_element(By.XPATH, "//*[contains(text(), 'operator') and contains(text(), 'mode approve')]").rect
+    assert header["y"] + header["height"] <= height
+    browser.save_screenshot(str(artifacts / "console-approve-1600x900.png"))
     approvals = 0
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:

@@ -97,6 +97,19 @@ def test_one_active_session_per_machine_and_approve_flow(client):
     state = wait_status(client, sid, {"completed"})
     kinds = [e["kind"] for e in client.get(f"/api/sessions/{sid}/events").json()]
     assert kinds.count("approve") == kinds.count("approved") == approved == state["steps"] + 1  # + the reset probe
+    listed = next(x for x in client.get("/api/sessions").json() if x["id"] == sid)
+    assert listed["decided_by"] == {"approved": ["alice"], "rejected": []}
+    # The logbook report: who, the result, what the machine was left at, every step and event.
+    report = client.get(f"/api/sessions/{sid}/report")
+    assert report.status_code == 200 and report.headers["content-type"].startswith("text/markdown")
+    text = report.text
+    assert text.startswith(f"# Session {sid}: completed on sim-cafe2-cm1")
+    assert "| approved by, rejected by | alice, - |" in text and "machine left: at the session's final settings" in text
+    rms = state["result"]
+    assert f"{rms['initial_rms_mm']:.4g} → {rms['final_rms_mm']:.4g} in {state['steps']} steps" in text
+    step_lines = [line for line in text.split("## Events")[0].splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(step_lines) == state["steps"]
+    assert text.count("**approve**") == approved
 
 
 def test_pause_resume_abort_and_restore(client):
@@ -110,6 +123,9 @@ def test_pause_resume_abort_and_restore(client):
     assert state["result"]["restored"] and "operator abort by carol" in state["result"]["trips"][0]
     r = client.post(f"/api/sessions/{sid}/restore", headers=AUTH)
     assert r.status_code == 200
+    text = client.get(f"/api/sessions/{sid}/report").text
+    assert "machine left: starting settings restored" in text and "operator abort by carol" in text
+    assert client.get("/api/sessions/999/report").status_code == 404
     assert client.post(f"/api/sessions/{sid}/pause", headers=AUTH).status_code == 409
 
 

@@ -51,23 +51,6 @@ def headline(metric: dict, steps: list[dict]) -> str:
     return f"{metric.get('label') or metric['name']} {value:.4g}{unit} after step {steps[-1]['step']}"
 
 
-def machine_left(status: str, events: list[dict]) -> str:
-    """What the session left the machine at, from its events (not from what was intended)."""
-    restores = [e for e in events if e["kind"] in ("restore", "restore_failed")]
-    if restores and restores[-1]["kind"] == "restore":
-        what = restores[-1]["reason"].split(" in ")[0].replace(" and verified", "")
-        return f"machine left: {what} (verified by read-back)"
-    if restores:
-        return "machine left: RESTORE FAILED (" + restores[-1]["reason"] + ") — press Restore"
-    if status == "dry-run":
-        return "machine left: untouched (dry-run)"
-    if status in ("running", "paused"):
-        return ""
-    if status == "completed":
-        return "machine left: at the session's final settings"
-    return "machine left: NOT restored — press Restore"
-
-
 def profile_chart(panel: dict, machine: dict, start, current, band: float | None, band_unit: str = "") -> alt.Chart:
     """Readings against their position, one facet per group (e.g. x and y), start vs now, target band."""
     names = reading_names(machine)

@@ -91,6 +91,10 @@ class ConsoleClient:
     def export_csv(self, sid: int) -> str:
         return self._request("GET", f"/api/sessions/{sid}/export").text
 
+    def report(self, sid: int) -> str:
+        """The session's logbook report (Markdown)."""
+        return self._request("GET", f"/api/sessions/{sid}/report").text
+
     def training_runs(self) -> list[dict]:
         return self.get("/api/training-runs")
 

@@ -40,6 +40,8 @@ table = pd.DataFrame([{
     "session": s["id"], "machine": s["machine"], "operator": s["operator"], "mode": s["mode"], "status": s["status"],
     "started (UTC)": format_time(s["started"]), "steps": (s.get("result") or {}).get("steps"),
     "task": s.get("task"), **final_metric(s),
+    "approved by": ", ".join((s.get("decided_by") or {}).get("approved", [])) or "-",
+    "rejected by": ", ".join((s.get("decided_by") or {}).get("rejected", [])) or "-",
 } for s in sessions])
 st.dataframe(table, hide_index=True, use_container_width=True)
 
@@ -79,13 +81,15 @@ upto = steps[k - 1]["time"] if k > 0 else (start_event["time"] if start_event el
 shown = [e for e in events if upto is None or e["time"] <= upto] if k < len(steps) else events
 event_log(shown)
 
-a, b = st.columns(2)
+a, b, c = st.columns(3)
 if a.button("Replay audit", key="h-replay"):
     report = call(client.replay, sid)
     if report:
         (st.success if report["reproduced"] == report["steps"] else st.error)(
             f"{report['reproduced']} of {report['steps']} recorded actions reproduced by policy {report['policy']}")
 b.download_button("Download CSV", data=client.export_csv(sid), file_name=f"session-{sid}.csv", mime="text/csv", key="h-csv")
+c.download_button("Logbook report (Markdown)", data=client.report(sid), file_name=f"session-{sid}.md", mime="text/markdown",
+                  key="h-report", help="who, what, the result, what the machine was left at, approvals, every step and event")
 
 st.subheader("Compare sessions")
 pair = st.multiselect("Sessions to compare", ids, default=ids[:2], max_selections=2, key="h-compare",

@@ -2,7 +2,8 @@
 
 import streamlit as st
 
-from ui.console.charts import (headline, knob_chart, machine_left, metric_title, panel_charts, primary_metric,
+from core.outcome import machine_left
+from ui.console.charts import (headline, knob_chart, metric_title, panel_charts, primary_metric,
                                proposal_table, trend_chart)
 from ui.console.client import format_time
 from ui.console.common import call, connected_or_stop, event_log, operator, policy_label
@@ -20,7 +21,10 @@ NEXT_STEP = {
     "faulted": "An internal error stopped the session. Press **Restore**, then report the event log.",
 }
 
-st.title("Run tuning")
+# Status, the proposal, Approve/Reject and Stop must fit above the fold of a 1600x900
+# control-room screen: a small title, the choices on one row, Approve/Reject above the
+# proposal table, and a table of a few rows (largest changes first) that scrolls.
+st.markdown("#### Run tuning")
 client = connected_or_stop()
 machines = client.machines()
 if not machines:
@@ -29,7 +33,7 @@ if not machines:
     st.stop()
 
 by_name = {m["name"]: m for m in machines}
-left, right = st.columns([2, 1])
+left, right, mode_column, units_column = st.columns([5, 5, 3, 2], vertical_alignment="bottom")
 with left:
     name = st.selectbox("Machine", list(by_name), key="machine",
                         format_func=lambda n: f"{n} ({by_name[n]['kind']}, {by_name[n]['lattice']})")
@@ -49,10 +53,10 @@ if chosen and chosen.get("bar_met") is False:
     st.warning(f"**{chosen['name']} did not meet the {chosen.get('task')} bar in its training's evaluation** "
                f"({policy_label(chosen, 'numbers').split(' · ', 1)[-1]}). It may do worse than the method you use today.")
     policy_confirmed = st.checkbox("I have checked this policy and want to run it anyway", key=f"confirm-{policy}")
-mode = st.radio("Mode", ["auto", "approve", "dry-run"], horizontal=True, key="mode",
-                help="approve: every step waits for your approval; dry-run: proposals only, nothing is written")
-sim_units = st.toggle("Simulator units", key="sim-units", help="Knob settings in the simulator's units instead of the "
-                      "machine file's engineering units (scale and polarity)")
+mode = mode_column.radio("Mode", ["auto", "approve", "dry-run"], horizontal=True, key="mode",
+                         help="approve: every step waits for your approval; dry-run: proposals only, nothing is written")
+sim_units = units_column.toggle("Simulator units", key="sim-units", help="Knob settings in the simulator's units instead "
+                                "of the machine file's engineering units (scale and polarity)")
 seed = 0
 if machine["kind"] == "simulated":
     seed = st.number_input("Simulated machine (seed of its hidden errors)", min_value=0, max_value=2**31 - 1, value=0, step=1)
@@ -64,7 +68,8 @@ if session_id is None:
     session_id = latest[0]["id"] if latest else None
 
 buttons = st.columns(5)
-if buttons[0].button("Start", type="primary", disabled=bool(machine.get("active_session")) or not policy_confirmed):
+if buttons[0].button("Start", type="primary", disabled=bool(machine.get("active_session")) or not policy_confirmed,
+                     key="cmd-start"):
     sid = call(client.start, machine=name, policy=policy, mode=mode, operator=operator(), seed=int(seed))
     if sid:
         st.session_state[f"session:{name}"] = sid
@@ -72,7 +77,12 @@ if buttons[0].button("Start", type="primary", disabled=bool(machine.get("active_
 # Stop is the abort command (the session ends, its starting settings written back and
 # verified by the safety layer); red, so that it is found without reading.
 st.markdown("<style>.st-key-cmd-abort button {background-color: #c62828; border-color: #c62828; color: white;}"
-            ".st-key-cmd-abort button:hover {background-color: #8e0000; color: white;}</style>", unsafe_allow_html=True)
+            ".st-key-cmd-abort button:hover {background-color: #8e0000; color: white;}"
+            ".st-key-cmd-start button {background-color: #2e7d32; border-color: #2e7d32; color: white;}"
+            ".st-key-cmd-start button:hover {background-color: #1b5e20; color: white;}"
+            "[class*='st-key-approve-'] button {background-color: #2e7d32; border-color: #2e7d32; color: white;}"
+            "[class*='st-key-approve-'] button:hover {background-color: #1b5e20; color: white;}</style>",
+            unsafe_allow_html=True)
 for col, (command, label, hint) in zip(buttons[1:], (
         ("pause", "Pause", "hold before the next step"), ("resume", "Resume", "continue after a pause"),
         ("abort", "Stop", "abort the session and restore the starting settings (verified)"),
@@ -115,19 +125,19 @@ def live(session_id: int | None) -> None:
 
     pending = session.get("pending")
     if pending:
-        st.subheader(f"Proposed step {pending['id']} — waiting for your approval")
+        title, a, r = st.columns([6, 1, 1], vertical_alignment="center")
+        title.markdown(f"**Proposed step {pending['id']} — waiting for your approval**")
+        if a.button("Approve", type="primary", key=f"approve-{pending['id']}", use_container_width=True):
+            call(client.command, session_id, "approve", operator(), pending["id"])
+            st.rerun(scope="fragment")
+        if r.button("Reject", key=f"reject-{pending['id']}", use_container_width=True):
+            call(client.command, session_id, "reject", operator(), pending["id"])
+            st.rerun(scope="fragment")
         change = proposal_table(machine, pending, simulator_units=sim_units)
-        st.dataframe(change, hide_index=True, use_container_width=True,
+        st.dataframe(change, hide_index=True, use_container_width=True, height=min(38 + 35 * len(change), 248),
                      column_config={"of range": st.column_config.ProgressColumn(
                          "of range", help="the change as a share of the knob's range", format="%.2f", min_value=0.0,
                          max_value=1.0)})
-        a, r = st.columns(2)
-        if a.button("Approve", type="primary", key=f"approve-{pending['id']}"):
-            call(client.command, session_id, "approve", operator(), pending["id"])
-            st.rerun(scope="fragment")
-        if r.button("Reject", key=f"reject-{pending['id']}"):
-            call(client.command, session_id, "reject", operator(), pending["id"])
-            st.rerun(scope="fragment")
 
     start_event = next((e for e in events if e["kind"] == "start"), None)
     start_readings = start_event["data"]["readings"] if start_event else None
