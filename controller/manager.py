@@ -114,13 +114,16 @@ class _Controls:
             if self.guard and self.guard.abort_requested.is_set():
                 return  # the guard trips at its next call
         if self.min_step_interval and self.last_step is not None:
-            # Paced, so that an operator sees each step and can stop between two; an abort
-            # ends the wait at once.
+            # Paced, so that an operator sees each step and can stop between two: the pause
+            # counts from the end of the last step (as recorded); an abort ends it at once.
             deadline = self.last_step + self.min_step_interval
             while (left := deadline - time.monotonic()) > 0:
                 if self.guard and self.guard.abort_requested.is_set():
                     break
                 time.sleep(min(0.05, left))
+
+    def stepped(self) -> None:
+        """A step has ended (and was recorded): the next one waits for the interval."""
         self.last_step = time.monotonic()
 
     def approver(self, current, proposed, names) -> bool:
@@ -212,7 +215,7 @@ def session_process(conn, store_url: str, request: dict, sim_step_interval: floa
             opened.plant, agent, mode=request["mode"], interlocks=opened.interlocks, snapshot_path=snapshot,
             snapshot_context={"machine": request["machine"], "machine_file": opened.record.get("path"), "session": sid},
             approver=controls.approver if request["mode"] == "approve" else None,
-            on_step=recorder.on_step, on_event=recorder.on_event,
+            on_step=lambda record: (recorder.on_step(record), controls.stepped()), on_event=recorder.on_event,
             guard_ready=lambda g: setattr(controls, "guard", g), before_step=controls.before_step,
             measured_response=recorded_response(store, opened) if request["mode"] == "dry-run" else None,
         )
