@@ -136,12 +136,13 @@ def test_two_sweeps_write_one_postgresql_store_concurrently(tmp_path):
         drop()
 
 
+# Orbit in the default run; the other tasks (20-40 s each) with the long checks.
 @pytest.mark.parametrize("task, args", [
     ("orbit", ["-n", "4"]),
-    ("rfq", ["-n", "2", "--budget", "5"]),  # every baseline, Xopt's Bayesian optimisation included
-    ("battery", ["-n", "3"]),  # agent, LP ceiling, MPC, threshold, nothing
-    ("crop", ["-n", "3", "--methods", "none,expert,best_fixed"]),  # (hindsight: minutes per season)
-    ("bubble", ["-n", "3"]),  # TBSAC, DDPG, greedy and linear theory (one batch per part)
+    pytest.param("rfq", ["-n", "2", "--budget", "5"], marks=pytest.mark.slow),  # every baseline, Xopt's BO included
+    pytest.param("battery", ["-n", "3"], marks=pytest.mark.slow),  # agent, LP ceiling, MPC, threshold, nothing
+    pytest.param("crop", ["-n", "3", "--methods", "none,expert,best_fixed"], marks=pytest.mark.slow),  # (no hindsight)
+    pytest.param("bubble", ["-n", "3"], marks=pytest.mark.slow),  # TBSAC, DDPG, greedy, linear theory (a batch per part)
 ])
 def test_an_evaluation_split_over_workers_equals_the_serial_one(run_cli, task, args):
     serial = run_cli("evaluate", task, *args, "--json")
