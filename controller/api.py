@@ -6,6 +6,7 @@ replay, export: each dispatches through the task registry, so none names a task.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -26,7 +27,7 @@ from .agents import ALGORITHMS
 from .locks import MachineBusy
 from .machines import Machine, list_machines, open_machine
 from .paths import data_dir, unique_snapshot_path
-from .policy import POLICY_DIR, Policy, file_sha256
+from .policy import POLICY_DIR, Policy
 from .recording import SessionRecorder, register_policy
 from .response import recorded_response
 from .replay import export, replay
@@ -134,7 +135,7 @@ def train(task: str, lattice: str | None, errors: str, eval_errors: str | None, 
         "first_bar_seconds": result.first_bar_seconds, "wall_seconds": result.wall_seconds}, result.curves)
     trained = Policy.load(result.policy_path)
     content = result.policy_path.read_bytes()
-    row = store.add_policy(result.policy_path, file_sha256(result.policy_path), trained.metadata, training_run_id=run_row.id,
+    row = store.add_policy(result.policy_path, hashlib.sha256(content).hexdigest(), trained.metadata, training_run_id=run_row.id,
                            content=content)
     result.run_id, result.policy_id = run_row.id, row.id
     return result
@@ -250,7 +251,6 @@ def promote(sweep_name: str, lattice: str | None = None, dry_run: bool = False, 
         entry = {"lattice": name, "training_run": best.id, "trial": best.trial, "policy": policies[0].id,
                  "sha256": policies[0].sha256, "best": best.evaluation["best"], "target": str(target), "backup": None}
         if not dry_run:
-            import hashlib
             import tempfile
 
             if hashlib.sha256(content).hexdigest() != policies[0].sha256:
@@ -293,7 +293,7 @@ def policy_catalogue(store: Store) -> list[dict]:
         best = (run.evaluation or {}).get("best") if run is not None else None
         entry.update(name=name, task=task, bar_met=None, training_summary={})
         if best and definition is not None:
-            entry["training_summary"] = {key.split("/")[-1]: _path_value(best, keys)
+            entry["training_summary"] = {key.split("/")[-1]: _summary_value(best, keys)
                                          for key, keys in definition.scalars.items()}
             entry["bar_met"] = None if definition.relative_bar else bool(definition.bar_met(best))
         evaluation = latest.get(row.id)
@@ -304,12 +304,14 @@ def policy_catalogue(store: Store) -> list[dict]:
     return out
 
 
-def _path_value(summary: dict, keys: tuple[str, ...]):
-    for key in keys:
-        if not isinstance(summary, dict) or key not in summary:
-            return None
-        summary = summary[key]
-    return summary
+def _summary_value(summary: dict, keys: tuple[str, ...]):
+    """Training's lookup of a scalar in a summary; None where a recorded summary lacks it."""
+    from .training import _path
+
+    try:
+        return _path(summary, keys)
+    except (KeyError, TypeError):
+        return None
 
 
 def serve_virtual_machine(lattice: str, seed: int, errors: str, port: int, ramp: float, put_log: Path | None,

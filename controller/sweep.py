@@ -238,21 +238,26 @@ def _progress_callback():
             _progress(f"{trial.config['trial']['name']}: done")
 
         def on_trial_recover(self, iteration, trials, trial, **info):
-            _progress(f"{trial.config['trial']['name']}: FAILED ({_first_line(trial.error_file)}); retrying once")
+            _progress(f"{trial.config['trial']['name']}: FAILED ({_error_line(trial.error_file)}); retrying once")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            _progress(f"{trial.config['trial']['name']}: FAILED again ({_first_line(trial.error_file)})")
+            _progress(f"{trial.config['trial']['name']}: FAILED again ({_error_line(trial.error_file)})")
 
     return Progress()
 
 
-def _first_line(error_file: str | None) -> str:
-    """The exception line of a Ray error file (its last non-empty line)."""
+def _last_line(text: str) -> str:
+    """The exception line of a Ray error text (its last non-empty line), at most 300 characters."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "no message"
+
+
+def _error_line(error_file: str | None) -> str:
+    """The exception line of a Ray error file."""
     try:
-        lines = [line.strip() for line in Path(error_file).read_text().splitlines() if line.strip()]
+        return _last_line(Path(error_file).read_text())
     except (OSError, TypeError):
         return "no error file"
-    return lines[-1][:300] if lines else "no message"
 
 
 def run_sweep(sweep: SweepFile, out: Path, store_url: str, address: str | None = None, max_concurrent: int | None = None,
@@ -285,8 +290,7 @@ def run_sweep(sweep: SweepFile, out: Path, store_url: str, address: str | None =
         trial = by_name[result.config["trial"]["name"]]
         metrics = dict(result.metrics or {})
         if result.error is not None or not metrics.get("done"):
-            lines = [line.strip() for line in str(result.error or "no result reported").splitlines() if line.strip()]
-            outcomes.append(TrialOutcome(trial, "failed", metrics, lines[-1][:300]))
+            outcomes.append(TrialOutcome(trial, "failed", metrics, _last_line(str(result.error or "no result reported"))))
         else:
             outcomes.append(TrialOutcome(trial, "completed", metrics))
     outcomes.sort(key=lambda o: o.trial.name)

@@ -58,18 +58,23 @@ def event_log(events: list[dict]) -> None:
                                 "reason": st.column_config.TextColumn(width="large")})
 
 
-def policy_label(entry: dict | None, title: str) -> str:
-    """A policy as the Run page offers it: its name, its training's key numbers and whether
-    they met the task's bar (marked when not), and how many machines evaluated it."""
+def policy_facts(entry: dict | None) -> list[str]:
+    """What the Run page says of a policy: its training's key numbers, whether they met the
+    task's bar (marked when not), and how many machines evaluated it."""
     if entry is None:
-        return title
+        return []
     numbers = ", ".join(f"{k} {v:.3g}" for k, v in (entry.get("training_summary") or {}).items() if isinstance(v, (int, float)))
-    parts = [title, numbers] if numbers else [title]
+    facts = [numbers] if numbers else []
     if entry.get("bar_met") is False:
-        parts.append("✗ FAILED its bar")
+        facts.append("✗ FAILED its bar")
     elif entry.get("bar_met"):
-        parts.append("bar met")
+        facts.append("bar met")
     evaluation = entry.get("evaluation")
     if evaluation:
-        parts.append(f"evaluated on {evaluation['episodes']} machines ({evaluation['errors']})")
-    return " · ".join(parts)
+        facts.append(f"evaluated on {evaluation['episodes']} machines ({evaluation['errors']})")
+    return facts
+
+
+def policy_label(entry: dict | None, title: str) -> str:
+    """A policy as the Run page offers it: its name, then its facts."""
+    return " · ".join([title, *policy_facts(entry)])

@@ -6,7 +6,7 @@ from core.outcome import machine_left
 from ui.console.charts import (headline, knob_chart, metric_title, panel_charts, primary_metric,
                                proposal_table, trend_chart)
 from ui.console.client import format_time
-from ui.console.common import call, connected_or_stop, event_log, operator, policy_label
+from ui.console.common import call, connected_or_stop, event_log, operator, policy_facts, policy_label
 
 NEXT_STEP = {
     "tripped": "The safety layer stopped the session. Read the reason in the event log; "
@@ -51,7 +51,7 @@ chosen = offered.get(policy)
 policy_confirmed = True
 if chosen and chosen.get("bar_met") is False:
     st.warning(f"**{chosen['name']} did not meet the {chosen.get('task')} bar in its training's evaluation** "
-               f"({policy_label(chosen, 'numbers').split(' · ', 1)[-1]}). It may do worse than the method you use today.")
+               f"({' · '.join(policy_facts(chosen))}). It may do worse than the method you use today.")
     policy_confirmed = st.checkbox("I have checked this policy and want to run it anyway", key=f"confirm-{policy}")
 mode = mode_column.radio("Mode", ["auto", "approve", "dry-run"], horizontal=True, key="mode",
                          help="approve: every step waits for your approval; dry-run: proposals only, nothing is written")
