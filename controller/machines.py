@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,3 +182,55 @@ def list_machines() -> tuple[dict, ...]:
                         "interlocks": [r["name"] for r in definition.sim_interlocks],
                         **_layout(definition, setup, _reference_plant(task, name))})
     return tuple(out)
+
+
+class MachineWatches:
+    """What the listed EPICS machines' interlock channels read right now, each machine
+    watched (Channel Access monitors) from the first time it is asked for.
+
+    This is how a console learns that an IOC died while a session waits for an operator:
+    the session reads nothing then, the watch sees the circuit drop at once.
+    """
+
+    def __init__(self):
+        self._watches: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def live(self, name: str) -> dict:
+        """``{"machine", "watched", "time", "ok", "channels": [...]}``; each channel says
+        connected, value, severity, how long since its connection changed, and its problem
+        ('' when fine: an absolute interlock rule holds, the IOC answers)."""
+        listed = next((m for m in list_machines() if m["name"] == name), None)
+        if listed is None:
+            raise LookupError(f"machine {name!r} is not listed")
+        if listed["kind"] != "epics":
+            return {"machine": name, "watched": False, "time": time.time(),
+                    "why": "a simulated machine lives inside its session: its readings are the session's steps"}
+        with self._lock:
+            watch = self._watches.get(name)
+            if watch is None:
+                from hardware.epics_plant import ChannelWatch
+
+                machine_file, _ = load_machine(name)
+                watch = self._watches[name] = ChannelWatch(machine_file)
+        rules = {i.name: InterlockRule(i.name, i.rule, i.threshold) for i in watch.machine.interlocks}
+        channels = []
+        for c in watch.snapshot():
+            if not c["connected"]:
+                problem = f"no connection to {c['pv']} for {c['changed_s_ago']:.0f} s (IOC down or unreachable?)"
+            elif c["value"] is None:
+                problem = f"{c['pv']}: connected, no value yet"
+            elif (c["severity"] or 0) >= 3:
+                problem = f"{c['pv']}: INVALID severity"
+            else:
+                # min_fraction_of_start needs a session's start value: only absolute rules here.
+                problem = rules[c["name"]].violated(c["value"], None) if c["name"] in rules else ""
+            channels.append(dict(c, problem=problem))
+        return {"machine": name, "watched": True, "time": time.time(), "ok": not any(c["problem"] for c in channels),
+                "channels": channels}
+
+    def close(self) -> None:
+        with self._lock:
+            for watch in self._watches.values():
+                watch.close()
+            self._watches.clear()

@@ -126,16 +126,24 @@ class _Controls:
         """A step has ended (and was recorded): the next one waits for the interval."""
         self.last_step = time.monotonic()
 
+    def _tell(self, message) -> None:
+        """Tell the server; a server that is gone cannot be told (its loss aborts the
+        session through `listen`), which must not turn into a fault of the session."""
+        try:
+            self.conn.send(message)
+        except (OSError, EOFError):
+            pass
+
     def approver(self, current, proposed, names) -> bool:
         self.proposals += 1
         self.decided.clear()
-        self.conn.send(("pending", {"id": self.proposals, "names": names, "current": current.tolist(),
-                                    "proposed": proposed.tolist()}))
+        self._tell(("pending", {"id": self.proposals, "names": names, "current": current.tolist(),
+                                "proposed": proposed.tolist()}))
         while not self.decided.wait(0.05):
             if self.guard.abort_requested.is_set():
-                self.conn.send(("pending", None))
+                self._tell(("pending", None))
                 return False  # never write once an abort was asked for
-        self.conn.send(("pending", None))
+        self._tell(("pending", None))
         return self.decision
 
 
@@ -362,15 +370,17 @@ class SessionManager:
                 lock.acquire(purpose=f"restore of session {session_id}")
         except MachineBusy as exc:
             raise Conflict(f"refusing to restore session {session_id} while a session is live: {exc}") from None
+        done: list = []  # the restore's event: what was written and what the machine reads after it
         try:
-            restore_snapshot(opened.connect().plant, snap)
+            restore_snapshot(opened.connect().plant, snap, done.append)
         except (PlantFault, ValueError) as exc:
             self.store.add_event(session_id, _now(), "restore_failed", f"restore by {operator} failed: {exc}")
             raise Conflict(f"restore failed: {exc}") from None
         finally:
             if lock:
                 lock.release()
-        self.store.add_event(session_id, _now(), "restore", f"starting settings restored by {operator} and verified")
+        self.store.add_event(session_id, _now(), "restore", f"starting settings restored by {operator} and verified",
+                             done[-1].data if done else None)
 
     def _machine_of(self, session_id: int, snap: dict):
         """The machine a session ran on. A simulated machine is rebuilt from its recorded

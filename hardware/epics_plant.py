@@ -285,3 +285,60 @@ class EpicsPlant(Plant):
         for pv in self._pvs.values():
             pv.disconnect()
         self._pvs.clear()
+
+
+class ChannelWatch:
+    """The connection and latest value of a machine file's interlock channels (its monitors
+    if it has none), kept by Channel Access monitors so that asking costs no network trip.
+
+    A console asks every second whether the machine is still there: an IOC that dies closes
+    its TCP circuit and libca reports the disconnection at once, while a session waiting
+    for an operator's approval reads nothing and would not notice.
+    """
+
+    def __init__(self, machine: MachineFile):
+        import threading
+
+        self.machine = machine
+        self._lock = threading.Lock()
+        watched = [(i.name, i.pv) for i in machine.interlocks] or [(m.name, m.pv) for m in machine.monitors]
+        now = time.time()
+        self._state = {name: {"name": name, "pv": pv, "connected": False, "value": None, "severity": None,
+                              "changed": now, "updated": None} for name, pv in watched}
+        epics = _epics()
+        self._pvs = []
+        with _no_repeater_complaint():
+            for name, pv in watched:
+                self._pvs.append(epics.PV(pv, auto_monitor=True, form="time",
+                                          callback=lambda value=None, severity=None, n=name, **_: self._value(n, value, severity),
+                                          connection_callback=lambda conn=False, n=name, **_: self._connection(n, conn)))
+        # Answer the first question with the machine's state, not with 'not connected yet'.
+        deadline = time.monotonic() + machine.connection_timeout_s
+        while time.monotonic() < deadline and not all(s["connected"] and s["updated"] for s in self._state.values()):
+            epics.ca.poll(0.01)
+
+    def _value(self, name: str, value, severity) -> None:
+        with self._lock:
+            state = self._state[name]
+            state["value"] = float(np.asarray(value, dtype=float).ravel()[0]) if value is not None else None
+            state["severity"], state["updated"] = severity, time.time()
+
+    def _connection(self, name: str, connected: bool) -> None:
+        with self._lock:
+            state = self._state[name]
+            if state["connected"] != bool(connected):
+                state["connected"], state["changed"] = bool(connected), time.time()
+            if not connected:
+                state["value"] = None  # a value from a dead circuit is not the machine's
+
+    def snapshot(self) -> list[dict]:
+        """Every watched channel: connected, value (None when unknown), severity, and
+        seconds since the connection last changed (how long it has been down, or up)."""
+        now = time.time()
+        with self._lock:
+            return [dict(s, changed_s_ago=round(now - s["changed"], 3)) for s in self._state.values()]
+
+    def close(self) -> None:
+        for pv in self._pvs:
+            pv.clear_callbacks()
+            pv.disconnect()

@@ -209,8 +209,22 @@ def restore_snapshot(plant: Plant, snapshot: dict, record: Callable[[SafetyEvent
     if record:
         record(SafetyEvent(time.time(), "restore", f"{label} restored in {writes} write{'s' if writes != 1 else ''} "
                            "(each within the largest step) and verified",
-                           {"knobs": {n: float(v) for n, v in zip(names, values)}, "writes": writes}))
+                           {"knobs": {n: float(v) for n, v in zip(names, values)}, "writes": writes,
+                            "readings": _readings_after_restore(plant)}))
     return writes
+
+
+def _readings_after_restore(plant: Plant) -> list[float | None] | None:
+    """What the machine reads once restored, so that a console draws the machine as it is
+    now rather than as the last step left it; None where a read would wait for a
+    settlement period (a clocked machine) or fails (the restore itself was verified)."""
+    if getattr(plant, "longest_period_s", None) is not None:
+        return None
+    try:
+        values = np.asarray(plant.read().values, dtype=float)
+    except PlantFault:
+        return None
+    return [float(v) if np.isfinite(v) else None for v in values]
 
 
 class GuardedPlant(Plant):

@@ -449,6 +449,8 @@ def serve(
     allowed_host: list[str] = typer.Option([], "--allowed-host", help="Host names clients may use (Host header); loopback always."),
     machine_dir: list[Path] = typer.Option([], "--machine-dir", help="Folders whose machine files the API may open (besides the shipped ones)."),
     policy_dir: list[Path] = typer.Option([], "--policy-dir", help="Folders whose policy files the API may load (besides shipped and recorded ones)."),
+    console_origin: list[str] = typer.Option([], "--console-origin", help="Origins (e.g. http://console-host:8501) of consoles "
+                                             "on other hosts whose pages may read the live event stream; loopback always."),
     sim_step_interval: float = typer.Option(1.0, "--sim-step-interval", min=0.0, help="Least time per step of sessions on "
                                             "simulated machines, s (machine files set their own: min_step_interval_s)."),
 ):
@@ -478,7 +480,7 @@ def serve(
     sys.setswitchinterval(0.0005)
     hosts = [*LOOPBACK, *allowed_host] + ([host] if host not in ("0.0.0.0", "::") else [])
     app = create_app(open_store(), token, sim_step_interval=sim_step_interval, allowed_hosts=hosts,
-                     machine_dirs=machine_dir, policy_dirs=policy_dir)
+                     machine_dirs=machine_dir, policy_dirs=policy_dir, console_origins=console_origin)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

@@ -19,10 +19,11 @@ from typing import Annotated, Literal
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from pydantic import BaseModel, ConfigDict, Field
 
-from controller.machines import MACHINE_DIR, list_machines
+from controller.machines import MACHINE_DIR, MachineWatches, list_machines
 from controller.manager import Conflict, NotFound, SessionManager
 from controller.policy import POLICY_DIR
 from controller.replay import load_session, replay, session_report, step_rows
@@ -87,10 +88,12 @@ class AllowedFiles:
 
 
 def create_app(store: Store, token: str, sim_step_interval: float = 0.0, allowed_hosts: list[str] | None = None,
-               machine_dirs: list | None = None, policy_dirs: list | None = None) -> FastAPI:
+               machine_dirs: list | None = None, policy_dirs: list | None = None,
+               console_origins: list[str] | None = None) -> FastAPI:
     """The API over `store`; writes need `token`. Requests must name an allowed host (DNS
     rebinding); machine and policy files are opened only from the allowed folders."""
     manager = SessionManager(store, sim_step_interval)
+    watches = MachineWatches()
     files = AllowedFiles(store, machine_dirs or [], policy_dirs or [])
     interrupted = store.mark_interrupted()  # sessions of a server that died
 
@@ -103,9 +106,14 @@ def create_app(store: Store, token: str, sim_step_interval: float = 0.0, allowed
         anyio.to_thread.current_default_thread_limiter().total_tokens = READ_THREADS
         yield
         manager.shutdown()
+        watches.close()
 
     app = FastAPI(title="tbsac control server", version="1", lifespan=lifespan)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts or ["127.0.0.1", "localhost", "::1"])
+    # A console page in the browser reads the event stream directly (pushed updates): reads
+    # only, from consoles on this host unless `console_origins` names others.
+    app.add_middleware(CORSMiddleware, allow_origins=console_origins or [], allow_methods=["GET"],
+                       allow_origin_regex=r"https?://(127\.0\.0\.1|localhost|\[::1\])(:\d+)?")
     app.state.manager, app.state.store, app.state.interrupted = manager, store, interrupted
     bearer = HTTPBearer(auto_error=False)
 
@@ -143,6 +151,15 @@ def create_app(store: Store, token: str, sim_step_interval: float = 0.0, allowed
     def machines() -> list[dict]:
         busy = {a.machine: sid for sid, a in manager.active.items() if not a.done.is_set()}
         return [dict(m, active_session=busy.get(m["name"])) for m in list_machines()]
+
+    @app.get("/api/machines/{name}/live")
+    def machine_live(name: str = Path(max_length=200)) -> dict:
+        """What the machine's interlock channels read now (EPICS machines; watched by
+        monitors): whether the IOC answers, independent of any session."""
+        try:
+            return watches.live(name)
+        except LookupError as exc:
+            raise HTTPException(404, str(exc)) from None
 
     @app.get("/api/policies")
     def policies() -> dict:
@@ -245,12 +262,18 @@ def create_app(store: Store, token: str, sim_step_interval: float = 0.0, allowed
                                  headers={"Content-Disposition": f"attachment; filename=session-{session_id}.md"})
 
     @app.get("/api/sessions/{session_id}/stream")
-    async def stream(session_id: SessionId) -> StreamingResponse:
-        """Server-sent events: every new step and event, until the session ends."""
+    async def stream(session_id: SessionId, tail: bool = Query(False, description="only what happens from now on")) -> StreamingResponse:
+        """Server-sent events: every new step and event, and every change of the live state
+        (a proposal waiting for approval, paused), until the session ends."""
         session_or_404(session_id)
 
         async def generate():
             last_step = last_event = 0
+            if tail:
+                last_step = (await asyncio.to_thread(store.count_steps, session_id))
+                known = await asyncio.to_thread(store.events, session_id, 0)
+                last_event = known[-1].id if known else 0
+            state = None
             while True:
                 new_steps = await asyncio.to_thread(store.steps, session_id, last_step)
                 new_events = await asyncio.to_thread(store.events, session_id, last_event)
@@ -260,13 +283,17 @@ def create_app(store: Store, token: str, sim_step_interval: float = 0.0, allowed
                 for e in new_events:
                     last_event = e.id
                     yield f"event: event\ndata: {json.dumps(row_dict(e))}\n\n"
+                now = manager.state(session_id)
+                if now != state:
+                    state = now
+                    yield f"event: state\ndata: {json.dumps(now)}\n\n"
                 row = await asyncio.to_thread(store.get, SessionRow, session_id)
-                if row.status not in ("running", "paused") and not new_steps and not new_events:
+                if row.status not in ("running", "paused") and not now["live"] and not new_steps and not new_events:
                     yield f"event: end\ndata: {json.dumps({'status': row.status})}\n\n"
                     return
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.1)
 
-        return StreamingResponse(generate(), media_type="text/event-stream")
+        return StreamingResponse(generate(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     # -- writes (operator token) -------------------------------------------------------
     @app.post("/api/sessions", status_code=201, dependencies=[Depends(operator_token)])

@@ -264,3 +264,36 @@ def test_sessions_are_filtered_in_the_query_by_machine_operator_task_and_day(cli
     assert ids(started_to=(today - dt.timedelta(days=1)).isoformat()) == []
     bad = client.get("/api/sessions", params={"started_from": today.isoformat(), "started_to": "2020-01-01"})
     assert bad.status_code == 422 and "before started_from" in bad.text
+
+
+def wait_live(client, name, condition, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        live = client.get(f"/api/machines/{name}/live").json()
+        if condition(live):
+            return live
+        time.sleep(0.05)
+    raise AssertionError(f"machine {name} live state never matched: {live}")
+
+
+def test_machine_live_state_follows_the_ioc_without_a_session(client, start_ioc):
+    """The console's interlock panel asks the machine itself: a killed IOC shows as
+    disconnected (no session reads it while waiting for an operator), and back when it is."""
+    ioc = start_ioc(seed=3)
+    ioc.prefix = "VCAFE2:CM1"  # the shipped machine file's names
+    ioc.stop()
+    ioc.start()
+    live = wait_live(client, "virtual-cafe2-cm1", lambda s: s["ok"])
+    assert [c["name"] for c in live["channels"]] == ["beam_current", "mps_ok"]
+    assert all(c["connected"] and c["value"] > 0 and c["problem"] == "" for c in live["channels"])
+    ioc.kill()
+    down = wait_live(client, "virtual-cafe2-cm1", lambda s: not any(c["connected"] for c in s["channels"]))
+    assert not down["ok"] and all(c["value"] is None for c in down["channels"])
+    assert all("no connection to VCAFE2:CM1:" in c["problem"] and "IOC down" in c["problem"] for c in down["channels"])
+    ioc.start()
+    back = wait_live(client, "virtual-cafe2-cm1", lambda s: s["ok"], timeout=40)
+    assert back["channels"][0]["value"] > 0
+    sim = client.get("/api/machines/sim-cafe2-cm1/live").json()
+    assert sim["watched"] is False and "session" in sim["why"]
+    missing = client.get("/api/machines/nowhere/live")
+    assert missing.status_code == 404 and "nowhere" in missing.json()["detail"]

@@ -6,6 +6,9 @@ from pathlib import Path
 import streamlit as st
 
 st.set_page_config(page_title="tbsac console", layout="wide")
+# Streamlit's own "Stop" (it stops drawing this page, not a session) and its running
+# indicator would sit beside the console's red Stop: an operator must find only one.
+st.markdown("<style>[data-testid='stStatusWidget'] {display: none;}</style>", unsafe_allow_html=True)
 
 here = Path(__file__).parent
 with st.sidebar:

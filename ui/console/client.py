@@ -67,6 +67,10 @@ class ConsoleClient:
     def machines(self) -> list[dict]:
         return self.get("/api/machines")
 
+    def machine_live(self, name: str) -> dict:
+        """What the machine's interlock channels read now, independent of sessions."""
+        return self.get(f"/api/machines/{name}/live")
+
     def policies(self) -> dict:
         return self.get("/api/policies")
 

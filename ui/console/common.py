@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+from pathlib import Path
 
 import streamlit as st
+import streamlit.components.v1 as components
 
 from ui.console.client import ApiError, ConsoleClient, ServerUnreachable
 
@@ -78,3 +81,38 @@ def policy_facts(entry: dict | None) -> list[str]:
 def policy_label(entry: dict | None, title: str) -> str:
     """A policy as the Run page offers it: its name, then its facts."""
     return " · ".join([title, *policy_facts(entry)])
+
+
+_push = components.declare_component("tbsac_push", path=str(Path(__file__).parent / "push"))
+
+
+def push_updates(server_url: str, session_id: int) -> None:
+    """Rerun the calling fragment at once on each of the session's server events (its
+    event stream, read by the browser); the fragment's own poll remains the fallback."""
+    if os.environ.get("TBSAC_CONSOLE_PUSH") == "0":
+        return
+    _push(url=f"{server_url}/api/sessions/{session_id}/stream?tail=true", key=f"push-{session_id}", default=None)
+
+
+def machine_now(steps: list[dict], events: list[dict]) -> dict:
+    """The machine's readings and knob settings as last recorded, and a note saying when:
+    after a verified restore that came after the last step, what the restore wrote and
+    read; else the last step; else the start (after its opening probe)."""
+    start = next((e for e in events if e["kind"] == "start"), None)
+    restores = [e for e in events if e["kind"] == "restore"]
+    last_step_time = dt.datetime.fromisoformat(steps[-1]["time"]) if steps else None
+    if restores and (last_step_time is None or dt.datetime.fromisoformat(restores[-1]["time"]) >= last_step_time):
+        data = restores[-1].get("data") or {}
+        if data.get("knobs"):
+            from ui.console.client import format_time
+
+            return {"readings": data.get("readings") or (steps[-1]["readings"] if steps else None), "settings": data["knobs"],
+                    "note": f"the machine after the restore at {format_time(restores[-1]['time'])}: knobs as written "
+                            "and verified" + (", readings as read then" if data.get("readings") else
+                                              " (no readings recorded with it: the charts show the last step)")}
+    if steps:
+        return {"readings": steps[-1]["readings"], "settings": steps[-1]["readbacks"], "note": ""}
+    if start:
+        return {"readings": start["data"].get("readings_after_probe") or start["data"].get("readings"),
+                "settings": start["data"].get("settings"), "note": ""}
+    return {"readings": None, "settings": None, "note": ""}

@@ -1,12 +1,16 @@
 """Run page: choose machine, policy and mode; start, watch, approve, abort, restore."""
 
+import os
+import time
+
 import streamlit as st
 
 from core.outcome import machine_left
 from ui.console.charts import (headline, knob_chart, metric_title, panel_charts, primary_metric,
                                proposal_table, trend_chart)
-from ui.console.client import format_time
-from ui.console.common import call, connected_or_stop, event_log, operator, policy_facts, policy_label
+from ui.console.client import ServerUnreachable, format_time
+from ui.console.common import (call, client as make_client, event_log, machine_now, operator, policy_facts,
+                               policy_label, push_updates)
 
 NEXT_STEP = {
     "tripped": "The safety layer stopped the session. Read the reason in the event log; "
@@ -20,13 +24,166 @@ NEXT_STEP = {
                    "to put the machine back to its starting settings.",
     "faulted": "An internal error stopped the session. Press **Restore**, then report the event log.",
 }
+COMMANDS = (("pause", "Pause", "hold before the next step"), ("resume", "Resume", "continue after a pause"),
+            ("abort", "Stop", "abort the session and restore the starting settings (verified)"),
+            ("restore", "Restore", "write the starting settings of the last session back"))
 
 # Status, the proposal, Approve/Reject and Stop must fit above the fold of a 1600x900
 # control-room screen: a small title, the choices on one row, Approve/Reject above the
 # proposal table, and a table of a few rows (largest changes first) that scrolls.
+# Stop is the abort command (the session ends, its starting settings written back and
+# verified by the safety layer): red, so that it is found without reading. Stale parts
+# (the server or the machine not answering) are drawn grey.
+st.markdown("<style>.st-key-cmd-abort button {background-color: #c62828; border-color: #c62828; color: white;}"
+            ".st-key-cmd-abort button:hover {background-color: #8e0000; color: white;}"
+            ".st-key-cmd-start button {background-color: #2e7d32; border-color: #2e7d32; color: white;}"
+            ".st-key-cmd-start button:hover {background-color: #1b5e20; color: white;}"
+            "[class*='st-key-approve-'] button {background-color: #2e7d32; border-color: #2e7d32; color: white;}"
+            "[class*='st-key-approve-'] button:hover {background-color: #1b5e20; color: white;}"
+            ".st-key-stale-view, .st-key-stale-charts {filter: grayscale(1); opacity: 0.5;}</style>",
+            unsafe_allow_html=True)
 st.markdown("#### Run tuning")
-client = connected_or_stop()
-machines = client.machines()
+
+
+def interlock_panel(machine: dict, steps: list[dict], events: list[dict], live: dict | None) -> None:
+    """Each interlock: live from the machine where the server watches it (EPICS), else
+    as the last step read it; a trip names its reason."""
+    trips = [e["reason"] for e in events if e["kind"] == "trip"]
+    channels = {c["name"]: c for c in (live or {}).get("channels", [])} if (live or {}).get("watched") else {}
+    last = steps[-1]["interlocks"] if steps else {}
+    for il in machine.get("interlocks", []):
+        reason = next((t for t in trips if il in t), None)
+        channel = channels.get(il)
+        value = channel["value"] if channel else last.get(il)
+        shown = f"{value:.4g}" if isinstance(value, (int, float)) else "-"
+        if channel and channel["problem"]:
+            st.error(f"**{il}** {shown} — NO GOOD NOW: {channel['problem']}" + (f" · trip: {reason}" if reason else ""))
+        else:
+            (st.error if reason else st.success)(f"**{il}** {shown}" + (f" — {reason}" if reason else " — OK"))
+    for t in (t for t in trips if not any(il in t for il in machine.get("interlocks", []))):
+        st.error(f"**trip** — {t}")
+    if channels:
+        st.caption(f"live from the machine (Channel Access monitors), as of {format_time_s(live['time'])}")
+    elif steps:
+        st.caption(f"as read at step {steps[-1]['step']} ({format_time(steps[-1]['time'])})")
+
+
+def format_time_s(epoch: float) -> str:
+    return time.strftime("%H:%M:%S UTC", time.gmtime(epoch))
+
+
+def draw(view: dict, sim_units: bool, stale: bool = False) -> None:
+    """The session as `view` holds it (machine, session, steps, events, live channels)."""
+    machine, session, steps, events, live = view["machine"], view["session"], view["steps"], view["events"], view.get("live")
+    session_id, status = session["id"], session["status"]
+    header = (f"Session {session_id} · {status} · operator {session['operator']} · mode {session['mode']} · "
+              f"started {format_time(session['started'])}")
+    left = machine_left(status, events)
+    if status in ("running", "paused"):
+        now = headline(primary_metric(machine, session), steps)
+        (st.info if status == "running" else st.warning)(header + (f" · **{now}**" if now else ""))
+    elif status in ("completed", "dry-run"):
+        result = session.get("result") or {}
+        metric = primary_metric(machine, session)
+        before, after = result.get(f"initial_{metric['name']}"), result.get(f"final_{metric['name']}")
+        unit = "" if metric["unit"] == "1" else f" {metric['unit']}"
+        change = f"{metric.get('label') or metric['name']} {before or 0:.3f} → {after or 0:.3f}{unit}"
+        st.success(f"{header} · {change} in {result.get('steps')} steps · {left}")
+    else:
+        st.error(f"{header} · {left}\n\n{NEXT_STEP.get(status, '')}")
+    machine_down = bool(live and live.get("watched") and not live.get("ok")
+                        and not any(c["connected"] for c in live["channels"]))
+    if machine_down:
+        st.error("**The machine does not answer** (no Channel Access connection to its interlock channels): what is "
+                 "drawn below is its last recorded state. A step approved now trips and cannot be written; restore "
+                 "when the IOC is back.")
+
+    pending = session.get("pending")
+    if pending:
+        probe = pending["id"] == 1
+        # Buttons left of the title: the table's toolbar, shown on hover at its top right,
+        # must never cover them.
+        a, r, title = st.columns([1, 1, 6], vertical_alignment="center")
+        title.markdown(f"**Proposed step {pending['id']} — waiting for your approval**"
+                       + (" · the opening probe: a small move of every knob so the policy sees how the machine "
+                          "responds (the trend it acts on)" if probe else ""))
+        if a.button("Approve", type="primary", key=f"approve-{pending['id']}", use_container_width=True, disabled=stale):
+            call(make_client().command, session_id, "approve", operator(), pending["id"])
+            st.rerun(scope="fragment")
+        if r.button("Reject", key=f"reject-{pending['id']}", use_container_width=True, disabled=stale):
+            call(make_client().command, session_id, "reject", operator(), pending["id"])
+            st.rerun(scope="fragment")
+        change = proposal_table(machine, pending, simulator_units=sim_units)
+        st.dataframe(change, hide_index=True, use_container_width=True, height=min(38 + 35 * len(change), 248),
+                     column_config={"of range": st.column_config.ProgressColumn(
+                         "of range", help="the change as a share of the knob's range", format="%.2f", min_value=0.0,
+                         max_value=1.0)})
+        expected = pending.get("expected")
+        if expected:
+            st.caption(f"Expected effect ({expected['source']}): {expected['summary']}")
+
+    start_event = next((e for e in events if e["kind"] == "start"), None)
+    start_readings = start_event["data"]["readings"] if start_event else None
+    now = machine_now(steps, events)
+    with st.container(key="stale-charts" if machine_down and not stale else "charts"):
+        if now["note"]:
+            st.caption(now["note"])
+        for title, chart in panel_charts(machine, start_readings, now["readings"] or start_readings, session, steps,
+                                         start_settings=start_event["data"]["settings"] if start_event else None):
+            st.subheader(title)
+            st.altair_chart(chart, use_container_width=False)
+    c1, c2 = st.columns(2)
+    with c1:
+        st.subheader("Knobs")
+        st.altair_chart(knob_chart(machine, now["settings"], simulator_units=sim_units), use_container_width=True)
+    with c2:
+        st.subheader("Interlocks")
+        interlock_panel(machine, steps, events, live)
+    metric = primary_metric(machine, session)
+    st.subheader(f"{metric_title(metric)} and reward")
+    st.altair_chart(trend_chart(steps, metric), use_container_width=False)
+    st.subheader("Event log")
+    event_log(events)
+
+
+def offline(server: str) -> None:
+    """The server does not answer: say so, keep the last state it sent (grey, commands
+    disabled), and come back by itself when it answers again."""
+    since = st.session_state.setdefault("offline_since", time.time())
+    view = st.session_state.get("last_view")
+    st.error(f"**Control server unreachable** at {server} (no answer for {time.time() - since:.0f} s). "
+             + (f"Below is the last state it sent, as of {format_time_s(view['fetched'])}, greyed; commands are "
+                "disabled until it answers again. " if view else ""))
+    st.markdown("What to do: start it with `tbsac serve --port 8765` on the control-room host, or correct the server "
+                "address in the sidebar. This page reconnects by itself. A session whose server died stops and "
+                "restores its machine on its own.")
+    for col, label in zip(st.columns(5), ["Start"] + [c[1] for c in COMMANDS]):
+        col.button(label, disabled=True, key=f"offline-{label}")
+
+    @st.fragment(run_every=1.0)
+    def wait_for_server() -> None:
+        try:
+            make_client().health()
+        except ServerUnreachable:
+            st.caption(f"retrying every second · unreachable for {time.time() - since:.0f} s")
+            return
+        st.session_state.pop("offline_since", None)
+        st.rerun()
+
+    wait_for_server()
+    if view:
+        with st.container(key="stale-view"):
+            draw(view, st.session_state.get("sim-units", False), stale=True)
+
+
+client = make_client()
+try:
+    client.health()
+    machines = client.machines()
+except ServerUnreachable:
+    offline(client.base_url)
+    st.stop()
+st.session_state.pop("offline_since", None)
 if not machines:
     st.warning("**No machine connected** to the control server. What to do: add a machine file "
                "(hardware/machines) and restart `tbsac serve`.")
@@ -74,100 +231,39 @@ if buttons[0].button("Start", type="primary", disabled=bool(machine.get("active_
     if sid:
         st.session_state[f"session:{name}"] = sid
         st.rerun()
-# Stop is the abort command (the session ends, its starting settings written back and
-# verified by the safety layer); red, so that it is found without reading.
-st.markdown("<style>.st-key-cmd-abort button {background-color: #c62828; border-color: #c62828; color: white;}"
-            ".st-key-cmd-abort button:hover {background-color: #8e0000; color: white;}"
-            ".st-key-cmd-start button {background-color: #2e7d32; border-color: #2e7d32; color: white;}"
-            ".st-key-cmd-start button:hover {background-color: #1b5e20; color: white;}"
-            "[class*='st-key-approve-'] button {background-color: #2e7d32; border-color: #2e7d32; color: white;}"
-            "[class*='st-key-approve-'] button:hover {background-color: #1b5e20; color: white;}</style>",
-            unsafe_allow_html=True)
-for col, (command, label, hint) in zip(buttons[1:], (
-        ("pause", "Pause", "hold before the next step"), ("resume", "Resume", "continue after a pause"),
-        ("abort", "Stop", "abort the session and restore the starting settings (verified)"),
-        ("restore", "Restore", "write the starting settings of the last session back"))):
+for col, (command, label, hint) in zip(buttons[1:], COMMANDS):
     if col.button(label, disabled=session_id is None, key=f"cmd-{command}", help=hint):
         if call(client.command, session_id, command, operator()):
             st.toast(f"{label.lower()} sent for session {session_id}")
 
 
-@st.fragment(run_every=1.0)
+# The fallback poll (pushed server events redraw at once); TBSAC_CONSOLE_POLL_S sets it,
+# e.g. to measure the push channel alone.
+POLL_S = float(os.environ.get("TBSAC_CONSOLE_POLL_S", "1.0"))
+
+
+@st.fragment(run_every=POLL_S)
 def live(session_id: int | None) -> None:
+    """The session, redrawn every second and at once on every pushed server event."""
     if session_id is None:
         st.info("No session on this machine yet. Choose policy and mode, then press **Start**.")
         return
-    session = call(client.session, session_id)
-    if session is None:
-        return
-    steps = client.steps(session_id)
-    events = client.events(session_id)
-    status = session["status"]
-    if status not in ("running", "paused") and machine.get("active_session") == session_id \
-            and not st.session_state.get(f"ended:{session_id}"):
+    try:
+        session = client.session(session_id)
+        view = {"machine": machine, "session": session, "steps": client.steps(session_id),
+                "events": client.events(session_id), "live": client.machine_live(name) if machine["kind"] == "epics" else None,
+                "fetched": time.time()}
+    except ServerUnreachable:
+        st.session_state["offline_since"] = time.time()
+        st.rerun()  # the whole page: its offline state
+    st.session_state["last_view"] = view
+    if session["status"] in ("running", "paused"):
+        push_updates(client.base_url, session_id)
+    elif machine.get("active_session") == session_id and not st.session_state.get(f"ended:{session_id}"):
         # The page's machine list (and its disabled Start) predates the end: redraw the whole page once.
         st.session_state[f"ended:{session_id}"] = True
         st.rerun()
-    header = f"Session {session_id} · {status} · operator {session['operator']} · mode {session['mode']} · started {format_time(session['started'])}"
-    left = machine_left(status, events)
-    if status in ("running", "paused"):
-        now = headline(primary_metric(machine, session), steps)
-        (st.info if status == "running" else st.warning)(header + (f" · **{now}**" if now else ""))
-    elif status in ("completed", "dry-run"):
-        result = session.get("result") or {}
-        metric = primary_metric(machine, session)
-        before, after = result.get(f"initial_{metric['name']}"), result.get(f"final_{metric['name']}")
-        unit = "" if metric["unit"] == "1" else f" {metric['unit']}"
-        change = f"{metric.get('label') or metric['name']} {before or 0:.3f} → {after or 0:.3f}{unit}"
-        st.success(f"{header} · {change} in {result.get('steps')} steps · {left}")
-    else:
-        st.error(f"{header} · {left}\n\n{NEXT_STEP.get(status, '')}")
-
-    pending = session.get("pending")
-    if pending:
-        title, a, r = st.columns([6, 1, 1], vertical_alignment="center")
-        title.markdown(f"**Proposed step {pending['id']} — waiting for your approval**")
-        if a.button("Approve", type="primary", key=f"approve-{pending['id']}", use_container_width=True):
-            call(client.command, session_id, "approve", operator(), pending["id"])
-            st.rerun(scope="fragment")
-        if r.button("Reject", key=f"reject-{pending['id']}", use_container_width=True):
-            call(client.command, session_id, "reject", operator(), pending["id"])
-            st.rerun(scope="fragment")
-        change = proposal_table(machine, pending, simulator_units=sim_units)
-        st.dataframe(change, hide_index=True, use_container_width=True, height=min(38 + 35 * len(change), 248),
-                     column_config={"of range": st.column_config.ProgressColumn(
-                         "of range", help="the change as a share of the knob's range", format="%.2f", min_value=0.0,
-                         max_value=1.0)})
-
-    start_event = next((e for e in events if e["kind"] == "start"), None)
-    start_readings = start_event["data"]["readings"] if start_event else None
-    current = steps[-1]["readings"] if steps else (start_event["data"].get("readings_after_probe") if start_event else None)
-    for title, chart in panel_charts(machine, start_readings, current or start_readings, session, steps,
-                                     start_settings=start_event["data"]["settings"] if start_event else None):
-        st.subheader(title)
-        st.altair_chart(chart, use_container_width=False)
-    c1, c2 = st.columns(2)
-    with c1:
-        st.subheader("Knobs")
-        settings = steps[-1]["readbacks"] if steps else (start_event["data"]["settings"] if start_event else None)
-        st.altair_chart(knob_chart(machine, settings, simulator_units=sim_units), use_container_width=True)
-    with c2:
-        st.subheader("Interlocks")
-        trips = [e["reason"] for e in events if e["kind"] == "trip"]
-        last = steps[-1]["interlocks"] if steps else {}
-        for il in machine.get("interlocks", []):
-            reason = next((t for t in trips if il in t), None)
-            value = last.get(il)
-            shown = f"{value:.4g}" if isinstance(value, (int, float)) else "-"
-            (st.error if reason else st.success)(f"**{il}** {shown}" + (f" — {reason}" if reason else " — OK"))
-        other = [t for t in trips if not any(il in t for il in machine.get("interlocks", []))]
-        for t in other:
-            st.error(f"**trip** — {t}")
-    metric = primary_metric(machine, session)
-    st.subheader(f"{metric_title(metric)} and reward")
-    st.altair_chart(trend_chart(steps, metric), use_container_width=False)
-    st.subheader("Event log")
-    event_log(events)
+    draw(view, sim_units)
 
 
 live(session_id)
