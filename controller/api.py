@@ -342,7 +342,7 @@ def run_on_machine(machine: str, policy: str, mode: str, operator: str, max_step
         opened.connect()
         store = open_store()
         recorder = SessionRecorder(store, opened.record, agent, operator, mode, None, opened.plant,
-                                   opened.panels(), [r.name for r in opened.interlocks])
+                                   opened.panels(), [r.name for r in opened.interlocks], opened.engineering())
         if lock:
             lock.note_session(recorder.session_id)
         snap = snapshot or unique_snapshot_path(opened.name, recorder.session_id)

@@ -43,6 +43,13 @@ class Machine:
         """The console panels of the machine's task."""
         return self.definition.panels(self.setup)
 
+    def engineering(self) -> list[dict] | None:
+        """Per knob, the machine file's engineering unit and signed scale per simulator unit
+        (None for a simulated machine: its units are the simulator's)."""
+        if self.machine_file is None:
+            return None
+        return [{"unit": c.unit, "scale": c.scale} for c in self.machine_file.knobs]
+
     def lock(self) -> MachineLock | None:
         """The machine's cross-process lock (None for a simulated machine: each session has its own)."""
         if self.machine_file is None:

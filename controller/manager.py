@@ -164,7 +164,7 @@ def _open_session(conn, store: Store, request: dict):
             lock.acquire()
         opened.connect()
         recorder = SessionRecorder(store, opened.record, agent, request["operator"], request["mode"], None, opened.plant,
-                                   opened.panels(), [r.name for r in opened.interlocks])
+                                   opened.panels(), [r.name for r in opened.interlocks], opened.engineering())
     except MachineBusy as exc:
         conn.send(("error", "conflict", str(exc)))
         return None

@@ -33,10 +33,15 @@ def finite_or_none(value):
     return value if not isinstance(value, float) or math.isfinite(value) else None
 
 
-def session_layout(plant: Plant, policy: Policy, panels: list[dict] | None = None, interlocks: list[str] | None = None) -> dict:
+def session_layout(plant: Plant, policy: Policy, panels: list[dict] | None = None, interlocks: list[str] | None = None,
+                   engineering: list[dict] | None = None) -> dict:
     """Names and units of the knobs, readings and metrics a session's steps are keyed by,
-    with what a console needs to draw the session without its machine (limits, panels)."""
-    return {"knobs": [{"name": k.name, "unit": k.unit, "lower": k.lower, "upper": k.upper} for k in plant.knobs],
+    with what a console needs to draw the session without its machine (limits, panels,
+    the machine file's engineering unit and scale of each knob)."""
+    knobs = [{"name": k.name, "unit": k.unit, "lower": k.lower, "upper": k.upper} for k in plant.knobs]
+    for knob, wired in zip(knobs, engineering or []):
+        knob["engineering"] = wired
+    return {"knobs": knobs,
             "readings": [{"name": r.name, "unit": r.unit} for r in plant.readings],
             "metrics": [dataclasses.asdict(m) for m in policy_task(plant, policy).metrics],
             "panels": panels or [], "interlocks": interlocks or []}
@@ -46,12 +51,12 @@ class SessionRecorder:
     """Creates the session row, then commits every step and event as it happens."""
 
     def __init__(self, store: Store, machine: dict, policy: Policy, operator: str, mode: str, snapshot: str | None, plant: Plant,
-                 panels: list[dict] | None = None, interlocks: list[str] | None = None):
+                 panels: list[dict] | None = None, interlocks: list[str] | None = None, engineering: list[dict] | None = None):
         self.store = store
         machine_row = store.add_machine(machine["name"], machine["kind"], machine["content"], machine.get("path"))
         self.machine_id = machine_row.id
         self.policy_id = register_policy(store, policy)
-        self.layout = session_layout(plant, policy, panels, interlocks)
+        self.layout = session_layout(plant, policy, panels, interlocks, engineering)
         self.knob_names = [k["name"] for k in self.layout["knobs"]]
         self.reading_names = [r["name"] for r in self.layout["readings"]]
         row = store.start_session(self.machine_id, self.policy_id, operator, mode, snapshot, policy.metadata.get("task_config", {}),

@@ -104,26 +104,43 @@ def replay(store: Store, session_id: int) -> dict:
 
 
 def step_rows(store: Store, session_id: int) -> list[dict]:
-    """One flat row per step, columns named after knobs, readings (with units) and metrics."""
+    """One flat row per step (``record`` = step), then one per event (``record`` = event),
+    in time order. Columns are named with their units: knob values in the simulator's
+    units and, where the machine file states one, in its engineering unit (e.g. A); a
+    step names who approved it; an event row its kind and reason."""
     session = load_session(store, session_id)
     layout = session.layout or {}
-    knobs = [k["name"] for k in layout.get("knobs", [])]
+    knobs = layout.get("knobs", [])
+    names = [k["name"] for k in knobs]
     readings = layout.get("readings", [])
-    rows = []
+    events = [row_dict(e) for e in store.events(session_id)]
+    rows, previous = [], ""
     for s in store.steps(session_id):
         d = row_dict(s)
-        row = {"session": session_id, "step": s.step, "time": d["time"], "reward": s.reward, "latency_s": s.latency_s, "by": s.by}
+        approvals = [e for e in events if e["kind"] == "approve" and previous < e["time"] <= d["time"]]
+        previous = d["time"]
+        row = {"record": "step", "session": session_id, "step": s.step, "time": d["time"], "reward": s.reward,
+               "latency_s": s.latency_s, "by": s.by, "approved by": ", ".join(decided_by(approvals)["approved"]) or None}
         for m in layout.get("metrics", []):
             row[f"{m['name']} ({m['unit']})"] = (s.metrics or {}).get(m["name"])
         for label in ("action", "proposed", "safe", "readbacks"):
-            for name, v in zip(knobs, _ordered(getattr(s, label), knobs)):
-                row[f"{label}:{name}"] = v
+            for knob, v in zip(knobs, _ordered(getattr(s, label), names)):
+                row[f"{label}:{knob['name']} ({knob.get('unit', '')})"] = v
+        for knob, v in zip(knobs, _ordered(s.readbacks, names)):
+            wired = knob.get("engineering")
+            if wired:  # the value as the machine knows it
+                row[f"readbacks:{knob['name']} ({wired['unit']})"] = None if v is None else v * wired["scale"]
         for r, v in zip(readings, _ordered(s.readings, [r["name"] for r in readings])):
             row[f"reading:{r['name']} ({r['unit']})"] = v
         for name, v in (s.interlocks or {}).items():
             row[f"interlock:{name}"] = v
         rows.append(row)
-    return rows
+    columns = list(rows[0]) if rows else ["record", "session", "step", "time"]
+    for e in events:
+        rows.append({"record": "event", "session": session_id, "time": e["time"], "event": e["kind"], "reason": e["reason"]})
+    rows.sort(key=lambda r: r["time"])
+    order = columns[:4] + ["event", "reason"] + columns[4:]  # every row has every column, in one order
+    return [{c: r.get(c) for c in order} for r in rows]
 
 
 def export(store: Store, session_id: int, fmt: str, out: Path) -> Path:

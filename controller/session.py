@@ -104,6 +104,36 @@ def default_safety(policy: Policy, plant: Plant | None = None) -> SafetyConfig:
     return SafetyConfig(**limits)
 
 
+def expected_effect(response: dict | None, task: Task, primary, guard: GuardedPlant):
+    """What the policy's model predicts a proposed step does to the readings and to the
+    task's headline metric, from the readings before it (None without a model): shown
+    with the proposal, so that even the opening probe is not approved blind."""
+    if response is None:
+        return None
+    matrix = np.asarray(response["matrix"], dtype=float)
+    names = [r.name for r in guard.readings]
+    units = {r.name: r.unit for r in guard.readings}
+    unit = "" if primary.unit == "1" else f" {primary.unit}"
+
+    def predict(current: np.ndarray, proposed: np.ndarray) -> dict | None:
+        if guard.last_readings is None:
+            return None
+        now = np.asarray(guard.last_readings.values, dtype=float)
+        change = matrix @ (np.asarray(proposed, dtype=float) - np.asarray(current, dtype=float))
+        if len(change) > len(now) or not np.all(np.isfinite(now[: len(change)])):
+            return None
+        after = now.copy()
+        after[: len(change)] += change  # the model's readings come first (e.g. BPMs before monitors)
+        before, after = task.measure(now)[primary.name], task.measure(after)[primary.name]
+        k = int(np.argmax(np.abs(change)))
+        return {"source": "the policy's model of its lattice", "metric": primary.name, "before": before, "after": after,
+                "reading_change": change.round(6).tolist(),
+                "summary": f"{primary.label or primary.name} {before:.3f} → {after:.3f}{unit}; largest reading change "
+                           f"{names[k]} {change[k]:+.3f} {units[names[k]]}"}
+
+    return predict
+
+
 def run_session(
     plant: Plant,
     policy: Policy,
@@ -134,6 +164,7 @@ def run_session(
     guard = GuardedPlant(plant, safety or default_safety(policy, plant), interlocks, mode, snapshot_path, approver, on_event,
                          snapshot_context, lambda start: definition.safe_settings(plant.knobs, start),
                          definition.safe_state_label)
+    guard.predict = expected_effect(definition.expected_response(policy.metadata), task, primary, guard)
     if guard_ready:
         guard_ready(guard)
     records: list[StepRecord] = []

@@ -266,12 +266,27 @@ class GuardedPlant(Plant):
         self.snapshot: np.ndarray | None = None
         self.last_readings: Readings | None = None
         self.settings: np.ndarray | None = None
+        # What a model predicts a proposed step does (recorded with the proposal, shown to the
+        # operator before approving): (settings now, proposed settings) -> dict or None.
+        self.predict: Callable[[np.ndarray, np.ndarray], dict | None] | None = None
         self._interlock_start: dict[str, float] = {}
         self._written: list[np.ndarray] = []  # every write's settings, for the cumulative budgets
         self._started = 0.0
         self._last_write = 0.0
 
     # -- bookkeeping ---------------------------------------------------------------
+    def _expected(self, safe: np.ndarray) -> dict:
+        """``{"expected": prediction}`` of a proposed step where a model predicts it; a
+        prediction that fails is left out (it informs the operator, it guards nothing)."""
+        if self.predict is None or self.mode == "auto":
+            return {}
+        try:
+            prediction = self.predict(self.settings.copy(), safe.copy())
+        except Exception:  # noqa: BLE001 - see above
+            log.exception("prediction of a proposed step failed")
+            return {}
+        return {"expected": prediction} if prediction else {}
+
     def _record(self, kind: str, reason: str, **data) -> None:
         log.info("safety %s: %s", kind, reason)
         self.on_event_and_store(SafetyEvent(time.time(), kind, reason, data))
@@ -432,14 +447,15 @@ class GuardedPlant(Plant):
         proposed = np.asarray(values, dtype=float)
         safe = self.filter(proposed)
         names = [k.name for k in self.knobs]
+        expected = self._expected(safe)
         if self.mode == "dry-run":
-            self._record("proposal", "dry-run: not written", proposed=proposed.tolist(), safe=safe.tolist())
+            self._record("proposal", "dry-run: not written", proposed=proposed.tolist(), safe=safe.tolist(), **expected)
             self.settings = safe
             self._written.append(safe.copy())
             self.writes += 1
             return
         if self.mode == "approve":
-            self._record("proposal", "waiting for operator approval", proposed=proposed.tolist(), safe=safe.tolist())
+            self._record("proposal", "waiting for operator approval", proposed=proposed.tolist(), safe=safe.tolist(), **expected)
             approved = self.approver(self.settings.copy(), safe.copy(), names)
             self._session_guards()  # an abort may have arrived while waiting
             if not approved:

@@ -80,3 +80,26 @@ def test_check_response():
     assert check_response(TRUE_R, dk, 2 * TRUE_R @ dk).mismatch == pytest.approx(1.0)
     assert check_response(TRUE_R, dk, -TRUE_R @ dk).cosine == pytest.approx(-1.0)
     assert check_response(TRUE_R, 1e-6 * dk, TRUE_R @ dk, noise=0.05) is None  # nothing measurable predicted
+
+
+def test_every_proposal_carries_what_the_model_expects_of_it_and_the_model_is_close():
+    """Approve and dry-run proposals say what the policy's model predicts (the opening probe
+    included); on a machine drawn from the trained error model the prediction is near the
+    measured result, so an operator is not approving blind."""
+    from controller.machines import open_machine
+    from controller.policy import Policy
+    from controller.session import run_session
+
+    machine = open_machine("sim-cafe2-cm1", seed=3)
+    policy = Policy.load("pretrained", machine.definition, machine.setup)
+    result = run_session(machine.plant, policy, mode="approve", interlocks=machine.interlocks, approver=lambda *_: True)
+    proposals = [e.data["expected"] for e in result.events if e.kind == "proposal"]
+    measured = [result.initial] + [r.metrics["rms_mm"] for r in result.step_records]
+    after_probe = next(e for e in result.events if e.kind == "start").data["metrics"]["rms_mm"]
+    assert len(proposals) == result.steps + 1 and result.status == "completed"
+    assert proposals[0]["before"] == pytest.approx(result.initial)
+    assert proposals[0]["after"] == pytest.approx(after_probe, abs=0.3) and "orbit RMS" in proposals[0]["summary"]
+    for expected, after in zip(proposals[1:], measured[1:]):
+        assert expected["after"] == pytest.approx(after, abs=0.3)
+    auto = run_session(open_machine("sim-cafe2-cm1", seed=3).plant, policy, interlocks=machine.interlocks)
+    assert not any("expected" in e.data for e in auto.events)  # nobody approves in auto mode: nothing predicted

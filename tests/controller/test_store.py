@@ -158,11 +158,16 @@ def test_export_csv_and_parquet(store, tmp_path):
 
     sid, result = record_sim_session(store, seed=10)
     rows = step_rows(store, sid)
-    assert len(rows) == result.steps and "safe:DCH1" in rows[0] and "reading:BPM5:y (mm)" in rows[0] and "rms_mm (mm)" in rows[0]
+    steps = [r for r in rows if r["record"] == "step"]
+    n_events = len(store.events(sid))
+    assert len(steps) == result.steps and len(rows) == result.steps + n_events
+    assert "safe:DCH1 (simulator units)" in rows[0] and "reading:BPM5:y (mm)" in rows[0] and "rms_mm (mm)" in rows[0]
+    assert [r["time"] for r in rows] == sorted(r["time"] for r in rows)
+    assert rows[0]["record"] == "event" and rows[0]["event"] == "start" and rows[0]["reason"].startswith("starting orbit RMS")
     with open(export(store, sid, "csv", tmp_path / "s.csv")) as f:
-        assert len(list(csv.DictReader(f))) == result.steps
+        assert len(list(csv.DictReader(f))) == result.steps + n_events
     table = pq.read_table(export(store, sid, "parquet", tmp_path / "s.parquet"))
-    assert table.num_rows == result.steps and "interlock:beam_current" in table.column_names
+    assert table.num_rows == result.steps + n_events and "interlock:beam_current" in table.column_names
     with pytest.raises(ConfigError, match="format"):
         export(store, sid, "xlsx", tmp_path / "s.xlsx")
     report = export(store, sid, "md", tmp_path / "s.md").read_text()  # the logbook report
@@ -234,8 +239,9 @@ def test_sessions_recorded_before_the_generic_records_still_replay_and_export(st
     report = replay(upgraded, 1)
     assert report["steps"] == result.steps and report["reproduced_fraction"] == 1.0
     assert report["metric_trace"] == pytest.approx([r.metrics[metric] for r in result.step_records])
-    rows = step_rows(upgraded, 1)
-    assert len(rows) == result.steps and f"safe:{opened.plant.knobs[0].name}" in rows[0]
+    rows = [r for r in step_rows(upgraded, 1) if r["record"] == "step"]
+    knob = opened.plant.knobs[0]
+    assert len(rows) == result.steps and any(k.startswith(f"safe:{knob.name} (") for k in rows[0])
     assert rows[-1][f"reading:{opened.plant.readings[-1].name} ({opened.plant.readings[-1].unit})"] == pytest.approx(
         result.step_records[-1].readings[-1])
     upgraded.engine.dispose()

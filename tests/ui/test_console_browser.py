@@ -226,6 +226,11 @@ def test_approve_mode_orbit_correction_through_the_console(stack, browser):
     assert session["result"]["final_rms_mm"] < 0.5 and session["result"]["trips"] == []
     events = [e["kind"] for e in stack.events(session["id"])]
     assert events.count("approve") == session["result"]["steps"] + 1  # every step, plus the reset probe
+    # The export: the knobs as the machine knows them (amperes, from the machine file), approvers, events.
+    export = httpx.get(f"{stack.server}/api/sessions/{session['id']}/export").text
+    header = export.splitlines()[0].split(",")
+    assert "readbacks:DCH1 (A)" in header and "approved by" in header and "event" in header
+    assert " A |" in httpx.get(f"{stack.server}/api/sessions/{session['id']}/report").text  # largest change, in A
     WebDriverWait(browser, 30).until(lambda d: seen(d, "completed") and seen(d, "beam_current")
                                      and seen(d, "machine left: at the session's final settings"))
     button(browser, "Start", timeout=10)  # enabled again without a reload: the next session can start

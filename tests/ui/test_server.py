@@ -61,7 +61,9 @@ def test_simulated_session_completes_and_is_recorded(client):
     assert [s["step"] for s in steps] == list(range(1, state["steps"] + 1))
     assert client.get(f"/api/sessions/{sid}/replay").json()["reproduced_fraction"] == 1.0
     csv_text = client.get(f"/api/sessions/{sid}/export").text
-    assert csv_text.splitlines()[0].startswith("session,step,time") and len(csv_text.splitlines()) == state["steps"] + 1
+    n_events = len(client.get(f"/api/sessions/{sid}/events").json())
+    assert csv_text.splitlines()[0].startswith("record,session,step,time,event,reason")
+    assert len(csv_text.splitlines()) == 1 + state["steps"] + n_events  # steps and events, in time order
     listed = client.get("/api/sessions", params={"machine": "sim-cafe2-cm1", "status": "completed"}).json()
     assert [s["id"] for s in listed] == [sid]
     policies = client.get("/api/policies").json()
@@ -110,6 +112,14 @@ def test_one_active_session_per_machine_and_approve_flow(client):
     step_lines = [line for line in text.split("## Events")[0].splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert len(step_lines) == state["steps"]
     assert text.count("**approve**") == approved
+    # The export: every step names who approved it, and the events are in it too.
+    import csv
+    import io
+
+    rows = list(csv.DictReader(io.StringIO(client.get(f"/api/sessions/{sid}/export").text)))
+    steps = [r for r in rows if r["record"] == "step"]
+    assert len(steps) == state["steps"] and all(r["approved by"] == "alice" for r in steps)
+    assert sum(r["record"] == "event" and r["event"] == "approve" for r in rows) == approved
 
 
 def test_pause_resume_abort_and_restore(client):

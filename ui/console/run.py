@@ -118,7 +118,8 @@ def draw(view: dict, sim_units: bool, stale: bool = False) -> None:
                      column_config={"of range": st.column_config.ProgressColumn(
                          "of range", help="the change as a share of the knob's range", format="%.2f", min_value=0.0,
                          max_value=1.0)})
-        expected = pending.get("expected")
+        proposals = [e for e in events if e["kind"] == "proposal"]
+        expected = (proposals[pending["id"] - 1].get("data") or {}).get("expected") if len(proposals) >= pending["id"] else None
         if expected:
             st.caption(f"Expected effect ({expected['source']}): {expected['summary']}")
 
