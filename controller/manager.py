@@ -204,7 +204,7 @@ def session_process(conn, store_url: str, request: dict, sim_step_interval: floa
     import torch
 
     from .response import recorded_response
-    from .session import run_session
+    from .session import run_dial_in, run_session
 
     torch.set_num_threads(1)
     store = Store(store_url, upgrade=False)
@@ -219,14 +219,25 @@ def session_process(conn, store_url: str, request: dict, sim_step_interval: floa
     threading.Thread(target=controls.listen, daemon=True, name="commands").start()
     conn.send(("started", sid))
     try:
-        result = run_session(
-            opened.plant, agent, mode=request["mode"], interlocks=opened.interlocks, snapshot_path=snapshot,
-            snapshot_context={"machine": request["machine"], "machine_file": opened.record.get("path"), "session": sid},
-            approver=controls.approver if request["mode"] == "approve" else None,
-            on_step=lambda record: (recorder.on_step(record), controls.stepped()), on_event=recorder.on_event,
-            guard_ready=lambda g: setattr(controls, "guard", g), before_step=controls.before_step,
-            measured_response=recorded_response(store, opened) if request["mode"] == "dry-run" else None,
-        )
+        context = {"machine": request["machine"], "machine_file": opened.record.get("path"), "session": sid}
+        if request.get("dial_in"):
+            asked = request["dial_in"]
+            names = [k.name for k in opened.plant.knobs]
+            missing = [n for n in names if n not in asked["target"]]
+            if missing:
+                raise ConfigError(f"step {asked['step']} of session {asked['session']} has no setting for {', '.join(missing)}")
+            result = run_dial_in(
+                opened.plant, agent, [asked["target"][n] for n in names], f"step {asked['step']} of session {asked['session']}",
+                controls.approver, interlocks=opened.interlocks, snapshot_path=snapshot, snapshot_context=context,
+                on_event=recorder.on_event, guard_ready=lambda g: setattr(controls, "guard", g))
+        else:
+            result = run_session(
+                opened.plant, agent, mode=request["mode"], interlocks=opened.interlocks, snapshot_path=snapshot,
+                snapshot_context=context, approver=controls.approver if request["mode"] == "approve" else None,
+                on_step=lambda record: (recorder.on_step(record), controls.stepped()), on_event=recorder.on_event,
+                guard_ready=lambda g: setattr(controls, "guard", g), before_step=controls.before_step,
+                measured_response=recorded_response(store, opened) if request["mode"] == "dry-run" else None,
+            )
         recorder.finish(result)
         status = result.status
     except Exception as exc:  # noqa: BLE001 - an internal fault must still end the session record
@@ -265,12 +276,42 @@ class SessionManager:
     def start(self, machine: str, policy: str, mode: str, operator: str, seed: int = 0, errors: str = "test") -> int:
         if mode not in MODES:
             raise ConfigError(f"mode: unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+        return self._spawn({"machine": machine, "policy": policy, "mode": mode, "operator": operator, "seed": seed,
+                            "errors": errors})
+
+    def dial_in(self, session_id: int, step: int, operator: str) -> int:
+        """Start an approve-mode session that walks the machine of finished session
+        `session_id` to the knob settings recorded at its `step` (read back then)."""
+        row = self.store.get(SessionRow, session_id)
+        if row is None:
+            raise NotFound(f"session {session_id} does not exist")
+        if row.status in ("running", "paused") and holder_alive(row.holder) is not False:
+            raise Conflict(f"session {session_id} is still running: dial in a step of a finished session")
+        steps = self.store.steps(session_id)
+        if not 1 <= step <= len(steps):
+            raise ConfigError(f"step {step}: session {session_id} recorded steps 1 to {len(steps)}" if steps
+                              else f"session {session_id} recorded no steps to dial in")
+        from .store import MachineRow, PolicyRow
+
+        machine_row = self.store.get(MachineRow, row.machine_id)
+        if machine_row.kind == "simulated":
+            spec = yaml.safe_load(machine_row.content)
+            machine, seed, errors = machine_row.name, int(spec.get("seed", 0)), spec.get("errors", "test")
+        else:
+            machine, seed, errors = machine_row.path or machine_row.name, 0, "test"
+        policy = self.store.get(PolicyRow, row.policy_id).path
+        return self._spawn({"machine": machine, "policy": policy, "mode": "approve", "operator": operator, "seed": seed,
+                            "errors": errors, "dial_in": {"session": session_id, "step": step,
+                                                          "target": dict(steps[step - 1].readbacks)}})
+
+    def _spawn(self, request: dict) -> int:
+        """A session process for `request`; its session id once it has started."""
+        machine, mode = request["machine"], request["mode"]
         with self.lock:
             if any(a.machine == machine and not a.done.is_set() for a in self.active.values()):
                 raise Conflict(f"machine {machine} already has an active session")
             parent, child = self.context.Pipe()
-            request = {"machine": machine, "policy": policy, "mode": mode, "operator": operator, "seed": seed, "errors": errors,
-                       "context": _server_context()}
+            request = dict(request, context=_server_context())
             process = self.context.Process(target=session_process, args=(child, self.store.url, request, self.sim_step_interval),
                                            name=f"tbsac-session-{machine}", daemon=True)
             process.start()

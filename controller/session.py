@@ -278,3 +278,71 @@ def run_session(
         else:
             guard.on_event_and_store(Event(time.time(), "trip", f"internal error before the start: {type(exc).__name__}: {exc}"))
     return result()
+
+
+def run_dial_in(
+    plant: Plant,
+    policy: Policy,
+    target: np.ndarray,
+    label: str,
+    approver: Approver,
+    safety: SafetyConfig | None = None,
+    interlocks: list[InterlockRule] | None = None,
+    snapshot_path: Path | None = None,
+    snapshot_context: dict | None = None,
+    on_event: Callable[[SafetyEvent], None] | None = None,
+    guard_ready: Callable[[GuardedPlant], None] | None = None,
+    before_step: Callable[[], None] | None = None,
+) -> SessionResult:
+    """Walk the knobs to `target` (a recorded setting, simulator units), in approve mode
+    through the safety layer: each write within the largest step and approved by the
+    operator, the interlocks read after each; the machine is left at the target, verified.
+    A reject, an abort or a trip puts it in the task's safe state like any session."""
+    start = time.perf_counter()
+    task = policy_task(plant, policy)
+    primary = task.metrics[0]
+    definition = get_task(policy.task)
+    guard = GuardedPlant(plant, safety or default_safety(policy, plant), interlocks, "approve", snapshot_path, approver, on_event,
+                         snapshot_context, lambda found: definition.safe_settings(plant.knobs, found), definition.safe_state_label)
+    guard.predict = expected_effect(definition.expected_response(policy.metadata), task, primary, guard)
+    if guard_ready:
+        guard_ready(guard)
+    target = np.asarray(target, dtype=float)
+    tolerance = np.array([k.tolerance for k in plant.knobs])
+    initial = final = None
+    status, writes = "completed", 0
+    try:
+        guard.begin()
+        initial = final = task.measure(guard.last_readings.values)[primary.name]
+        guard.on_event_and_store(Event(time.time(), "start", f"dialling in {label}", {
+            "readings": np.asarray(guard.last_readings.values).tolist(), "settings": guard.snapshot.tolist(),
+            "target": target.tolist()}))
+        while np.any(np.abs(target - guard.settings) > tolerance):
+            if before_step:
+                before_step()
+            # The guard cuts the move to each knob's largest step; one approval per write.
+            guard.write_knobs(target)
+            readings = guard.read()
+            final = task.measure(readings.values)[primary.name]
+            writes += 1  # the guard trips (and restores) beyond its max_steps
+        guard.on_event_and_store(Event(time.time(), "dial_in", f"{label} dialled in ({writes} approved write"
+                                       f"{'s' if writes != 1 else ''}) and verified", {
+                                           "knobs": {k.name: float(v) for k, v in zip(plant.knobs, guard.settings)},
+                                           "readings": [float(v) if np.isfinite(v) else None for v in guard.last_readings.values],
+                                           "writes": writes}))
+    except OperatorRejected:
+        status = "rejected"
+    except OperatorAbort:
+        status = "aborted"
+    except SafetyTrip:
+        status = "tripped"
+    except Exception as exc:  # noqa: BLE001 - any fault of ours must not leave the machine where it is
+        log.exception("dial-in failed")
+        status = "faulted"
+        if guard.snapshot is not None:
+            guard.fault(f"internal error: {type(exc).__name__}: {exc}")
+    return SessionResult(task=policy.task, metric=primary.name, initial=initial, final=final, steps=0,
+                         wall_s=round(time.perf_counter() - start, 3), success=status == "completed",
+                         trips=[e.reason for e in guard.events if e.kind == "trip"],
+                         restored=any(e.kind == "restore" for e in guard.events),
+                         snapshot=str(snapshot_path) if snapshot_path else None, status=status, events=guard.events)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 def machine_left(status: str, events: list[dict]) -> str:
     """What the session left the machine at, from its events (not from what was intended)."""
-    restores = [e for e in events if e["kind"] in ("restore", "restore_failed")]
+    restores = [e for e in events if e["kind"] in ("restore", "restore_failed", "dial_in")]
+    if restores and restores[-1]["kind"] == "dial_in":
+        return f"machine left: at {restores[-1]['reason'].split(' dialled in')[0]} (dialled in, verified by read-back)"
     if restores and restores[-1]["kind"] == "restore":
         what = restores[-1]["reason"].split(" in ")[0].replace(" and verified", "")
         return f"machine left: {what} (verified by read-back)"

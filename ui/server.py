@@ -65,6 +65,14 @@ class CommandRequest(BaseModel):
     proposal: int | None = Field(None, ge=1, le=2**31 - 1, description="approve/reject: the proposal id the operator saw")
 
 
+class DialInRequest(BaseModel):
+    """Dial in the knob settings recorded at one step of a finished session."""
+
+    model_config = ConfigDict(extra="forbid")
+    operator: str = Field(min_length=1, max_length=200)
+    step: int = Field(ge=1, le=2**31 - 1, description="the recorded step whose read-back settings to go to")
+
+
 class AllowedFiles:
     """Which machine and policy files a request may name: shipped machine names (and the
     simulated ones), files inside the configured folders, shipped and recorded policies."""
@@ -301,6 +309,12 @@ def create_app(store: Store, token: str, sim_step_interval: float = 0.0, allowed
         files.check(request.machine, request.policy)
         sid = manager.start(request.machine, request.policy, request.mode, request.operator, request.seed, request.errors)
         return Started(session=sid)
+
+    @app.post("/api/sessions/{session_id}/dial-in", status_code=201, dependencies=[Depends(operator_token)])
+    def dial_in(session_id: SessionId, request: DialInRequest) -> Started:
+        """A new approve-mode session walking the machine to the settings recorded at a step
+        of a finished session (each write approved, through the safety layer)."""
+        return Started(session=manager.dial_in(session_id, request.step, request.operator))
 
     @app.post("/api/sessions/{session_id}/{command}", dependencies=[Depends(operator_token)])
     def command(session_id: SessionId, command: Literal["pause", "resume", "abort", "approve", "reject", "restore"],

@@ -302,3 +302,30 @@ def test_policies_are_offered_by_name_and_one_that_failed_its_bar_needs_confirma
     assert start().disabled  # until the operator confirms
     at.checkbox[0].check().run()
     assert not start().disabled
+
+
+def test_dial_in_a_recorded_step_from_history_then_approve_it_on_the_run_page(server):
+    sid = run_session(server, machine="sim-cafe2-cm1", seed=3)
+    target = httpx.get(f"{server}/api/sessions/{sid}/steps").json()[1]["readbacks"]
+    at = app_test("history.py")
+    at.slider(key="h-step").set_value(2).run()
+    at.button(key="h-dial-in").click().run()
+    assert not at.exception
+    dial = httpx.get(server + "/api/sessions").json()[0]
+    assert dial["id"] != sid and dial["mode"] == "approve" and dial["machine"] == "sim-cafe2-cm1"
+    at.switch_page(str(Path(APP).parent / "run.py"))  # where the browser goes by itself (AppTest stays put)
+    for _ in range(40):  # the Run page: approve every write until the machine is there
+        deadline = time.time() + 10
+        while (state := httpx.get(f"{server}/api/sessions/{dial['id']}").json())["live"] and not state["pending"] \
+                and time.time() < deadline:
+            time.sleep(0.05)
+        at.run()
+        if not state["live"]:
+            break
+        assert "waiting for your approval" in texts(at) and f"Session {dial['id']}" in texts(at)
+        next(b for b in at.button if b.label == "Approve").click().run()
+    at.run()
+    assert f"machine left: at step 2 of session {sid} (dialled in, verified by read-back)" in texts(at)
+    assert "the machine after the dial-in" in " ".join(c.value for c in at.caption)
+    done = httpx.get(f"{server}/api/sessions/{dial['id']}/events").json()[-1]
+    assert done["kind"] == "dial_in" and done["data"]["knobs"] == pytest.approx(target, abs=1e-6)

@@ -307,3 +307,44 @@ def test_machine_live_state_follows_the_ioc_without_a_session(client, start_ioc)
     assert sim["watched"] is False and "session" in sim["why"]
     missing = client.get("/api/machines/nowhere/live")
     assert missing.status_code == 404 and "nowhere" in missing.json()["detail"]
+
+
+def test_dial_in_a_recorded_step_goes_there_write_by_approved_write(client):
+    sid = start(client, machine="sim-cafe2-cm1", seed=6)
+    wait_status(client, sid, {"completed"})
+    steps = client.get(f"/api/sessions/{sid}/steps").json()
+    target = steps[1]["readbacks"]  # step 2 of the session
+    for body, status, needle in (({"operator": "carol", "step": len(steps) + 1}, 400, f"recorded steps 1 to {len(steps)}"),
+                                 ({"operator": "carol", "step": 0}, 422, "step"), ({"step": 1}, 422, "operator")):
+        r = client.post(f"/api/sessions/{sid}/dial-in", json=body, headers=AUTH)
+        assert r.status_code == status and needle in r.text, r.text
+    assert client.post("/api/sessions/999/dial-in", json={"operator": "carol", "step": 1}, headers=AUTH).status_code == 404
+    assert client.post(f"/api/sessions/{sid}/dial-in", json={"operator": "carol", "step": 2}).status_code == 401
+    r = client.post(f"/api/sessions/{sid}/dial-in", json={"operator": "carol", "step": 2}, headers=AUTH)
+    assert r.status_code == 201, r.text
+    dial = r.json()["session"]
+    approved = 0
+    while client.get(f"/api/sessions/{dial}").json()["live"]:
+        pending = client.get(f"/api/sessions/{dial}").json()["pending"]
+        if pending is None:
+            time.sleep(0.01)
+            continue
+        r = client.post(f"/api/sessions/{dial}/approve", json={"operator": "carol", "proposal": pending["id"]}, headers=AUTH)
+        approved += r.status_code == 200
+    state = wait_status(client, dial, {"completed"})
+    assert state["mode"] == "approve" and state["operator"] == "carol" and approved >= 1
+    events = client.get(f"/api/sessions/{dial}/events").json()
+    assert events[0]["kind"] == "start" and events[0]["reason"] == f"dialling in step 2 of session {sid}"
+    done = events[-1]
+    assert done["kind"] == "dial_in" and done["reason"].endswith("and verified")
+    assert done["data"]["knobs"] == pytest.approx(target, abs=1e-6) and done["data"]["writes"] == approved
+    assert [e["kind"] for e in events].count("approve") == approved
+    # Rejecting a dial-in puts the machine back where that session found it.
+    r = client.post(f"/api/sessions/{sid}/dial-in", json={"operator": "carol", "step": len(steps)}, headers=AUTH)
+    rejected = r.json()["session"]
+    deadline = time.monotonic() + 30
+    while (pending := client.get(f"/api/sessions/{rejected}").json()["pending"]) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    client.post(f"/api/sessions/{rejected}/reject", json={"operator": "carol", "proposal": pending["id"]}, headers=AUTH)
+    state = wait_status(client, rejected, {"rejected"})
+    assert state["result"]["restored"]

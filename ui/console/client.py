@@ -108,6 +108,10 @@ class ConsoleClient:
     def start(self, **body) -> int:
         return self.post("/api/sessions", body)["session"]
 
+    def dial_in(self, sid: int, step: int, operator: str) -> int:
+        """Start an approve-mode session going to the settings of `step` of session `sid`."""
+        return self.post(f"/api/sessions/{sid}/dial-in", {"step": step, "operator": operator})["session"]
+
     def command(self, sid: int, command: str, operator: str, proposal: int | None = None) -> dict:
         body = {"operator": operator}
         if proposal is not None:

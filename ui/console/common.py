@@ -96,20 +96,21 @@ def push_updates(server_url: str, session_id: int) -> None:
 
 def machine_now(steps: list[dict], events: list[dict]) -> dict:
     """The machine's readings and knob settings as last recorded, and a note saying when:
-    after a verified restore that came after the last step, what the restore wrote and
+    after a verified restore (or dial-in) that came after the last step, what it wrote and
     read; else the last step; else the start (after its opening probe)."""
     start = next((e for e in events if e["kind"] == "start"), None)
-    restores = [e for e in events if e["kind"] == "restore"]
+    landings = [e for e in events if e["kind"] in ("restore", "dial_in") and (e.get("data") or {}).get("knobs")]
     last_step_time = dt.datetime.fromisoformat(steps[-1]["time"]) if steps else None
-    if restores and (last_step_time is None or dt.datetime.fromisoformat(restores[-1]["time"]) >= last_step_time):
-        data = restores[-1].get("data") or {}
-        if data.get("knobs"):
-            from ui.console.client import format_time
+    if landings and (last_step_time is None or dt.datetime.fromisoformat(landings[-1]["time"]) >= last_step_time):
+        from ui.console.client import format_time
 
-            return {"readings": data.get("readings") or (steps[-1]["readings"] if steps else None), "settings": data["knobs"],
-                    "note": f"the machine after the restore at {format_time(restores[-1]['time'])}: knobs as written "
-                            "and verified" + (", readings as read then" if data.get("readings") else
-                                              " (no readings recorded with it: the charts show the last step)")}
+        landing = landings[-1]
+        data = landing["data"]
+        what = "restore" if landing["kind"] == "restore" else "dial-in"
+        return {"readings": data.get("readings") or (steps[-1]["readings"] if steps else None), "settings": data["knobs"],
+                "note": f"the machine after the {what} at {format_time(landing['time'])}: knobs as written and verified"
+                        + (", readings as read then" if data.get("readings") else
+                           " (no readings recorded with it: the charts show the last step)")}
     if steps:
         return {"readings": steps[-1]["readings"], "settings": steps[-1]["readbacks"], "note": ""}
     if start:

@@ -5,7 +5,7 @@ import streamlit as st
 
 from ui.console.charts import compare_chart, knob_chart, metric_value, panel_charts, primary_metric, trend_chart
 from ui.console.client import format_time
-from ui.console.common import call, connected_or_stop, event_log
+from ui.console.common import call, connected_or_stop, event_log, operator
 
 STATUSES = ["running", "paused", "completed", "not_converged", "tripped", "aborted", "rejected", "dry-run", "interrupted", "faulted"]
 
@@ -81,7 +81,15 @@ upto = steps[k - 1]["time"] if k > 0 else (start_event["time"] if start_event el
 shown = [e for e in events if upto is None or e["time"] <= upto] if k < len(steps) else events
 event_log(shown)
 
-a, b, c = st.columns(3)
+a, b, c, d = st.columns(4)
+if k > 0 and session["status"] not in ("running", "paused") and d.button(
+        f"Dial in step {k}", key="h-dial-in", help="Start an approve-mode session on this machine that goes to the knob "
+        "settings read back at this step: every write within the largest step, approved by you, through the safety layer"):
+    new_session = call(client.dial_in, sid, k, operator())
+    if new_session:
+        st.session_state["machine"] = session["machine"]
+        st.session_state[f"session:{session['machine']}"] = new_session
+        st.switch_page("run.py")
 if a.button("Replay audit", key="h-replay"):
     report = call(client.replay, sid)
     if report:
