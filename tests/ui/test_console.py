@@ -329,3 +329,42 @@ def test_dial_in_a_recorded_step_from_history_then_approve_it_on_the_run_page(se
     assert "the machine after the dial-in" in " ".join(c.value for c in at.caption)
     done = httpx.get(f"{server}/api/sessions/{dial['id']}/events").json()[-1]
     assert done["kind"] == "dial_in" and done["data"]["knobs"] == pytest.approx(target, abs=1e-6)
+
+
+@pytest.mark.parametrize("machine", ["sim-cafe2-cm1", "sim-lpi", "sim-bess-1mw-2mwh", "sim-dual-25-50khz", "sim-wheat"])
+def test_run_page_of_every_task_proposal_then_stop_and_the_restored_machine(server, machine):
+    """Each registered task on the Run page in approve mode: its proposal (in its units,
+    largest change first, with the model's expectation where the task has a model), its
+    own panels and interlocks; Stop puts the machine in the task's safe state and the
+    charts then draw the machine as restored, not as the last step left it."""
+    from controller.machines import list_machines
+
+    layout = {m["name"]: m for m in list_machines()}[machine]
+    at = app_test()
+    at.selectbox(key="machine").set_value(machine).run()
+    at.radio(key="mode").set_value("approve").run()
+    next(b for b in at.button if b.label == "Start").click().run()
+    sid = httpx.get(server + "/api/sessions").json()[0]["id"]
+    deadline = time.time() + 60
+    while not httpx.get(f"{server}/api/sessions/{sid}").json()["pending"] and time.time() < deadline:
+        time.sleep(0.05)
+    at.run()
+    assert not at.exception
+    assert "Proposed step 1 — waiting for your approval" in texts(at)
+    proposal = at.dataframe[0].value
+    assert list(proposal["knob"]) and set(proposal["knob"]) <= {k["name"] for k in layout["knobs"]}
+    assert list(proposal["of range"].fillna(0)) == sorted(proposal["of range"].fillna(0), reverse=True)
+    titles = {s.value for s in at.subheader}
+    assert {p["title"] for p in layout["panels"]} <= titles and {"Knobs", "Interlocks"} <= titles
+    assert all(il in texts(at) for il in layout["interlocks"])
+    captions = " ".join(c.value for c in at.caption)
+    if layout["task"] == "orbit":  # the task with a response model: the probe is not approved blind
+        assert "Expected effect (the policy's model of its lattice): orbit RMS" in captions
+    next(b for b in at.button if b.label == "Stop").click().run()
+    deadline = time.time() + 60
+    while httpx.get(f"{server}/api/sessions/{sid}").json()["live"] and time.time() < deadline:
+        time.sleep(0.05)
+    at.run()
+    assert not at.exception
+    assert f"Session {sid} · aborted" in texts(at) and "restored (verified by read-back)" in texts(at)
+    assert "the machine after the restore" in " ".join(c.value for c in at.caption)

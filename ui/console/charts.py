@@ -213,15 +213,20 @@ def knob_chart(machine: dict, settings, simulator_units: bool = False) -> alt.Ch
     for i, k in enumerate(machine["knobs"]):
         unit, scale = engineering(k, simulator_units)
         lower, upper = knob_limits(k, simulator_units)
-        rows.append({"knob": k["name"], "setting": (values[i] * scale if values else 0.0), "unit": unit,
-                     "lower": lower, "upper": upper})
+        setting = values[i] * scale if values and values[i] is not None else 0.0
+        near = min(setting - lower, upper - setting) <= NEAR_LIMIT * (upper - lower)
+        rows.append({"knob": k["name"], "setting": setting, "unit": unit, "lower": lower, "upper": upper,
+                     "limit": "at/near limit" if near else "within range"})
     data = pd.DataFrame(rows)
     units = list(dict.fromkeys(data["unit"]))
     y_title = units[0] if len(units) == 1 else None
     x = alt.X("knob:N", sort=None, title="knob")
+    # A knob at or near a limit is drawn red: the next step may be clipped there.
     bars = alt.Chart().mark_bar().encode(
         x=x, y=alt.Y("setting:Q", title=f"setting ({y_title})" if y_title else "setting"),
-        tooltip=["knob", alt.Tooltip("setting:Q", format=".4f"), "unit", "lower", "upper"],
+        color=alt.Color("limit:N", scale=alt.Scale(domain=["within range", "at/near limit"], range=["#1f77b4", "#c62828"]),
+                        legend=alt.Legend(title=None, orient="bottom")),
+        tooltip=["knob", alt.Tooltip("setting:Q", format=".4f"), "unit", "lower", "upper", "limit"],
     )
     lo = alt.Chart().mark_tick(color="red", thickness=2).encode(x=x, y="lower:Q")
     hi = alt.Chart().mark_tick(color="red", thickness=2).encode(x=x, y="upper:Q")
@@ -240,8 +245,9 @@ def trend_chart(steps: list[dict], metric: dict, marker_step: int | None = None)
     """The task's primary metric and the reward against step."""
     data = pd.DataFrame([{"step": s["step"], "metric": metric_value(s, metric), "reward": s["reward"]} for s in steps]
                         or [{"step": 0, "metric": None, "reward": None}])
-    value = alt.Chart(data).mark_line(point=True).encode(x=alt.X("step:Q", title="step"), y=alt.Y("metric:Q", title=metric_title(metric)))
-    reward = alt.Chart(data).mark_line(point=True, color="orange").encode(x=alt.X("step:Q", title="step"), y=alt.Y("reward:Q", title="reward (1)"))
+    step = alt.X("step:Q", title="step", axis=alt.Axis(tickMinStep=1))  # steps are whole numbers
+    value = alt.Chart(data).mark_line(point=True).encode(x=step, y=alt.Y("metric:Q", title=metric_title(metric)))
+    reward = alt.Chart(data).mark_line(point=True, color="orange").encode(x=step, y=alt.Y("reward:Q", title="reward (1)"))
     if marker_step is not None:
         rule = alt.Chart(pd.DataFrame({"step": [marker_step]})).mark_rule(color="red").encode(x="step:Q")
         value, reward = value + rule, reward + rule
@@ -252,7 +258,8 @@ def compare_chart(series: dict[str, list[dict]], metric: dict) -> alt.Chart:
     rows = [{"session": name, "step": s["step"], "metric": metric_value(s, metric)} for name, steps in series.items() for s in steps]
     data = pd.DataFrame(rows or [{"session": "", "step": 0, "metric": None}])
     return alt.Chart(data).mark_line(point=True).encode(
-        x=alt.X("step:Q", title="step"), y=alt.Y("metric:Q", title=metric_title(metric)), color="session:N").properties(height=260)
+        x=alt.X("step:Q", title="step", axis=alt.Axis(tickMinStep=1)), y=alt.Y("metric:Q", title=metric_title(metric)),
+        color="session:N").properties(height=260)
 
 
 def flatten(summary: dict, prefix: str = "") -> dict[str, float]:
