@@ -255,6 +255,10 @@ def session_process(conn, store_url: str, request: dict, sim_step_interval: floa
         pass
 
 
+def _nothing() -> None:
+    """A process that only makes the fork server start."""
+
+
 class SessionManager:
     """Starts each session in a process of its own and relays operator commands to it."""
 
@@ -269,8 +273,21 @@ class SessionManager:
         self.context = multiprocessing.get_context("forkserver")
         # The task definitions too: a session opening the first machine of a task would
         # otherwise import its simulator (Cheetah, numba) before it can answer.
+        # So is what loading a policy imports lazily (torch's optimisers pull in torch._dynamo:
+        # 1.5 s), and pyepics (imported only: each session starts its own CA context).
         self.context.set_forkserver_preload(["controller.session", "controller.recording", "controller.machines",
-                                             *task_modules()])
+                                             "controller.policy", "stable_baselines3", "torch.optim", "torch._dynamo",
+                                             "hardware.epics_plant", "epics", *task_modules()])
+        # Start the fork server now, not when an operator presses Start (it imports all that: ~7 s).
+        threading.Thread(target=self._warm_up, daemon=True, name="forkserver-warm-up").start()
+
+    def _warm_up(self) -> None:
+        try:
+            process = self.context.Process(target=_nothing, name="tbsac-warm-up", daemon=True)
+            process.start()
+            process.join(120)
+        except Exception:  # noqa: BLE001 - a cold fork server only makes the first session slower
+            log.warning("fork server warm-up failed", exc_info=True)
 
     # -- starting ------------------------------------------------------------------
     def start(self, machine: str, policy: str, mode: str, operator: str, seed: int = 0, errors: str = "test") -> int:

@@ -112,6 +112,8 @@ def create_app(store: Store, token: str, sim_step_interval: float = 0.0, allowed
         # Few request threads: every runnable thread competes with the control loops
         # for the GIL, and reads can wait a little where a control step cannot.
         anyio.to_thread.current_default_thread_limiter().total_tokens = READ_THREADS
+        # Build the machine list (every task's layout) before the first console asks for it.
+        await anyio.to_thread.run_sync(list_machines)
         yield
         manager.shutdown()
         watches.close()
