@@ -30,7 +30,7 @@ from core.registry import task_modules
 from safety.guard import MODES, read_snapshot, restore_snapshot
 
 from .locks import MachineBusy, holder_alive
-from .machines import SIM_PREFIX, open_machine
+from .machines import MACHINE_DIR, SIM_PREFIX, open_machine
 from .paths import unique_snapshot_path
 from .store import SessionRow, Store
 
@@ -315,7 +315,10 @@ class SessionManager:
             spec = yaml.safe_load(machine_row.content)
             machine, seed, errors = machine_row.name, int(spec.get("seed", 0)), spec.get("errors", "test")
         else:
-            machine, seed, errors = machine_row.path or machine_row.name, 0, "test"
+            # A shipped machine file by its name, as consoles know it (its active session is
+            # then shown and its Start disabled); any other file by its path.
+            shipped = machine_row.path and Path(machine_row.path).resolve().parent == Path(str(MACHINE_DIR)).resolve()
+            machine, seed, errors = machine_row.name if shipped else (machine_row.path or machine_row.name), 0, "test"
         policy = self.store.get(PolicyRow, row.policy_id).path
         return self._spawn({"machine": machine, "policy": policy, "mode": "approve", "operator": operator, "seed": seed,
                             "errors": errors, "dial_in": {"session": session_id, "step": step,

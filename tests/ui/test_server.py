@@ -348,3 +348,33 @@ def test_dial_in_a_recorded_step_goes_there_write_by_approved_write(client):
     client.post(f"/api/sessions/{rejected}/reject", json={"operator": "carol", "proposal": pending["id"]}, headers=AUTH)
     state = wait_status(client, rejected, {"rejected"})
     assert state["result"]["restored"]
+
+
+def test_dial_in_on_an_epics_machine_is_that_machine_s_active_session(client, start_ioc):
+    """On a shipped machine file the dial-in runs under the machine's name: the console sees
+    it as the machine's active session (Start disabled), and the IOC ends at the step's setting."""
+    import yaml
+
+    from hardware.machine import MACHINE_DIR
+
+    ioc = start_ioc(seed=21, ramp=0.05)
+    ioc.prefix = "VCAFE2:CM1"  # the shipped machine file's names
+    ioc.stop()
+    ioc.start()
+    sid = start(client, machine="virtual-cafe2-cm1")
+    wait_status(client, sid, {"completed"})
+    target = client.get(f"/api/sessions/{sid}/steps").json()[0]["readbacks"]
+    dial = client.post(f"/api/sessions/{sid}/dial-in", json={"operator": "dora", "step": 1}, headers=AUTH).json()["session"]
+    busy = {m["name"]: m["active_session"] for m in client.get("/api/machines").json()}
+    assert busy["virtual-cafe2-cm1"] == dial
+    while client.get(f"/api/sessions/{dial}").json()["live"]:
+        pending = client.get(f"/api/sessions/{dial}").json()["pending"]
+        if pending:
+            client.post(f"/api/sessions/{dial}/approve", json={"operator": "dora", "proposal": pending["id"]}, headers=AUTH)
+        time.sleep(0.02)
+    state = wait_status(client, dial, {"completed"})
+    assert state["machine"] == "virtual-cafe2-cm1"
+    knobs = yaml.safe_load((MACHINE_DIR / "virtual-cafe2-cm1.yaml").read_text())["knobs"]
+    last = {p["pv"]: p["value"] for p in ioc.puts()}  # what the IOC was last told, per setpoint PV
+    for knob in knobs:
+        assert last[knob["setpoint"]] == pytest.approx(target[knob["name"]] * knob["scale"], abs=1e-3)
