@@ -323,6 +323,7 @@ def test_dial_in_a_recorded_step_from_history_then_approve_it_on_the_run_page(se
         if not state["live"]:
             break
         assert "waiting for your approval" in texts(at) and f"Session {dial['id']}" in texts(at)
+        assert "the opening probe" not in texts(at)  # a dial-in has none: each write goes to the recorded setting
         next(b for b in at.button if b.label == "Approve").click().run()
     at.run()
     assert f"machine left: at step 2 of session {sid} (dialled in, verified by read-back)" in texts(at)
@@ -351,6 +352,8 @@ def test_run_page_of_every_task_proposal_then_stop_and_the_restored_machine(serv
     at.run()
     assert not at.exception
     assert "Proposed step 1 — waiting for your approval" in texts(at)
+    if layout["task"] == "orbit":  # the orbit task opens with a probe of the machine's response
+        assert "the opening probe" in texts(at)
     proposal = at.dataframe[0].value
     assert list(proposal["knob"]) and set(proposal["knob"]) <= {k["name"] for k in layout["knobs"]}
     assert list(proposal["of range"].fillna(0)) == sorted(proposal["of range"].fillna(0), reverse=True)

@@ -100,7 +100,12 @@ def draw(view: dict, sim_units: bool, stale: bool = False) -> None:
 
     pending = session.get("pending")
     if pending:
-        probe = pending["id"] == 1
+        proposals = [e for e in events if e["kind"] == "proposal"]
+        shown = proposals[pending["id"] - 1] if len(proposals) >= pending["id"] else None
+        start = next((e for e in events if e["kind"] == "start"), None)
+        # A proposal before the session's start event is part of its opening (the probe of
+        # the machine's response); a dial-in starts first and proposes after.
+        probe = shown is not None and (start is None or shown["time"] < start["time"])
         # Buttons left of the title: the table's toolbar, shown on hover at its top right,
         # must never cover them.
         a, r, title = st.columns([1, 1, 6], vertical_alignment="center")
@@ -118,8 +123,7 @@ def draw(view: dict, sim_units: bool, stale: bool = False) -> None:
                      column_config={"of range": st.column_config.ProgressColumn(
                          "of range", help="the change as a share of the knob's range", format="%.2f", min_value=0.0,
                          max_value=1.0)})
-        proposals = [e for e in events if e["kind"] == "proposal"]
-        expected = (proposals[pending["id"] - 1].get("data") or {}).get("expected") if len(proposals) >= pending["id"] else None
+        expected = ((shown or {}).get("data") or {}).get("expected")
         if expected:
             st.caption(f"Expected effect ({expected['source']}): {expected['summary']}")
 
