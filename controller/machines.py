@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -227,6 +228,9 @@ class MachineWatches:
                 problem = f"no connection to {c['pv']} for {c['changed_s_ago']:.0f} s (IOC down or unreachable?)"
             elif c["value"] is None:
                 problem = f"{c['pv']}: connected, no value yet"
+            elif not math.isfinite(c["value"]):
+                c = dict(c, value=None)  # JSON has no NaN
+                problem = f"{c['pv']}: not a number"
             elif (c["severity"] or 0) >= 3:
                 problem = f"{c['pv']}: INVALID severity"
             else:

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -297,8 +298,6 @@ class ChannelWatch:
     """
 
     def __init__(self, machine: MachineFile):
-        import threading
-
         self.machine = machine
         self._lock = threading.Lock()
         watched = [(i.name, i.pv) for i in machine.interlocks] or [(m.name, m.pv) for m in machine.monitors]
