@@ -123,7 +123,8 @@ def test_run_on_the_virtual_oven_through_the_safety_layer(toy, oven, mode):
                       "--operator", "tester", timeout=120, stdin="y\n" * 40)
     session = sessions(toy)[-1]
     assert session.task == "thermal" and session.mode == mode
-    assert session.layout["knobs"] == [{"name": "heater", "unit": "W", "lower": 0.0, "upper": 100.0}]
+    assert session.layout["knobs"] == [{"name": "heater", "unit": "W", "lower": 0.0, "upper": 100.0,
+                                        "engineering": {"unit": "W", "scale": 1.0}}]  # as its machine file wires it
     assert session.layout["readings"] == [{"name": "temperature", "unit": "degC"}]
     assert proc.returncode in (0, 3), proc.stderr
     out = json.loads(proc.stdout)

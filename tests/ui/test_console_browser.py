@@ -323,6 +323,8 @@ def test_server_down_keeps_the_session_greyed_and_the_page_comes_back(stack, bro
     wait_seen(browser, "aborted")
     wait_seen(browser, "machine left: starting settings restored")
     assert button(browser, "Start", timeout=10).is_enabled()
+    # The operator's choices survived the outage.
+    assert browser.find_element(By.XPATH, "//label[.//p[normalize-space(.)='approve']]//input").is_selected()
     time.sleep(1.0)
     browser.save_screenshot(str(artifacts() / "console-server-back.png"))
 

@@ -43,6 +43,11 @@ st.markdown("<style>.st-key-cmd-abort button {background-color: #c62828; border-
             ".st-key-stale-view, .st-key-stale-charts {filter: grayscale(1); opacity: 0.5;}</style>",
             unsafe_allow_html=True)
 st.markdown("#### Run tuning")
+# Streamlit forgets a widget's value in a run that does not draw it (while the server is
+# unreachable the choices are not drawn); set by the page itself, a value is kept.
+for key in ("machine", "mode", "sim-units"):
+    if key in st.session_state:
+        st.session_state[key] = st.session_state[key]
 
 
 def interlock_panel(machine: dict, steps: list[dict], events: list[dict], live: dict | None) -> None:
@@ -206,6 +211,11 @@ policies = client.policies()
 shipped = next((p for p in policies["recorded"] if p.get("shipped") and p["path"].endswith(f"/{machine['lattice']}.pt")), None)
 offered = {"pretrained": shipped} | {p["path"]: p for p in reversed(policies["recorded"])
                                      if p["lattice"] == machine["lattice"] and not p.get("shipped")}
+if "policy" in st.session_state:  # kept like the choices above, while it is one of this machine's
+    if st.session_state["policy"] in offered:
+        st.session_state["policy"] = st.session_state["policy"]
+    else:
+        del st.session_state["policy"]
 with right:
     policy = st.selectbox("Policy", list(offered), key="policy", format_func=lambda k: policy_label(
         offered[k], f"pretrained ({machine['lattice']}.pt, shipped)" if k == "pretrained" else offered[k]["name"]))
