@@ -303,8 +303,11 @@ def test_server_down_keeps_the_session_greyed_and_the_page_comes_back(stack, bro
     button(browser, "Start").click()
     wait_seen(browser, "Proposed step 1 — waiting for your approval")
     sid = stack.sessions()[0]["id"]
+    killed = time.time()
     stack.kill_server()
-    wait_seen(browser, "Control server unreachable", timeout=30)
+    shown = wait_seen(browser, "Control server unreachable", timeout=30)
+    print(f"server killed: shown on the page {shown - killed:.2f} s later")
+    (artifacts() / "console-server-down.json").write_text(json.dumps({"server_killed_to_page_s": round(shown - killed, 3)}))
     # The session's context stays on the page (greyed), every command disabled.
     assert seen(browser, f"Session {sid}") and seen(browser, "last state it sent")
     for label in ("Start", "Stop", "Restore", "Approve"):
