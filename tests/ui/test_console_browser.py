@@ -194,7 +194,10 @@ def test_approve_mode_orbit_correction_through_the_console(stack, browser):
         assert box["y"] + box["height"] <= height, f"{label} below the fold: {box} (viewport {height} px)"
     header = browser.find_element(By.XPATH, "//*[contains(text(), 'operator') and contains(text(), 'mode approve')]").rect
     assert header["y"] + header["height"] <= height
-    assert seen(browser, "the opening probe"), page_text(browser)[:3000]  # the first proposal says what it is for
+    # The first proposal says what it is for and what the model expects of it, above the fold too.
+    assert seen(browser, "the opening probe"), page_text(browser)[:3000]
+    expected = browser.find_element(By.XPATH, "//*[contains(text(), 'Expected effect')]").rect
+    assert expected["y"] + expected["height"] <= height
     browser.save_screenshot(str(artifacts() / "console-approve-1600x900.png"))
     approved = time.time()
     button(browser, "Approve").click()

@@ -123,14 +123,14 @@ def draw(view: dict, sim_units: bool, stale: bool = False) -> None:
         if r.button("Reject", key=f"reject-{pending['id']}", use_container_width=True, disabled=stale):
             call(make_client().command, session_id, "reject", operator(), pending["id"])
             st.rerun(scope="fragment")
+        expected = ((shown or {}).get("data") or {}).get("expected")
+        if expected:  # above the table, so that it is read before approving
+            st.caption(f"Expected effect ({expected['source']}): {expected['summary']}")
         change = proposal_table(machine, pending, simulator_units=sim_units)
         st.dataframe(change, hide_index=True, use_container_width=True, height=min(38 + 35 * len(change), 248),
                      column_config={"of range": st.column_config.ProgressColumn(
                          "of range", help="the change as a share of the knob's range", format="%.2f", min_value=0.0,
                          max_value=1.0)})
-        expected = ((shown or {}).get("data") or {}).get("expected")
-        if expected:
-            st.caption(f"Expected effect ({expected['source']}): {expected['summary']}")
 
     start_event = next((e for e in events if e["kind"] == "start"), None)
     start_readings = start_event["data"]["readings"] if start_event else None
