@@ -8,7 +8,7 @@ import streamlit as st
 from core.outcome import machine_left
 from ui.console.charts import (headline, knob_chart, metric_title, panel_charts, primary_metric,
                                proposal_table, trend_chart)
-from ui.console.client import ServerUnreachable, format_time
+from ui.console.client import ApiError, ServerUnreachable, format_time
 from ui.console.common import (call, client as make_client, event_log, machine_now, operator, policy_facts,
                                policy_label, push_updates)
 
@@ -271,6 +271,9 @@ def live(session_id: int | None) -> None:
     except ServerUnreachable:
         st.session_state["offline_since"] = time.time()
         st.rerun()  # the whole page: its offline state
+    except ApiError as exc:  # e.g. the session was removed from the store: say so, no traceback
+        st.error(f"The server refused to show session {session_id}: {exc.detail}")
+        return
     st.session_state["last_view"] = view
     if session["status"] in ("running", "paused"):
         push_updates(client.base_url, session_id)
