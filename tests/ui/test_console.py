@@ -371,3 +371,12 @@ def test_run_page_of_every_task_proposal_then_stop_and_the_restored_machine(serv
     assert not at.exception
     assert f"Session {sid} · aborted" in texts(at) and "restored (verified by read-back)" in texts(at)
     assert "the machine after the restore" in " ".join(c.value for c in at.caption)
+
+
+def test_the_reward_axis_is_not_flattened_by_a_success_bonus():
+    from ui.console.charts import trend_chart
+
+    steps = [{"step": k, "reward": r, "metrics": {"rms_mm": 1.0 / k}} for k, r in enumerate([-0.8, -0.4, -0.1, 10.0], 1)]
+    spec = trend_chart(steps, {"name": "rms_mm", "unit": "mm", "label": "orbit RMS"}).to_dict()
+    reward = spec["hconcat"][1]["encoding"]
+    assert reward["y"]["scale"] == {"type": "symlog"} and reward["x"]["axis"] == {"tickMinStep": 1}

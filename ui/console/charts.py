@@ -247,7 +247,9 @@ def trend_chart(steps: list[dict], metric: dict, marker_step: int | None = None)
                         or [{"step": 0, "metric": None, "reward": None}])
     step = alt.X("step:Q", title="step", axis=alt.Axis(tickMinStep=1))  # steps are whole numbers
     value = alt.Chart(data).mark_line(point=True).encode(x=step, y=alt.Y("metric:Q", title=metric_title(metric)))
-    reward = alt.Chart(data).mark_line(point=True, color="orange").encode(x=step, y=alt.Y("reward:Q", title="reward (1)"))
+    # A symmetric-log axis: a success bonus (+10) would otherwise flatten every other step's reward.
+    reward = alt.Chart(data).mark_line(point=True, color="orange").encode(
+        x=step, y=alt.Y("reward:Q", title="reward (1, symmetric log scale)", scale=alt.Scale(type="symlog")))
     if marker_step is not None:
         rule = alt.Chart(pd.DataFrame({"step": [marker_step]})).mark_rule(color="red").encode(x="step:Q")
         value, reward = value + rule, reward + rule
