@@ -73,6 +73,12 @@ def interlock_panel(machine: dict, steps: list[dict], events: list[dict], live: 
         st.caption(f"as read at step {steps[-1]['step']} ({format_time(steps[-1]['time'])})")
 
 
+def send_command(session_id: int, command: str, proposal: int | None = None) -> None:
+    """An operator command, sent from a button's callback (before the page redraws)."""
+    if call(make_client().command, session_id, command, operator(), proposal) and command not in ("approve", "reject"):
+        st.toast(f"{command} sent for session {session_id}")
+
+
 def format_time_s(epoch: float) -> str:
     return time.strftime("%H:%M:%S UTC", time.gmtime(epoch))
 
@@ -117,12 +123,12 @@ def draw(view: dict, sim_units: bool, stale: bool = False) -> None:
         title.markdown(f"**Proposed step {pending['id']} — waiting for your approval**"
                        + (" · the opening probe: a small move of every knob so the policy sees how the machine "
                           "responds (the trend it acts on)" if probe else ""))
-        if a.button("Approve", type="primary", key=f"approve-{pending['id']}", use_container_width=True, disabled=stale):
-            call(make_client().command, session_id, "approve", operator(), pending["id"])
-            st.rerun(scope="fragment")
-        if r.button("Reject", key=f"reject-{pending['id']}", use_container_width=True, disabled=stale):
-            call(make_client().command, session_id, "reject", operator(), pending["id"])
-            st.rerun(scope="fragment")
+        # Sent from the click's callback, which runs before any redraw: a redraw pushed by the
+        # server at the same moment must not swallow the decision (seen in CI).
+        a.button("Approve", type="primary", key=f"approve-{pending['id']}", use_container_width=True, disabled=stale,
+                 on_click=send_command, args=(session_id, "approve", pending["id"]))
+        r.button("Reject", key=f"reject-{pending['id']}", use_container_width=True, disabled=stale,
+                 on_click=send_command, args=(session_id, "reject", pending["id"]))
         expected = ((shown or {}).get("data") or {}).get("expected")
         if expected:  # above the table, so that it is read before approving
             st.caption(f"Expected effect ({expected['source']}): {expected['summary']}")
@@ -247,9 +253,8 @@ if buttons[0].button("Start", type="primary", disabled=bool(machine.get("active_
         st.session_state[f"session:{name}"] = sid
         st.rerun()
 for col, (command, label, hint) in zip(buttons[1:], COMMANDS):
-    if col.button(label, disabled=session_id is None, key=f"cmd-{command}", help=hint):
-        if call(client.command, session_id, command, operator()):
-            st.toast(f"{label.lower()} sent for session {session_id}")
+    col.button(label, disabled=session_id is None, key=f"cmd-{command}", help=hint, on_click=send_command,
+               args=(session_id, command))
 
 
 # The fallback poll (pushed server events redraw at once); TBSAC_CONSOLE_POLL_S sets it,
