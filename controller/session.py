@@ -264,20 +264,27 @@ def run_session(
             status = "dry-run"  # nothing was written; the mismatch event says what a real run would do
         else:
             guard.stop_and_restore(str(exc))
-    except OperatorRejected:
-        status = "rejected"
-    except OperatorAbort:
-        status = "aborted"
-    except SafetyTrip:
-        status = "tripped"
-    except Exception as exc:  # noqa: BLE001 - any fault of ours must not leave the machine where it is
-        log.exception("session failed")
-        status = "faulted"
-        if guard.snapshot is not None:
-            guard.fault(f"internal error: {type(exc).__name__}: {exc}")
-        else:
-            guard.on_event_and_store(Event(time.time(), "trip", f"internal error before the start: {type(exc).__name__}: {exc}"))
+    except Exception as exc:  # noqa: BLE001 - see stopped_status
+        status = stopped_status(guard, exc, "session")
     return result()
+
+
+def stopped_status(guard: GuardedPlant, exc: Exception, what: str) -> str:
+    """The status of a session `exc` stopped (call it in the except block): rejected,
+    aborted, tripped, or faulted -- an internal fault of ours still puts the machine in its
+    safe state, and one before the start is recorded as a trip."""
+    if isinstance(exc, OperatorRejected):
+        return "rejected"
+    if isinstance(exc, OperatorAbort):
+        return "aborted"
+    if isinstance(exc, SafetyTrip):
+        return "tripped"
+    log.exception("%s failed", what)
+    if guard.snapshot is not None:
+        guard.fault(f"internal error: {type(exc).__name__}: {exc}")
+    else:
+        guard.on_event_and_store(Event(time.time(), "trip", f"internal error before the start: {type(exc).__name__}: {exc}"))
+    return "faulted"
 
 
 def run_dial_in(
@@ -330,17 +337,8 @@ def run_dial_in(
                                            "knobs": {k.name: float(v) for k, v in zip(plant.knobs, guard.settings)},
                                            "readings": [float(v) if np.isfinite(v) else None for v in guard.last_readings.values],
                                            "writes": writes}))
-    except OperatorRejected:
-        status = "rejected"
-    except OperatorAbort:
-        status = "aborted"
-    except SafetyTrip:
-        status = "tripped"
-    except Exception as exc:  # noqa: BLE001 - any fault of ours must not leave the machine where it is
-        log.exception("dial-in failed")
-        status = "faulted"
-        if guard.snapshot is not None:
-            guard.fault(f"internal error: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - see stopped_status
+        status = stopped_status(guard, exc, "dial-in")
     return SessionResult(task=policy.task, metric=primary.name, initial=initial, final=final, steps=0,
                          wall_s=round(time.perf_counter() - start, 3), success=status == "completed",
                          trips=[e.reason for e in guard.events if e.kind == "trip"],
