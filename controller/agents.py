@@ -133,16 +133,20 @@ SAC_ONLY = ("ent_coef", "target_entropy")  # a task's SAC settings that DDPG has
 
 
 def make_sac(env: gym.Env, arch: str = "tbsac", seed: int = 0, tensorboard_log: str | None = None,
-             actor_lr_factor: float = 1.0, algorithm: str = "sac", risk_weight: float = 0.0, **overrides) -> SAC:
+             actor_lr_factor: float = 1.0, algorithm: str = "sac", risk_weight: float = 0.0, zero_init_actor: bool = False,
+             **overrides) -> SAC:
     """A TBSAC/MLP agent on `env`: SAC (the actor slower by `actor_lr_factor`), TQC
-    (risk-averse with `risk_weight` in [0, 1)) or DDPG (deterministic, for comparison)."""
+    (risk-averse with `risk_weight` in [0, 1)) or DDPG (deterministic, for comparison).
+
+    `zero_init_actor`: the actor's mean starts at action 0 everywhere (sac/tqc), for
+    residual tasks, whose action 0 is their base controller: training starts from it."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {ALGORITHMS}")
     kwargs = policy_kwargs(arch)
     settings = {**SAC_DEFAULTS, **overrides}
     if algorithm == "ddpg":  # the deterministic comparison (the bubble paper's algorithm): no entropy term
-        if risk_weight or actor_lr_factor != 1.0:
-            raise ValueError("a risk weight or a slower actor needs algorithm sac/tqc, not ddpg")
+        if risk_weight or actor_lr_factor != 1.0 or zero_init_actor:
+            raise ValueError("a risk weight, a slower actor or a zero-initialised actor needs algorithm sac/tqc, not ddpg")
         from stable_baselines3 import DDPG
         from stable_baselines3.common.noise import NormalActionNoise
 
@@ -164,5 +168,10 @@ def make_sac(env: gym.Env, arch: str = "tbsac", seed: int = 0, tensorboard_log: 
         cls = SAC
         if actor_lr_factor != 1.0:
             cls = type("SlowActorSAC", (SlowActorSAC,), {"actor_lr_factor": actor_lr_factor})
-    return cls("MlpPolicy", env, policy_kwargs=kwargs, seed=seed, tensorboard_log=tensorboard_log, device="cpu",
-               verbose=0, **settings)
+    model = cls("MlpPolicy", env, policy_kwargs=kwargs, seed=seed, tensorboard_log=tensorboard_log, device="cpu",
+                verbose=0, **settings)
+    if zero_init_actor:
+        with torch.no_grad():
+            model.actor.mu.weight.zero_()
+            model.actor.mu.bias.zero_()
+    return model

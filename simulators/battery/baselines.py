@@ -64,18 +64,24 @@ def run_day(prices: np.ndarray, previous_price: float, config: BatteryConfig, de
     return DayResult(np.array(powers), np.array(profits), np.array(socs))
 
 
-def mpc_decider(forecast: Forecast, config: BatteryConfig, horizon: int = PERIODS_PER_DAY):
+def mpc_power(forecast: Forecast, config: BatteryConfig, period: int, last_price: float, soc: float,
+              discharged_today_mwh: float) -> float:
+    """The rolling-horizon MPC's power (MW) for `period` of the day: the first power of the
+    LP solved on the forecast from the last settled price to the day's end, from state of
+    charge `soc` (fraction) with what is left of today's discharge budget."""
+    n = PERIODS_PER_DAY - period  # the day ends: the rest of the day is the horizon
+    expected = forecast.predict(period - 1, last_price, n)
+    left = BatteryConfig(**{**config.model_dump(), "soc_start": min(max(soc, config.soc_min), config.soc_max),
+                            "max_cycles_per_day": max(1e-6, (config.daily_discharge_mwh - discharged_today_mwh)
+                                                      / config.capacity_mwh)})
+    return float(perfect_foresight(expected, left).power_mw[0])
+
+
+def mpc_decider(forecast: Forecast, config: BatteryConfig):
     """Rolling horizon: re-solve the LP on the forecast every period, apply its first power."""
 
     def decide(t: int, last_price: float, battery: Battery) -> float:
-        n = min(horizon, PERIODS_PER_DAY - t)  # the day ends: the rest of the day is the horizon
-        expected = forecast.predict(t - 1, last_price, n)
-        left = BatteryConfig(**{**config.model_dump(), "soc_start": battery.state.soc,
-                                "max_cycles_per_day": max(1e-6, (config.daily_discharge_mwh - battery.state.discharged_today_mwh)
-                                                           / config.capacity_mwh),
-                                "ramp_mw_per_period": config.ramp_mw_per_period})
-        plan = perfect_foresight(expected, left)
-        return float(plan.power_mw[0])
+        return mpc_power(forecast, config, t, last_price, battery.state.soc, battery.state.discharged_today_mwh)
 
     return decide
 

@@ -117,14 +117,22 @@ class BatteryDefinition(TaskDefinition):
         return BatteryTaskConfig
 
     @staticmethod
-    def _complete(config: BatteryTaskConfig, **update) -> BatteryTaskConfig:
-        """The config with the battery's size and, if observed, the training days' profile."""
-        if config.profile_features and not config.profile:  # the training days' daily profile, as the MPC's forecast has it
+    def _complete(config: BatteryTaskConfig, setup: BatteryConfig | None = None, **update) -> BatteryTaskConfig:
+        """The config with the battery's size and, if observed or planned on, the training
+        days' forecast (the MPC's: daily profile, AR decay) and the battery the MPC plans for."""
+        residual = config.base == "mpc"
+        if (config.profile_features or residual) and not config.profile:  # as the MPC's forecast has it
             update["profile"] = tuple(round(float(v), 3) for v in training_forecast().profile)
+        if residual and config.forecast_ar is None:
+            update["forecast_ar"] = round(training_forecast().ar, 6)
+        if residual and config.battery is None:
+            if setup is None:
+                raise ConfigError("battery task: a residual (base mpc) policy must record the battery its MPC plans for")
+            update["battery"] = setup
         return config.model_copy(update=update)
 
     def make_task(self, setup: BatteryConfig, knobs: list[KnobSpec], readings: list[ReadingSpec], config) -> BatteryTask:
-        config = self._complete(config, cycles_per_day=setup.max_cycles_per_day, capacity_mwh=setup.capacity_mwh)
+        config = self._complete(config, setup, cycles_per_day=setup.max_cycles_per_day, capacity_mwh=setup.capacity_mwh)
         return BatteryTask(float(knobs[0].upper), config, reading_indices(readings))
 
     def task_for_policy(self, knobs, readings, metadata):

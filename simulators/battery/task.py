@@ -12,7 +12,9 @@ start at any period, as on a real battery.
   trend state generalised: [dB_{t-1}, dB_t, B_t] becomes a window of prices and their
   changes), state of charge, time of day (sin, cos), share of today's cycle budget
   used, last power;
-- action ``a in [-1, 1]``: power setpoint ``a x rated power``;
+- action ``a in [-1, 1]``: power setpoint ``a x rated power``; or, with ``base: mpc``
+  (residual control), the rolling-horizon MPC's power (planned from the same readings
+  on the training days' forecast, and observed) plus ``a x residual_scale x rated power``;
 - reward: the period's profit (settled price x delivered energy) x ``reward_scale``,
   plus potential-based shaping (Ng et al. 1999) with the stored energy valued at
   ``stored_value_eur_per_mwh``: ``gamma x phi(s') - phi(s)``, phi = 0 after the last
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 from gymnasium import spaces
@@ -181,6 +184,12 @@ class BatteryTaskConfig(BaseModel):
                                                    description="periods ahead whose profile price is observed")
     cycles_per_day: PositiveFloat = 2.0
     capacity_mwh: PositiveFloat = 2.0
+    base: Literal["none", "mpc"] = Field("none", description="mpc: the action corrects the rolling-horizon MPC's "
+                                         "power (residual control); none: the action is the power")
+    residual_scale: float = Field(1.0, gt=0, le=2, description="base mpc: power added at action +-1, fraction of rated power")
+    forecast_ar: float | None = Field(None, ge=0, lt=1, description="base mpc: the forecast's AR(1) decay (default: "
+                                      "fitted on the training days)")
+    battery: BatteryConfig | None = Field(None, description="base mpc: the battery the MPC plans for")
 
 
 def profit_metric() -> MetricSpec:
@@ -208,7 +217,15 @@ class BatteryTask(Task):
             raise ConfigError(f"battery task: profile has {len(self.config.profile)} values, expected {PERIODS_PER_DAY}")
         self._profile = np.arcsinh(np.asarray(self.config.profile, dtype=float) / self.config.price_scale)
         self._ahead = np.asarray(self.config.profile_ahead, dtype=int) - 1  # the period to decide is 1 ahead
-        n = 2 * self.config.lookback + 5 + (len(self._ahead) if self.config.profile else 0)
+        self._forecast = None
+        if self.config.base == "mpc":
+            from .baselines import Forecast
+
+            if not self.config.profile or self.config.forecast_ar is None or self.config.battery is None:
+                raise ConfigError("battery task: base mpc needs the forecast's profile and AR decay and the battery")
+            self._forecast = Forecast(np.asarray(self.config.profile, dtype=float), self.config.forecast_ar)
+        n = (2 * self.config.lookback + 5 + (len(self._ahead) if self.config.profile_features and self.config.profile else 0)
+             + (self._forecast is not None))
         self.observation_space = spaces.Box(-np.inf, np.inf, (n,), np.float32)
         self.action_space = spaces.Box(-1.0, 1.0, (1,), np.float32)
         self.metrics = (profit_metric(),)
@@ -222,6 +239,7 @@ class BatteryTask(Task):
         self.profit = 0.0
         self.discharged_mwh = 0.0  # today (since the period of day last wrapped)
         self.discharged_total_mwh = 0.0  # this episode
+        self.base_mw = 0.0  # the MPC's power for the period to decide (base mpc)
         self.initial_readings = self._last = np.zeros(max(self.indices) + 1)
 
     # -- readings -> observation ---------------------------------------------------
@@ -233,8 +251,17 @@ class BatteryTask(Task):
         angle = 2 * np.pi * ((self.period + 1) % PERIODS_PER_DAY) / PERIODS_PER_DAY  # the period to decide
         budget = self.discharged_mwh / (c.cycles_per_day * c.capacity_mwh)
         tail = [self.soc / 100.0, np.sin(angle), np.cos(angle), budget, self.settings[0] / self.power_mw]
-        ahead = self._profile[(self.period + 1 + self._ahead) % PERIODS_PER_DAY] if self.config.profile else []
-        return np.concatenate([scaled, diffs, tail, ahead]).astype(np.float32)
+        ahead = self._profile[(self.period + 1 + self._ahead) % PERIODS_PER_DAY] if c.profile_features and c.profile else []
+        base = [self.base_mw / self.power_mw] if self._forecast is not None else []
+        return np.concatenate([scaled, diffs, tail, ahead, base]).astype(np.float32)
+
+    def _plan(self) -> None:
+        """The MPC's power for the period to decide, from what the task has read (base mpc)."""
+        if self._forecast is not None:
+            from .baselines import mpc_power
+
+            self.base_mw = mpc_power(self._forecast, self.config.battery, (self.period + 1) % PERIODS_PER_DAY,
+                                     float(self.prices[-1]), self.soc / 100.0, self.discharged_mwh)
 
     def _potential(self, soc_pct: float) -> float:
         return self.config.stored_value_eur_per_mwh * soc_pct / 100.0 * self.config.capacity_mwh
@@ -249,10 +276,14 @@ class BatteryTask(Task):
         self.prices = np.full(self.config.lookback, first[0])
         self.soc, self.period = first[1], int(round(first[3]))
         self.settings = plant.read_knobs()
+        self._plan()
         return self._observe()
 
     def proposed_settings(self, action: np.ndarray) -> np.ndarray:
-        return np.clip(np.asarray(action, dtype=float)[:1], -1.0, 1.0) * self.power_mw
+        a = np.clip(np.asarray(action, dtype=float)[:1], -1.0, 1.0)
+        if self._forecast is None:
+            return a * self.power_mw
+        return np.clip(self.base_mw + self.config.residual_scale * self.power_mw * a, -self.power_mw, self.power_mw)
 
     def step(self, plant: Plant, action: np.ndarray):
         plant.write_knobs(self.proposed_settings(action))
@@ -275,6 +306,8 @@ class BatteryTask(Task):
         potential = 0.0 if done else self._potential(soc)
         reward = c.reward_scale * (period_profit + c.shaping_gamma * potential - self._potential(soc_before))
         info = {"profit_eur": self.profit, "success": False, "discharged_mwh": self.discharged_total_mwh}
+        if not done:
+            self._plan()
         # The day is the objective (a fresh battery each day, as the evaluation and the LP
         # ceiling count): its end is terminal. Truncation would bootstrap the value of the
         # energy left at midnight, which the day's profit never sees.

@@ -47,3 +47,15 @@ def test_a_tqc_actor_is_a_policy_like_any_other(tmp_path):
     obs = np.array([0.1, -0.02], dtype=np.float32)
     expected, _ = model.predict(obs, deterministic=True)
     assert np.allclose(policy.act(obs), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("algorithm", ["sac", "tqc"])
+def test_a_zero_initialised_actor_starts_at_action_zero_and_still_explores(algorithm):
+    """Residual tasks: action 0 is their base controller, so training starts from it."""
+    env = gym.make("MountainCarContinuous-v0")
+    model = make_sac(env, arch="mlp-small", algorithm=algorithm, zero_init_actor=True)
+    obs = np.array([[0.3, 0.01], [-1.0, -0.05]], dtype=np.float32)
+    assert np.all(model.predict(obs, deterministic=True)[0] == 0.0)
+    assert np.any(model.predict(obs, deterministic=False)[0] != 0.0)  # the stochastic policy still explores
+    with pytest.raises(ValueError, match="zero-initialised"):
+        make_sac(env, arch="mlp-small", algorithm="ddpg", zero_init_actor=True)

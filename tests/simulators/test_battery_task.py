@@ -8,6 +8,7 @@ from gymnasium.utils.env_checker import check_env
 
 from conftest import for_setup
 from controller.session import run_session
+from core.config import ConfigError
 from core.registry import get_task
 from core.task import TaskEnv
 from safety.guard import InterlockRule
@@ -52,6 +53,45 @@ def test_reward_shaping_telescopes_to_the_starting_potential(battery):
     assert info["profit_eur"] == pytest.approx(sum(env.plant.profits))  # the task's books match the battery's
     start_potential = 80.0 * setup.soc_start * setup.capacity_mwh
     assert total == pytest.approx(0.01 * (info["profit_eur"] - start_potential))
+
+
+def test_a_residual_task_at_action_zero_trades_exactly_as_the_mpc(battery):
+    """base mpc: the action corrects the MPC's power; the zero correction is the MPC itself,
+    planned from what the task read (not from the simulator's state)."""
+    from simulators.battery.baselines import mpc_decider, run_day
+    from simulators.battery.definition import training_forecast
+    from simulators.battery.task import price_day
+
+    definition, setup = battery
+    env = make_env(definition, setup, errors="test", base="mpc")
+    assert env.observation_space.shape[0] == make_env(definition, setup).observation_space.shape[0] + 1
+    for seed in (0, 7):
+        env.reset(seed=seed)
+        done = False
+        while not done:
+            _, _, terminated, truncated, info = env.step(np.zeros(1))
+            done = terminated or truncated
+        before, today = price_day(definition.load_errors("test"), seed)
+        mpc = run_day(today, float(before[-1]), setup, mpc_decider(training_forecast(), setup))
+        np.testing.assert_allclose(env.plant.powers, mpc.power_mw, atol=1e-9)
+        assert info["profit_eur"] == pytest.approx(mpc.total)
+    # A correction moves the power away from the plan, within the rating.
+    env.reset(seed=1)
+    planned = env.task.base_mw
+    assert env.task.proposed_settings(np.array([0.5]))[0] == pytest.approx(np.clip(planned + 0.5, -1, 1))
+    assert env.task.proposed_settings(np.array([1.0]))[0] <= setup.power_mw
+
+
+def test_a_residual_policy_records_what_its_mpc_plans_with(battery):
+    definition, setup = battery
+    plant = definition.sim_plant(setup, definition.load_errors("test"))
+    task = definition.make_task(setup, plant.knobs, plant.readings, definition.config_model()(base="mpc"))
+    recorded = json.loads(json.dumps(task.config.model_dump()))  # as a policy file stores it
+    again = definition.task_for_policy(plant.knobs, plant.readings, {"task_config": recorded})
+    assert again.config == task.config and again.config.battery == setup and again.config.forecast_ar > 0
+    del recorded["battery"]
+    with pytest.raises(ConfigError, match="battery its MPC plans for"):
+        definition.task_for_policy(plant.knobs, plant.readings, {"task_config": recorded})
 
 
 class ConstantPolicy:
