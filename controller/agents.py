@@ -129,20 +129,24 @@ def _risk_averse_tqc(risk_weight: float):
 
 
 DDPG_NOISE = 0.1  # exploration: Gaussian action noise (sigma, in the [-1, 1] action range)
-SAC_ONLY = ("ent_coef", "target_entropy")  # a task's SAC settings that DDPG has no use for
+SAC_ONLY = ("ent_coef", "target_entropy")
+ZERO_INIT_STD = 0.25  # a zero-initialised actor's spread (before the tanh; SB3's default starts at 1: near-random)  # a task's SAC settings that DDPG has no use for
 
 
 def make_sac(env: gym.Env, arch: str = "tbsac", seed: int = 0, tensorboard_log: str | None = None,
              actor_lr_factor: float = 1.0, algorithm: str = "sac", risk_weight: float = 0.0, zero_init_actor: bool = False,
-             **overrides) -> SAC:
+             n_critics: int | None = None, **overrides) -> SAC:
     """A TBSAC/MLP agent on `env`: SAC (the actor slower by `actor_lr_factor`), TQC
     (risk-averse with `risk_weight` in [0, 1)) or DDPG (deterministic, for comparison).
 
-    `zero_init_actor`: the actor's mean starts at action 0 everywhere (sac/tqc), for
-    residual tasks, whose action 0 is their base controller: training starts from it."""
+    `zero_init_actor`: the actor's mean starts at action 0 everywhere, its spread at
+    ``ZERO_INIT_STD`` (sac/tqc), for residual tasks, whose action 0 is their base
+    controller: training starts from it and explores near it."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {ALGORITHMS}")
     kwargs = policy_kwargs(arch)
+    if n_critics is not None:  # SB3's default is 2 (clipped double Q)
+        kwargs["n_critics"] = int(n_critics)
     settings = {**SAC_DEFAULTS, **overrides}
     if algorithm == "ddpg":  # the deterministic comparison (the bubble paper's algorithm): no entropy term
         if risk_weight or actor_lr_factor != 1.0 or zero_init_actor:
@@ -174,4 +178,6 @@ def make_sac(env: gym.Env, arch: str = "tbsac", seed: int = 0, tensorboard_log: 
         with torch.no_grad():
             model.actor.mu.weight.zero_()
             model.actor.mu.bias.zero_()
+            model.actor.log_std.weight.zero_()
+            model.actor.log_std.bias.fill_(float(np.log(ZERO_INIT_STD)))
     return model

@@ -87,12 +87,32 @@ def _setup(task: str, lattice: str | None) -> tuple[TaskDefinition, object]:
     return definition, definition.load_setup(lattice or definition.default_setup())
 
 
+def parse_settings(settings: list[str], option: str) -> dict:
+    """``KEY=VALUE`` strings (values as YAML scalars) -> a mapping; ConfigError naming a bad one."""
+    import yaml
+
+    out = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{option} {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"{option} {item!r}: the value is not a YAML scalar") from None
+    return out
+
+
 def train(task: str, lattice: str | None, errors: str, eval_errors: str | None, steps: int | None, seed: int, out: Path,
           arch: str | None = None, eval_every: int | None = None, eval_episodes: int | None = None,
           stop_at_bar: bool = False, sac_overrides: dict | None = None, progress: bool = True, init_from: str | None = None,
-          max_minutes: float | None = None, on_evaluation=None, sweep: str | None = None, trial: str | None = None):
+          max_minutes: float | None = None, on_evaluation=None, sweep: str | None = None, trial: str | None = None,
+          task_config: dict | None = None):
     """Train an agent on `task`, recorded in the store as a training run; registers its policy
     (the file's bytes too). Returns the TrainResult with the run's and the policy's ids.
+
+    `task_config` sets task parameters (the task's config model, validated; e.g. the
+    battery's ``base: mpc``); the policy records them.
 
     `init_from` (a policy file or ``pretrained``) fine-tunes a trained policy instead of starting afresh;
     `sweep`/`trial` name the sweep trial this run is (``tbsac sweep``)."""
@@ -116,15 +136,17 @@ def train(task: str, lattice: str | None, errors: str, eval_errors: str | None, 
     steps = steps or definition.train_defaults["steps"]
     eval_every = eval_every or definition.train_defaults["eval_every"]
     eval_episodes = eval_episodes or definition.train_defaults["eval_episodes"]
+    config = parse_model(definition.config_model(), task_config or {}, f"{task} task settings")
     store = open_store()
-    overrides = {**definition.sac_overrides, **(sac_overrides or {})}
+    overrides = {**definition.sac_overrides, **definition.training_overrides(config), **(sac_overrides or {})}
     run_row = store.start_training_run(
         task=task, lattice=setup.name, errors=em.name, arch=arch, steps=steps, seed=seed, out_dir=str(out.resolve()),
         sweep=sweep, trial=trial,
         config={"eval_errors": eval_em.name, "eval_every": eval_every, "eval_episodes": eval_episodes, **overrides,
+                **({"task_config": task_config} if task_config else {}),
                 **({"init_from": str(init_policy.path)} if init_policy else {})})
     try:
-        result = train_task(definition, setup, em, steps, seed, out, arch, eval_em, eval_every, eval_episodes,
+        result = train_task(definition, setup, em, steps, seed, out, arch, eval_em, eval_every, eval_episodes, config=config,
                             progress=progress, stop_at_bar=stop_at_bar, sac_overrides=sac_overrides, init_policy=init_policy,
                             max_seconds=max_minutes * 60 if max_minutes else None, on_evaluation=on_evaluation)
     except BaseException:

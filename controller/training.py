@@ -198,8 +198,8 @@ def train(
     arch = arch or definition.default_arch
     eval_every = eval_every or definition.train_defaults["eval_every"]
     eval_episodes = eval_episodes or definition.train_defaults["eval_episodes"]
-    overrides = {**definition.sac_overrides, **(sac_overrides or {})}
     config = config or definition.config_model()()
+    overrides = {**definition.sac_overrides, **definition.training_overrides(config), **(sac_overrides or {})}
     out.mkdir(parents=True, exist_ok=True)
 
     def environment(error_model) -> TaskEnv:
@@ -216,8 +216,12 @@ def train(
         if init_policy.metadata.get("arch") != arch:
             raise ConfigError(f"--init-from: policy has architecture {init_policy.metadata.get('arch')!r}, training uses {arch!r}")
         overrides = {**FINE_TUNE_OVERRIDES, **overrides}
-    model = make_sac(env, arch=arch, seed=seed, tensorboard_log=str(out / "tensorboard"), **overrides)
+    frozen_actor_steps = int(overrides.get("frozen_actor_steps", 0))
+    model = make_sac(env, arch=arch, seed=seed, tensorboard_log=str(out / "tensorboard"),
+                     **{k: v for k, v in overrides.items() if k != "frozen_actor_steps"})
     callbacks = []
+    if frozen_actor_steps and init_policy is None:  # e.g. a residual task's critics learn its base controller's value first
+        callbacks.append(FrozenActorWarmup(frozen_actor_steps))
     if init_policy is not None:
         try:
             model.policy.actor.load_state_dict(init_policy.sac_policy.actor.state_dict())

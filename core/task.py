@@ -292,6 +292,11 @@ class TaskDefinition(ABC):
     # --foreign SEED``), for bring-up tests and benchmarks; None if the task has none.
     foreign_errors: ClassVar[str | None] = None
 
+    def training_overrides(self, config: Any) -> dict:
+        """Agent settings that the task config calls for, over ``sac_overrides`` (and under the
+        user's): e.g. a residual task's actor starting at its base controller."""
+        return {}
+
     def safety_limits(self, metadata: dict) -> dict:
         """SafetyConfig fields for a session of a policy with this `metadata` (default
         ``safety_defaults``; a task adds what depends on the trained setup, e.g. a budget)."""

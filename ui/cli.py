@@ -71,6 +71,8 @@ def train(
                                             "(the shipped policy of the lattice, or of the lattice it was calibrated from)."),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", min=0.1, help="Stop at the first evaluation after this "
                                                 "wall time (the best checkpoint so far is kept)."),
+    task_settings: Optional[list[str]] = typer.Option(None, "--set", help="A task setting KEY=VALUE (repeatable; the value "
+                                                      "as YAML), e.g. --set base=mpc for the battery's residual control."),
 ):
     """Train an agent in simulation; writes policy.pt, checkpoints/, tensorboard/ and training.json."""
     from controller import api
@@ -80,7 +82,8 @@ def train(
     overrides = {key: value for key, value in (("gamma", gamma), ("algorithm", algo), ("risk_weight", risk_weight))
                  if value is not None}
     result = api.train(task, lattice, errors, eval_errors, steps, seed, out or Path("runs") / task, arch, eval_every,
-                       eval_episodes, stop_at_bar, overrides or None, init_from=init_from, max_minutes=max_minutes)
+                       eval_episodes, stop_at_bar, overrides or None, init_from=init_from, max_minutes=max_minutes,
+                       task_config=api.parse_settings(task_settings or [], "--set"))
     console.print(f"best checkpoint: step {result.best_step}: {json.dumps(result.best_summary)}")
     if result.first_bar_step is not None:
         console.print(f"acceptance bar first met at step {result.first_bar_step} after {result.first_bar_seconds} s")

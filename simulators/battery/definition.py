@@ -81,6 +81,14 @@ class BatteryDefinition(TaskDefinition):
     def safe_settings(self, knobs, start):
         return np.zeros(len(knobs))
 
+    # Residual control (base: mpc): the actor starts at the MPC (action 0) and its critics first
+    # learn the MPC's value with the actor frozen; a small fixed entropy weight (SB3's automatic
+    # one starts at 1: a random walk away from the plan) and a slower learning rate.
+    RESIDUAL_OVERRIDES = {"zero_init_actor": True, "frozen_actor_steps": 20_000, "ent_coef": 0.01, "learning_rate": 1e-4}
+
+    def training_overrides(self, config: BatteryTaskConfig) -> dict:
+        return dict(self.RESIDUAL_OVERRIDES) if config.base == "mpc" else {}
+
     def safety_limits(self, metadata: dict) -> dict:
         """The defaults plus the daily discharge budget of the battery the policy was trained for."""
         config = BatteryTaskConfig.model_validate(metadata.get("task_config", {}))

@@ -86,3 +86,10 @@ def test_not_a_policy_file(tmp_path, run_cli):
 def test_unknown_architecture(tmp_path, run_cli):
     proc = run_cli("train", "orbit", "--arch", "transformer", "--out", str(tmp_path))
     assert_user_error(proc, "--arch", "transformer")
+
+
+@pytest.mark.parametrize("setting, named", [("nope=1", "nope"), ("base", "KEY=VALUE"), ("base=mpcx", "base")])
+def test_a_bad_task_setting_is_named_before_training(tmp_path, run_cli, setting, named):
+    proc = run_cli("train", "battery", "--set", setting, "--steps", "1000", "--out", str(tmp_path / "run"))
+    assert_user_error(proc, named)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
