@@ -129,8 +129,8 @@ def _risk_averse_tqc(risk_weight: float):
 
 
 DDPG_NOISE = 0.1  # exploration: Gaussian action noise (sigma, in the [-1, 1] action range)
-SAC_ONLY = ("ent_coef", "target_entropy")
-ZERO_INIT_STD = 0.25  # a zero-initialised actor's spread (before the tanh; SB3's default starts at 1: near-random)  # a task's SAC settings that DDPG has no use for
+SAC_ONLY = ("ent_coef", "target_entropy")  # a task's SAC settings that DDPG has no use for
+ZERO_INIT_STD = 0.25  # a zero-initialised actor's spread (before the tanh; SB3's default starts at 1: near-random)
 
 
 def make_sac(env: gym.Env, arch: str = "tbsac", seed: int = 0, tensorboard_log: str | None = None,
