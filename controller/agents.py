@@ -135,7 +135,7 @@ ZERO_INIT_STD = 0.25  # a zero-initialised actor's spread (before the tanh; SB3'
 
 def make_sac(env: gym.Env, arch: str = "tbsac", seed: int = 0, tensorboard_log: str | None = None,
              actor_lr_factor: float = 1.0, algorithm: str = "sac", risk_weight: float = 0.0, zero_init_actor: bool = False,
-             n_critics: int | None = None, **overrides) -> SAC:
+             **overrides) -> SAC:
     """A TBSAC/MLP agent on `env`: SAC (the actor slower by `actor_lr_factor`), TQC
     (risk-averse with `risk_weight` in [0, 1)) or DDPG (deterministic, for comparison).
 
@@ -145,8 +145,6 @@ def make_sac(env: gym.Env, arch: str = "tbsac", seed: int = 0, tensorboard_log: 
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {ALGORITHMS}")
     kwargs = policy_kwargs(arch)
-    if n_critics is not None:  # SB3's default is 2 (clipped double Q)
-        kwargs["n_critics"] = int(n_critics)
     settings = {**SAC_DEFAULTS, **overrides}
     if algorithm == "ddpg":  # the deterministic comparison (the bubble paper's algorithm): no entropy term
         if risk_weight or actor_lr_factor != 1.0 or zero_init_actor:

@@ -37,6 +37,7 @@ from core.config import ConfigError, reading_positions
 from core.plant import KnobSpec, Plant, ReadingSpec, Readings, SimulatedPlant
 from core.task import MetricSpec, Outcome, Task
 
+from .baselines import Forecast, mpc_power
 from .model import PERIOD_H, Battery, BatteryConfig
 from .prices import PERIODS_PER_DAY, load_price_csv, synthetic_prices
 
@@ -219,8 +220,6 @@ class BatteryTask(Task):
         self._ahead = np.asarray(self.config.profile_ahead, dtype=int) - 1  # the period to decide is 1 ahead
         self._forecast = None
         if self.config.base == "mpc":
-            from .baselines import Forecast
-
             if not self.config.profile or self.config.forecast_ar is None or self.config.battery is None:
                 raise ConfigError("battery task: base mpc needs the forecast's profile and AR decay and the battery")
             self._forecast = Forecast(np.asarray(self.config.profile, dtype=float), self.config.forecast_ar)
@@ -258,8 +257,6 @@ class BatteryTask(Task):
     def _plan(self) -> None:
         """The MPC's power for the period to decide, from what the task has read (base mpc)."""
         if self._forecast is not None:
-            from .baselines import mpc_power
-
             self.base_mw = mpc_power(self._forecast, self.config.battery, (self.period + 1) % PERIODS_PER_DAY,
                                      float(self.prices[-1]), self.soc / 100.0, self.discharged_mwh)
 
