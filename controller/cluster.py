@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import sys
+import time
 from contextlib import contextmanager
 
 from core.config import ConfigError
@@ -71,7 +72,7 @@ def _started(ray, address: str | None, cpus: int | None, env: dict | None):
     options = dict(include_dashboard=False, logging_level=logging.WARNING, runtime_env=runtime_env)
     try:
         if address:
-            ray.init(address=address, **options)
+            _connect(ray, address, options)
         else:
             ray.init(num_cpus=cpus or os.cpu_count(), **options)
     except (ConnectionError, ValueError, RuntimeError) as exc:
@@ -81,6 +82,26 @@ def _started(ray, address: str | None, cpus: int | None, env: dict | None):
         yield ray
     finally:
         ray.shutdown()
+
+
+# The head answers a Ray Client by spawning a server process for it; on a loaded head
+# that spawn sometimes dies (seen once in CI, the next connection worked). Nothing ran
+# yet, so connecting again is safe; any other failure is reported at once.
+SPAWN_FAILED = "Starting Ray client server failed"
+CONNECT_ATTEMPTS = 3
+
+
+def _connect(ray, address: str, options: dict) -> None:
+    for attempt in range(1, CONNECT_ATTEMPTS + 1):
+        try:
+            ray.init(address=address, **options)
+            return
+        except ConnectionError as exc:
+            if SPAWN_FAILED not in str(exc) or attempt == CONNECT_ATTEMPTS:
+                raise
+            logging.getLogger(__name__).warning("the Ray head could not start a client server (attempt %d of %d); "
+                                                "connecting again", attempt, CONNECT_ATTEMPTS)
+            time.sleep(2.0 * attempt)
 
 
 def seed_chunks(seed: int, episodes: int, workers: int, per_worker: int = 10) -> list[range]:

@@ -215,6 +215,14 @@ def test_the_documented_sweep_files_are_valid():
 
 
 @pytest.mark.slow  # starts a Ray "cluster" (a head node on loopback) beside the test's own processes
+def _head_client_server_logs() -> str:
+    """The head's logs of the servers it spawned for Ray Clients (why a connection failed)."""
+    from pathlib import Path
+
+    logs = sorted(Path("/tmp/ray/session_latest/logs").glob("ray_client_server*.err"))
+    return "".join(f"\n--- {log.name}\n{log.read_text(errors='replace')[-1500:]}" for log in logs)
+
+
 def test_the_same_sweep_file_runs_against_a_cluster_address(run_cli, tmp_path):
     import shutil
 
@@ -234,7 +242,7 @@ def test_the_same_sweep_file_runs_against_a_cluster_address(run_cli, tmp_path):
         sweep = write_sweep(tmp_path, f"cluster-{os.getpid()}", seeds=[0, 1])
         proc = run_cli("sweep", str(sweep), "--address", f"ray://127.0.0.1:{client_port}", "--out", str(tmp_path / "trials"),
                        "--json", timeout=600, env=auth)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, proc.stderr[-3000:] + _head_client_server_logs()
         assert proc.stdout.startswith("{"), proc.stdout[:3000]
         assert [t["status"] for t in json.loads(proc.stdout)["trials"]] == ["completed"] * 2
         runs = open_store().list(TrainingRunRow, TrainingRunRow.sweep == f"cluster-{os.getpid()}")
@@ -250,3 +258,40 @@ def test_an_address_where_no_ray_head_answers_is_refused_at_once(run_cli, tmp_pa
     for args in (["sweep", str(sweep)], ["evaluate", "orbit", "-n", "2"]):
         proc = run_cli(*args, "--address", f"ray://127.0.0.1:{free_port()}", timeout=120)
         assert proc.returncode == 2 and "nothing answers at ray://127.0.0.1:" in proc.stderr, proc.stderr[-2000:]
+
+
+class _HeadThatFailsToSpawn:
+    """Stands in for `ray` only where a real head cannot be made to fail on demand: its
+    first `failures` connections die as a loaded head's client-server spawn does."""
+
+    def __init__(self, failures: int, message: str = "Initialization failure from server: RuntimeError: "
+                                                        "Starting Ray client server failed. See ray_client_server_23000.err"):
+        self.failures, self.message, self.calls = failures, message, 0
+
+    def init(self, address, **options):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ConnectionAbortedError(self.message)
+
+
+@pytest.mark.parametrize("failures, connects", [(1, True), (2, True), (3, False)])
+def test_a_client_server_that_fails_to_spawn_is_asked_for_again(monkeypatch, failures, connects):
+    from controller import cluster
+
+    monkeypatch.setattr(cluster.time, "sleep", lambda s: None)
+    head = _HeadThatFailsToSpawn(failures)
+    if connects:
+        cluster._connect(head, "ray://127.0.0.1:1", {})
+    else:
+        with pytest.raises(ConnectionAbortedError, match="Starting Ray client server failed"):
+            cluster._connect(head, "ray://127.0.0.1:1", {})
+    assert head.calls == min(failures + 1, cluster.CONNECT_ATTEMPTS)
+
+
+def test_any_other_connection_failure_is_reported_at_once(monkeypatch):
+    from controller import cluster
+
+    head = _HeadThatFailsToSpawn(1, message="Initialization failure from server: version mismatch")
+    with pytest.raises(ConnectionAbortedError, match="version mismatch"):
+        cluster._connect(head, "ray://127.0.0.1:1", {})
+    assert head.calls == 1
