@@ -214,7 +214,6 @@ def test_the_documented_sweep_files_are_valid():
         assert len(trials(sweep)) == len(sweep.lattices or [None]) * len(sweep.errors) * len(sweep.seeds) * grid
 
 
-@pytest.mark.slow  # starts a Ray "cluster" (a head node on loopback) beside the test's own processes
 def _head_client_server_logs() -> str:
     """The head's logs of the servers it spawned for Ray Clients (why a connection failed)."""
     from pathlib import Path
@@ -223,6 +222,7 @@ def _head_client_server_logs() -> str:
     return "".join(f"\n--- {log.name}\n{log.read_text(errors='replace')[-1500:]}" for log in logs)
 
 
+@pytest.mark.slow  # starts a Ray "cluster" (a head node on loopback) beside the test's own processes
 def test_the_same_sweep_file_runs_against_a_cluster_address(run_cli, tmp_path):
     import shutil
 
