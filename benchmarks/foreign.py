@@ -68,7 +68,8 @@ def session(machine: Path, policy: str, env: dict) -> dict:
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     out = json.loads(lines[-1]) if lines else {"error": proc.stderr.strip()[-300:]}
     out["exit"] = proc.returncode
-    out["stopped_by"] = ("mismatch guard" if "mismatch:" in proc.stderr else "interlock" if out.get("trips") else None)
+    out["stopped_by"] = ("mismatch guard" if "mismatch:" in proc.stderr else "interlock" if out.get("trips") else
+                         "refused: failed its own evaluation" if proc.returncode == 2 and "own evaluation" in proc.stderr else None)
     return out
 
 
@@ -178,6 +179,7 @@ def summarise(runs: list[dict]) -> dict:
         "machines": len(runs),
         "flow_below_target": count("flow", lambda s: (s.get("final_rms_mm") or 9e9) < TARGET_MM and not s.get("trips")),
         "flow_trips": sum(len(r.get("flow", {}).get("trips") or []) for r in runs),
+        "flow_refused_before_any_write": count("flow", lambda s: (s.get("stopped_by") or "").startswith("refused")),
         "shipped_stopped_by_mismatch_guard": count("shipped", lambda s: s.get("stopped_by") == "mismatch guard"),
         "shipped_interlock_trips": count("shipped", lambda s: bool(s.get("trips"))),
         "svd_measured_below_target": count("svd_measured", lambda s: s.get("success")),

@@ -27,7 +27,7 @@ from .agents import ALGORITHMS
 from .locks import MachineBusy
 from .machines import Machine, list_machines, open_machine
 from .paths import data_dir, unique_snapshot_path
-from .policy import POLICY_DIR, Policy
+from .policy import POLICY_DIR, Policy, refuse_unfit_for_mode
 from .recording import SessionRecorder, register_policy
 from .response import recorded_response
 from .replay import export, replay
@@ -355,6 +355,7 @@ def run_on_machine(machine: str, policy: str, mode: str, operator: str, max_step
         raise ConfigError(f"--mode: unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     opened = open_machine(machine, connect=False)
     agent = Policy.load(policy, opened.definition, opened.setup)
+    refuse_unfit_for_mode(agent, mode)
     limits = default_safety(agent, opened.plant).model_dump()
     for key, value in (("max_steps", max_steps), ("max_excursion", max_excursion), ("max_excursion_steps", max_excursion_steps)):
         if value is not None:

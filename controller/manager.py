@@ -152,13 +152,14 @@ def _open_session(conn, store: Store, request: dict):
 
     Returns (machine, policy, lock, recorder) or None after telling the parent why not.
     """
-    from .policy import Policy
+    from .policy import Policy, refuse_unfit_for_mode
     from .recording import SessionRecorder
 
     lock = None
     try:
         opened = open_machine(request["machine"], request["seed"], request["errors"], connect=False)
         agent = Policy.load(request["policy"], opened.definition, opened.setup)
+        refuse_unfit_for_mode(agent, request["mode"])
         lock = opened.lock()
         if lock:
             lock.acquire()

@@ -27,6 +27,11 @@ from core.task import TaskDefinition
 from .agents import policy_kwargs
 
 FORMAT = "tbsac-policy/1"
+# An autonomous session needs a policy that reached the target on at least this fraction
+# of its own evaluation machines: one that fails in its own simulation (e.g. a fine-tuning
+# that did not take on a calibrated foreign lattice) pushed real orbits into the beam-loss
+# interlock (benchmarks/foreign.py, seeds 15 and 18: 0 % recorded, both tripped).
+MIN_SUCCESS_FOR_AUTO = 0.8
 POLICY_DIR = resources.files("controller") / "policies"
 
 
@@ -108,6 +113,23 @@ class Policy:
             where = f" (weights {', '.join(bad[:3])})" if bad else ""
             raise ConfigError(f"{self.path}: field 'actor': the policy's outputs are not finite{where}")
 
+    def unfit_for_auto(self, min_success: float = MIN_SUCCESS_FOR_AUTO) -> str | None:
+        """Why this policy must not run unattended (None if nothing says so): the
+        evaluation recorded with it, on simulated machines of its own lattice, reached the
+        target in fewer than `min_success` of them. Policy files from before the record
+        existed, and tasks without a success rate, are not judged."""
+        summary = (self.metadata.get("evaluation") or {}).get("summary") or {}
+        rate = summary.get("success_rate")
+        if not isinstance(rate, (int, float)) or rate >= min_success:
+            return None
+        training = self.metadata.get("training") or {}
+        episodes = training.get("eval_episodes")
+        on = f"{episodes} simulated machines" if episodes else "the simulated machines"
+        lattice = (self.metadata.get("lattice") or {}).get("name")
+        return (f"policy {self.path or ''}: in its own evaluation (step {training.get('checkpoint_step', '?')}, {on} of "
+                f"{'lattice ' + lattice if lattice else 'its lattice'}) it reached the target in {rate:.0%}, below the "
+                f"{min_success:.0%} an autonomous session needs: train or fine-tune it further, or run it with --mode approve")
+
     @property
     def task(self) -> str:
         """The registered task the policy was trained for."""
@@ -131,6 +153,14 @@ class Policy:
         else:
             action = self.sac_policy.actor(batch, deterministic=True).numpy()
         return action[0] if single else action
+
+
+def refuse_unfit_for_mode(policy: Policy, mode: str) -> None:
+    """ConfigError before anything is written or recorded if `mode` is auto and the
+    policy's own recorded evaluation says it must not run unattended."""
+    problem = policy.unfit_for_auto()
+    if problem and mode == "auto":
+        raise ConfigError(problem)
 
 
 def check_compatible(meta: dict, definition: TaskDefinition, setup, path: Path) -> None:

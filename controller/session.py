@@ -22,7 +22,7 @@ from safety.guard import (
     Approver, GuardedPlant, InterlockRule, Mode, OperatorAbort, OperatorRejected, SafetyConfig, SafetyEvent, SafetyTrip,
 )
 
-from .policy import Policy
+from .policy import Policy, refuse_unfit_for_mode
 from .response import ResponseMismatch, check_response
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,7 @@ def run_session(
     A dry-run writes nothing, so it compares `measured_response` (the machine's last
     recorded response measurement) instead, when there is one.
     """
+    refuse_unfit_for_mode(policy, mode)  # before anything touches the plant
     start = time.perf_counter()
     task = policy_task(plant, policy)
     primary = task.metrics[0]
@@ -238,6 +239,9 @@ def run_session(
             on_step(record)
 
     try:
+        unfit = policy.unfit_for_auto()
+        if unfit:  # approve and dry-run may go on: the operator sees every step
+            guard.on_event_and_store(Event(time.time(), "warning", unfit))
         guard.begin()
         warning = step_limit_warning(plant, task.trained_step)
         if warning:

@@ -66,6 +66,7 @@ class PolicyEvalCallback(BaseCallback):
         for key, value_of in self.scalars.items():
             value = value_of(summary)
             self.logger.record(key, np.nan if value is None else value)
+        policy.metadata["evaluation"] = recorded_evaluation(summary, self.bar(summary))
         policy.save(self.out / "checkpoints" / f"step_{self.num_timesteps:07d}.pt")
         if self.best is None or self.score(summary) > self.best:
             self.best, self.best_step, self.best_summary = self.score(summary), self.num_timesteps, summary
@@ -81,6 +82,13 @@ class PolicyEvalCallback(BaseCallback):
             log.info("time budget of %.0f s used: stopping with the best checkpoint so far", self.max_seconds)
             return False
         return True
+
+
+def recorded_evaluation(summary: dict, bar_met: bool) -> dict:
+    """What a policy file keeps of its checkpoint's evaluation (plain JSON types: policy
+    files load with torch's weights-only unpickler)."""
+    plain = json.loads(json.dumps(summary, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+    return {"summary": plain, "bar_met": bool(bar_met)}
 
 
 # Fine-tuning from a trained policy: its actor, fresh critics that first learn its value
@@ -228,7 +236,8 @@ def train(
         except RuntimeError as exc:
             raise ConfigError(f"--init-from: the policy's network does not fit this task's ({' '.join(str(exc).split())[:200]})") from None
         callbacks.append(FrozenActorWarmup(FINE_TUNE_CRITIC_WARMUP, FINE_TUNE_LAYERS))
-    training = {"steps": steps, "seed": seed, "errors": errors.name, "eval_errors": eval_model.name}
+    training = {"steps": steps, "seed": seed, "errors": errors.name, "eval_errors": eval_model.name,
+                "eval_episodes": eval_episodes}
     if init_policy is not None:
         training["init_from"] = {"path": str(init_policy.path), "sha256": init_policy.sha256,
                                  "lattice": init_policy.metadata.get("lattice", {}).get("name")}

@@ -16,6 +16,7 @@ import yaml
 
 from conftest import for_setup
 from controller.policy import Policy
+from core.config import ConfigError
 from controller.session import run_session
 from hardware.epics_plant import EpicsPlant
 from hardware.machine import load_machine
@@ -115,7 +116,7 @@ def test_measure_response_trip_restores(start_ioc, run_cli, tmp_path):
 def _session(ioc, tmp_path, mode="auto", **kwargs):
     machine, path = load_machine(ioc.machine_file())
     plant = EpicsPlant(machine, path).connect()
-    policy = Policy.load("pretrained", *for_setup(load_lattice(ioc.lattice)))
+    policy = Policy.load(kwargs.pop("policy", "pretrained"), *for_setup(load_lattice(ioc.lattice)))
     result = run_session(plant, policy, mode=mode, interlocks=[InterlockRule(i.name, i.rule, i.threshold) for i in machine.interlocks],
                          snapshot_path=tmp_path / f"snap-{mode}.json", **kwargs)
     return machine, result
@@ -165,3 +166,37 @@ def test_fine_tuning_starts_from_the_policy_and_keeps_its_actor_while_the_critic
     for (name, a), b in zip(tuned.sac_policy.actor.state_dict().items(), shipped.sac_policy.actor.state_dict().values()):
         assert np.array_equal(a.numpy(), b.numpy()), name  # frozen for the first 3000 steps
     assert "response" in tuned.metadata  # the mismatch guard's model travels with the policy
+    # ... and so does the evaluation that chose it, which an autonomous session checks
+    evaluation = tuned.metadata["evaluation"]
+    assert evaluation["summary"]["success_rate"] == record["curves"][-1]["success_rate"]
+    assert evaluation["bar_met"] == (record["first_bar_step"] is not None)
+    assert tuned.metadata["training"]["eval_episodes"] == 5
+
+
+def policy_with_recorded_success(tmp_path, rate: float) -> str:
+    """The shipped cm1 policy, saved as if its own evaluation had reached the target in `rate`."""
+    policy = Policy.load("pretrained", *for_setup(load_lattice("cafe2-cm1")))
+    policy.metadata = dict(policy.metadata, evaluation={"summary": {"success_rate": rate}, "bar_met": False},
+                           training=dict(policy.metadata["training"], checkpoint_step=3000, eval_episodes=50))
+    return str(policy.save(tmp_path / f"recorded-{rate}.pt"))
+
+
+def test_a_policy_that_failed_its_own_evaluation_is_refused_in_auto_mode_before_any_write(start_ioc, run_cli, tmp_path):
+    ioc = start_ioc(seed=3)
+    machine, _ = load_machine(ioc.machine_file())
+    failed = policy_with_recorded_success(tmp_path, 0.0)
+    proc = run_cli("run", "--machine", str(ioc.machine_file()), "--policy", failed, "--mode", "auto", "--json",
+                   env={"TBSAC_DATA_DIR": str(tmp_path / "data")})
+    assert proc.returncode == 2, proc.stderr
+    assert "reached the target in 0%" in proc.stderr and "50 simulated machines" in proc.stderr and "--mode approve" in proc.stderr
+    assert ioc.puts() == []  # nothing written, not even the opening probe
+    with pytest.raises(ConfigError, match="below the 80%"):  # the library entry refuses too
+        _session(ioc, tmp_path, policy=failed)
+    assert ioc.puts() == []
+    # A dry run may go on (it writes nothing) and says why auto would be refused.
+    _, result = _session(ioc, tmp_path, mode="dry-run", policy=failed)
+    assert result.status == "dry-run" and any("reached the target in 0%" in e.reason for e in result.events if e.kind == "warning")
+    assert ioc.puts() == []
+    # A policy whose own evaluation met the minimum runs as any other.
+    _, result = _session(ioc, tmp_path, policy=policy_with_recorded_success(tmp_path, 0.9))
+    assert result.status == "completed" and not any(e.kind == "warning" and "own evaluation" in e.reason for e in result.events)

@@ -378,3 +378,23 @@ def test_dial_in_on_an_epics_machine_is_that_machine_s_active_session(client, st
     last = {p["pv"]: p["value"] for p in ioc.puts()}  # what the IOC was last told, per setpoint PV
     for knob in knobs:
         assert last[knob["setpoint"]] == pytest.approx(target[knob["name"]] * knob["scale"], abs=1e-3)
+
+
+def test_auto_session_with_a_policy_that_failed_its_own_evaluation_gets_4xx_and_approve_may_run(tmp_path, monkeypatch):
+    from conftest import for_setup
+    from controller.policy import Policy
+    from simulators.beamline.lattice import load_lattice
+
+    monkeypatch.setenv("TBSAC_DATA_DIR", str(tmp_path / "data"))
+    policy = Policy.load("pretrained", *for_setup(load_lattice("cafe2-cm1")))
+    policy.metadata = dict(policy.metadata, evaluation={"summary": {"success_rate": 0.2}, "bar_met": False})
+    path = str(policy.save(tmp_path / "failed.pt"))
+    store = Store(f"sqlite:///{tmp_path / 'server.sqlite'}")
+    with TestClient(create_app(store, TOKEN, policy_dirs=[tmp_path]), base_url="http://127.0.0.1") as client:
+        r = client.post("/api/sessions", json={"operator": "alice", "machine": "sim-cafe2-cm1", "policy": path}, headers=AUTH)
+        assert 400 <= r.status_code < 500 and "reached the target in 20%" in r.text
+        assert client.get("/api/sessions").json() == []  # nothing recorded, nothing ran
+        sid = start(client, machine="sim-cafe2-cm1", seed=4, policy=path, mode="dry-run")
+        wait_status(client, sid, {"dry-run"})
+        events = client.get(f"/api/sessions/{sid}/events").json()
+        assert any("reached the target in 20%" in e["reason"] for e in events if e["kind"] == "warning"), events
