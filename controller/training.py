@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,10 +86,21 @@ class PolicyEvalCallback(BaseCallback):
 
 
 def recorded_evaluation(summary: dict, bar_met: bool) -> dict:
-    """What a policy file keeps of its checkpoint's evaluation (plain JSON types: policy
-    files load with torch's weights-only unpickler)."""
-    plain = json.loads(json.dumps(summary, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
-    return {"summary": plain, "bar_met": bool(bar_met)}
+    """What a policy file keeps of its checkpoint's evaluation: plain JSON types (policy
+    files load with torch's weights-only unpickler; the store keeps the metadata as JSON,
+    which has no NaN: a non-finite number becomes None)."""
+    def plain(value):
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if hasattr(value, "item"):  # numpy scalars
+            value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+    return {"summary": plain(summary), "bar_met": bool(bar_met)}
 
 
 # Fine-tuning from a trained policy: its actor, fresh critics that first learn its value

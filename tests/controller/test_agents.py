@@ -59,3 +59,24 @@ def test_a_zero_initialised_actor_starts_at_action_zero_and_still_explores(algor
     assert np.any(model.predict(obs, deterministic=False)[0] != 0.0)  # the stochastic policy still explores
     with pytest.raises(ValueError, match="zero-initialised"):
         make_sac(env, arch="mlp-small", algorithm="ddpg", zero_init_actor=True)
+
+
+def test_a_recorded_evaluation_is_plain_json_that_a_policy_file_and_the_store_keep(tmp_path):
+    import json
+
+    from conftest import for_setup
+    from controller.policy import Policy
+    from controller.store import Store
+    from controller.training import recorded_evaluation
+    from simulators.beamline.lattice import load_lattice
+
+    record = recorded_evaluation({"success_rate": np.float64(0.5), "steps": {"median": float("nan"), "all": [np.int64(3)]}},
+                                 np.bool_(False))
+    assert record == {"summary": {"success_rate": 0.5, "steps": {"median": None, "all": [3]}}, "bar_met": False}
+    json.dumps(record, allow_nan=False)  # the store's JSON column has no NaN
+    policy = Policy.load("pretrained", *for_setup(load_lattice("cafe2-cm1")))
+    policy.metadata = dict(policy.metadata, evaluation=record)
+    loaded = Policy.load(policy.save(tmp_path / "p.pt"))  # torch's weights-only unpickler accepts it
+    assert loaded.metadata["evaluation"] == record and loaded.unfit_for_auto() is not None
+    row = Store(f"sqlite:///{tmp_path / 's.sqlite'}").add_policy(loaded.path, loaded.sha256, loaded.metadata)
+    assert row.meta["evaluation"] == record
