@@ -113,23 +113,6 @@ class Policy:
             where = f" (weights {', '.join(bad[:3])})" if bad else ""
             raise ConfigError(f"{self.path}: field 'actor': the policy's outputs are not finite{where}")
 
-    def unfit_for_auto(self, min_success: float = MIN_SUCCESS_FOR_AUTO) -> str | None:
-        """Why this policy must not run unattended (None if nothing says so): the
-        evaluation recorded with it, on simulated machines of its own lattice, reached the
-        target in fewer than `min_success` of them. Policy files from before the record
-        existed, and tasks without a success rate, are not judged."""
-        summary = (self.metadata.get("evaluation") or {}).get("summary") or {}
-        rate = summary.get("success_rate")
-        if not isinstance(rate, (int, float)) or rate >= min_success:
-            return None
-        training = self.metadata.get("training") or {}
-        episodes = training.get("eval_episodes")
-        on = f"{episodes} simulated machines" if episodes else "the simulated machines"
-        lattice = (self.metadata.get("lattice") or {}).get("name")
-        return (f"policy {self.path or ''}: in its own evaluation (step {training.get('checkpoint_step', '?')}, {on} of "
-                f"{'lattice ' + lattice if lattice else 'its lattice'}) it reached the target in {rate:.0%}, below the "
-                f"{min_success:.0%} an autonomous session needs: train or fine-tune it further, or run it with --mode approve")
-
     @property
     def task(self) -> str:
         """The registered task the policy was trained for."""
@@ -155,10 +138,29 @@ class Policy:
         return action[0] if single else action
 
 
-def refuse_unfit_for_mode(policy: Policy, mode: str) -> None:
+def unfit_for_auto(policy, min_success: float = MIN_SUCCESS_FOR_AUTO) -> str | None:
+    """Why `policy` must not run unattended (None if nothing says so): the evaluation
+    recorded with it, on simulated machines of its own lattice, reached the target in
+    fewer than `min_success` of them. Policy files from before the record existed, tasks
+    without a success rate and stand-ins without metadata are not judged."""
+    metadata = getattr(policy, "metadata", None) or {}
+    summary = (metadata.get("evaluation") or {}).get("summary") or {}
+    rate = summary.get("success_rate")
+    if not isinstance(rate, (int, float)) or rate >= min_success:
+        return None
+    training = metadata.get("training") or {}
+    episodes = training.get("eval_episodes")
+    on = f"{episodes} simulated machines" if episodes else "the simulated machines"
+    lattice = (metadata.get("lattice") or {}).get("name")
+    return (f"policy {getattr(policy, 'path', None) or ''}: in its own evaluation (step {training.get('checkpoint_step', '?')}, "
+            f"{on} of {'lattice ' + lattice if lattice else 'its lattice'}) it reached the target in {rate:.0%}, below the "
+            f"{min_success:.0%} an autonomous session needs: train or fine-tune it further, or run it with --mode approve")
+
+
+def refuse_unfit_for_mode(policy, mode: str) -> None:
     """ConfigError before anything is written or recorded if `mode` is auto and the
     policy's own recorded evaluation says it must not run unattended."""
-    problem = policy.unfit_for_auto()
+    problem = unfit_for_auto(policy)
     if problem and mode == "auto":
         raise ConfigError(problem)
 

@@ -22,7 +22,7 @@ from safety.guard import (
     Approver, GuardedPlant, InterlockRule, Mode, OperatorAbort, OperatorRejected, SafetyConfig, SafetyEvent, SafetyTrip,
 )
 
-from .policy import Policy, refuse_unfit_for_mode
+from .policy import Policy, refuse_unfit_for_mode, unfit_for_auto
 from .response import ResponseMismatch, check_response
 
 log = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ def run_session(
             on_step(record)
 
     try:
-        unfit = policy.unfit_for_auto()
+        unfit = unfit_for_auto(policy)
         if unfit:  # approve and dry-run may go on: the operator sees every step
             guard.on_event_and_store(Event(time.time(), "warning", unfit))
         guard.begin()

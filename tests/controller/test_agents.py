@@ -65,7 +65,7 @@ def test_a_recorded_evaluation_is_plain_json_that_a_policy_file_and_the_store_ke
     import json
 
     from conftest import for_setup
-    from controller.policy import Policy
+    from controller.policy import Policy, unfit_for_auto
     from controller.store import Store
     from controller.training import recorded_evaluation
     from simulators.beamline.lattice import load_lattice
@@ -77,6 +77,6 @@ def test_a_recorded_evaluation_is_plain_json_that_a_policy_file_and_the_store_ke
     policy = Policy.load("pretrained", *for_setup(load_lattice("cafe2-cm1")))
     policy.metadata = dict(policy.metadata, evaluation=record)
     loaded = Policy.load(policy.save(tmp_path / "p.pt"))  # torch's weights-only unpickler accepts it
-    assert loaded.metadata["evaluation"] == record and loaded.unfit_for_auto() is not None
+    assert loaded.metadata["evaluation"] == record and unfit_for_auto(loaded) is not None
     row = Store(f"sqlite:///{tmp_path / 's.sqlite'}").add_policy(loaded.path, loaded.sha256, loaded.metadata)
     assert row.meta["evaluation"] == record
