@@ -157,12 +157,14 @@ def unfit_for_auto(policy, min_success: float = MIN_SUCCESS_FOR_AUTO) -> str | N
             f"{min_success:.0%} an autonomous session needs: train or fine-tune it further, or run it with --mode approve")
 
 
-def refuse_unfit_for_mode(policy, mode: str) -> None:
+def refuse_unfit_for_mode(policy, mode: str) -> str | None:
     """ConfigError before anything is written or recorded if `mode` is auto and the
-    policy's own recorded evaluation says it must not run unattended."""
+    policy's own recorded evaluation says it must not run unattended; in the other modes
+    that reason (None if there is none), for the operator to see."""
     problem = unfit_for_auto(policy)
     if problem and mode == "auto":
         raise ConfigError(problem)
+    return problem
 
 
 def check_compatible(meta: dict, definition: TaskDefinition, setup, path: Path) -> None:

@@ -22,7 +22,7 @@ from safety.guard import (
     Approver, GuardedPlant, InterlockRule, Mode, OperatorAbort, OperatorRejected, SafetyConfig, SafetyEvent, SafetyTrip,
 )
 
-from .policy import Policy, refuse_unfit_for_mode, unfit_for_auto
+from .policy import Policy, refuse_unfit_for_mode
 from .response import ResponseMismatch, check_response
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ def run_session(
     A dry-run writes nothing, so it compares `measured_response` (the machine's last
     recorded response measurement) instead, when there is one.
     """
-    refuse_unfit_for_mode(policy, mode)  # before anything touches the plant
+    unfit = refuse_unfit_for_mode(policy, mode)  # before anything touches the plant
     start = time.perf_counter()
     task = policy_task(plant, policy)
     primary = task.metrics[0]
@@ -239,7 +239,6 @@ def run_session(
             on_step(record)
 
     try:
-        unfit = unfit_for_auto(policy)
         if unfit:  # approve and dry-run may go on: the operator sees every step
             guard.on_event_and_store(Event(time.time(), "warning", unfit))
         guard.begin()

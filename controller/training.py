@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from core.task import TaskDefinition, TaskEnv
 
 from .agents import make_sac
 from .policy import Policy
+from .recording import finite_or_none
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +96,7 @@ def recorded_evaluation(summary: dict, bar_met: bool) -> dict:
             return [plain(v) for v in value]
         if hasattr(value, "item"):  # numpy scalars
             value = value.item()
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
+        value = finite_or_none(value)
         return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
     return {"summary": plain(summary), "bar_met": bool(bar_met)}

@@ -26,6 +26,17 @@ def for_setup(setup) -> tuple:
     return task_for_setup(setup if isinstance(setup, str) else setup.name)
 
 
+def policy_with_recorded_success(tmp_path, rate: float) -> str:
+    """The shipped cafe2-cm1 policy, saved as if its own evaluation (50 machines, step 3000)
+    had reached the target in `rate` of them."""
+    from controller.policy import Policy
+
+    policy = Policy.load("pretrained", *for_setup("cafe2-cm1"))
+    policy.metadata = dict(policy.metadata, evaluation={"summary": {"success_rate": rate}, "bar_met": False},
+                           training=dict(policy.metadata["training"], checkpoint_step=3000, eval_episodes=50))
+    return str(policy.save(tmp_path / f"recorded-{rate}.pt"))
+
+
 def tbsac_cmd() -> list[str]:
     exe = shutil.which("tbsac")
     return [exe] if exe else [sys.executable, "-m", "ui.cli"]

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import for_setup
+from conftest import for_setup, policy_with_recorded_success
 from controller.policy import Policy
-from core.config import ConfigError
 from controller.session import run_session
+from core.config import ConfigError
 from hardware.epics_plant import EpicsPlant
 from hardware.machine import load_machine
 from safety.guard import InterlockRule, read_snapshot
@@ -173,17 +173,8 @@ def test_fine_tuning_starts_from_the_policy_and_keeps_its_actor_while_the_critic
     assert tuned.metadata["training"]["eval_episodes"] == 5
 
 
-def policy_with_recorded_success(tmp_path, rate: float) -> str:
-    """The shipped cm1 policy, saved as if its own evaluation had reached the target in `rate`."""
-    policy = Policy.load("pretrained", *for_setup(load_lattice("cafe2-cm1")))
-    policy.metadata = dict(policy.metadata, evaluation={"summary": {"success_rate": rate}, "bar_met": False},
-                           training=dict(policy.metadata["training"], checkpoint_step=3000, eval_episodes=50))
-    return str(policy.save(tmp_path / f"recorded-{rate}.pt"))
-
-
 def test_a_policy_that_failed_its_own_evaluation_is_refused_in_auto_mode_before_any_write(start_ioc, run_cli, tmp_path):
     ioc = start_ioc(seed=3)
-    machine, _ = load_machine(ioc.machine_file())
     failed = policy_with_recorded_success(tmp_path, 0.0)
     proc = run_cli("run", "--machine", str(ioc.machine_file()), "--policy", failed, "--mode", "auto", "--json",
                    env={"TBSAC_DATA_DIR": str(tmp_path / "data")})

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import _free_port, tbsac_cmd
+from conftest import _free_port, policy_with_recorded_success, tbsac_cmd
 from controller.store import SessionRow, Store
 from ui.server import create_app
 
@@ -380,15 +380,9 @@ def test_dial_in_on_an_epics_machine_is_that_machine_s_active_session(client, st
         assert last[knob["setpoint"]] == pytest.approx(target[knob["name"]] * knob["scale"], abs=1e-3)
 
 
-def test_auto_session_with_a_policy_that_failed_its_own_evaluation_gets_4xx_and_approve_may_run(tmp_path, monkeypatch):
-    from conftest import for_setup
-    from controller.policy import Policy
-    from simulators.beamline.lattice import load_lattice
-
+def test_auto_session_with_a_policy_that_failed_its_own_evaluation_gets_4xx_and_a_dry_run_may_go_on(tmp_path, monkeypatch):
     monkeypatch.setenv("TBSAC_DATA_DIR", str(tmp_path / "data"))
-    policy = Policy.load("pretrained", *for_setup(load_lattice("cafe2-cm1")))
-    policy.metadata = dict(policy.metadata, evaluation={"summary": {"success_rate": 0.2}, "bar_met": False})
-    path = str(policy.save(tmp_path / "failed.pt"))
+    path = policy_with_recorded_success(tmp_path, 0.2)
     store = Store(f"sqlite:///{tmp_path / 'server.sqlite'}")
     with TestClient(create_app(store, TOKEN, policy_dirs=[tmp_path]), base_url="http://127.0.0.1") as client:
         r = client.post("/api/sessions", json={"operator": "alice", "machine": "sim-cafe2-cm1", "policy": path}, headers=AUTH)
