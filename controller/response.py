@@ -3,9 +3,14 @@
 Control rooms measure response matrices (e.g. of a beam position at every monitor) before they trust a model
 (and LOCO-style fits start from one). Each knob is moved up and down by a probe, one at
 a time, averaging several readings at each point; the column is the central difference.
-The probe is bounded by the knob's largest step and chosen from the interlock margin: a
-small "feeler" step first, and the full probe shrunk so that the interlock closest to
-tripping uses at most a set fraction of its margin. Every write goes through
+The probe is bounded by the knob's largest step and grown from a small "feeler" step in
+each direction, separately: every step is extrapolated linearly to the amount at which
+the interlock closest to tripping would use a set fraction of its margin, or a reading
+would move by a set fraction of its range, whichever comes first. The reading limit is
+what keeps a beam off an aperture: a beam current gives no warning until the beam
+scrapes (measured: one unit of a corrector on a machine with 4x our kick lost the
+whole beam while the current had not moved at a quarter unit). The two directions
+are grown separately because a machine that starts near a limit is not symmetric. Every write goes through
 :class:`GuardedPlant` (snapshot first, limits, interlocks, verified restore at the end
 or on any trip). Task-agnostic: knobs and readings come from the plant.
 """
@@ -23,7 +28,8 @@ import numpy as np
 from core.plant import Plant, Readings
 from safety.guard import GuardedPlant, InterlockRule, SafetyConfig, SafetyEvent, SafetyTrip
 
-FEELER_FRACTION = 0.25  # the feeler step, as a fraction of the probe limit
+FEELER_FRACTION = 1 / 64  # the first step, as a fraction of the probe limit (a scraping beam tolerates little)
+GROWTH = 4.0  # a step is at most this many times the previous one (the extrapolation stays local)
 
 
 @dataclass
@@ -35,12 +41,15 @@ class ResponseSettings:
     sample_interval_s: float = 0.0  # wait between readings (an IOC refreshing at 10 Hz wants 0.1 s or more)
     settle_s: float = 0.0  # wait after each write before reading
     max_margin_use: float = 0.3  # largest fraction of any interlock margin a probe may use
+    max_reading_change: float = 0.1  # largest change of any reading, as a fraction of its range (upper - lower)
 
     def __post_init__(self) -> None:
         if not 0 < self.probe_fraction <= 1:
             raise ValueError("probe_fraction must be in (0, 1]: a probe never exceeds a knob's largest step")
         if self.samples < 2:
             raise ValueError("samples must be at least 2 (the noise estimate needs repeats)")
+        if not 0 < self.max_reading_change <= 1:
+            raise ValueError("max_reading_change must be in (0, 1] of a reading's range")
 
 
 @dataclass
@@ -54,7 +63,7 @@ class ResponseMeasurement:
     matrix: list[list[float]]  # (n_readings, n_knobs): d reading / d knob
     sigma: list[list[float]]  # standard error of every element
     noise: list[float]  # standard deviation of one reading, per reading channel
-    probes: list[float]  # probe amplitude used per knob (knob units)
+    probes: list[float]  # probe amplitude used per knob (knob units; the mean of the two directions)
     margin_used: list[float]  # largest interlock margin fraction used while probing each knob
     baseline: list[float]  # mean readings at the starting settings
     settings: list[float]  # the starting settings (restored at the end)
@@ -105,8 +114,9 @@ def measure_response(
     """Probe every knob of `plant` up and down in turn; restore the start, verified.
 
     Never raises on a trip: the result says ``tripped`` and the safety layer restored
-    the starting settings. Per knob the writes are start -> +feeler -> +probe -> start
-    -> -probe -> start, each within the knob's largest step.
+    the starting settings. Per knob and direction the probe grows from a feeler (at
+    most ``GROWTH`` x per write, 2-4 writes) within the knob's largest step, then goes
+    back to the start; the column is the secant between the two probes.
     """
     settings = settings or ResponseSettings()
     unbounded = [k.name for k in plant.knobs if not np.isfinite(k.max_step)]
@@ -115,10 +125,15 @@ def measure_response(
     started = time.perf_counter()
     n_knobs = len(plant.knobs)
     # No knob may leave its start by more than one largest step (the probes never do).
-    limits = SafetyConfig(max_steps=6 * n_knobs + 10, max_duration_s=max_duration_s, max_excursion_steps=1.0 + 1e-9)
+    steps_per_direction = 2 + int(np.ceil(np.log2(1 / FEELER_FRACTION)))  # growth at least 2x per write
+    limits = SafetyConfig(max_steps=2 * steps_per_direction * n_knobs + 10, max_duration_s=max_duration_s,
+                          max_excursion_steps=1.0 + 1e-9)
     guard = GuardedPlant(plant, limits, interlocks, "auto", snapshot_path, None, on_event, snapshot_context)
     names = [k.name for k in plant.knobs]
     n_readings = len(plant.readings)
+    # How far each reading may move while probing (readings without a finite range: no limit).
+    spans = np.array([r.upper - r.lower for r in plant.readings], dtype=float)
+    allowed_change = np.where(np.isfinite(spans), settings.max_reading_change * spans, np.inf)
     matrix = np.full((n_readings, n_knobs), np.nan)
     probes, used = np.zeros(n_knobs), np.zeros(n_knobs)
     base_groups: list[np.ndarray] = []
@@ -136,23 +151,29 @@ def measure_response(
             mean, group, last = _average(guard, settings)
             return mean, group, guard.margin_used(last)
 
+        def probe(unit: np.ndarray, limit: float) -> tuple[float, np.ndarray, float]:
+            """Grow a probe along `unit` up to the allowance; (amount, mean readings, margin used)."""
+            amount = FEELER_FRACTION * limit
+            while True:
+                mean, _, use = move(start + amount * unit)
+                # 1 = exactly the allowance; linear extrapolation of what the next step may be.
+                ratio = max(use / settings.max_margin_use, float(np.max(np.abs(mean - baseline) / allowed_change)))
+                if amount >= limit or ratio >= 0.5:
+                    return amount, mean, use
+                amount = min(limit, amount * min(GROWTH, 1.0 / ratio if ratio > 0 else GROWTH))
+
         for j, knob in enumerate(plant.knobs):
             limit = settings.probe_fraction * knob.max_step
             unit = np.zeros(n_knobs)
             unit[j] = 1.0
-            feeler = FEELER_FRACTION * limit
-            _, _, use = move(start + feeler * unit)
-            # Linear extrapolation from the feeler: the full probe may use at most
-            # max_margin_use of the tightest interlock margin.
-            probe = limit if use <= 0 else float(np.clip(feeler * settings.max_margin_use / use, feeler / 4, limit))
-            plus, _, use_plus = move(start + probe * unit)
+            up, plus, use_plus = probe(unit, limit)
             _, group, _ = move(start)
             base_groups.append(group)
-            minus, _, use_minus = move(start - probe * unit)
+            down, minus, use_minus = probe(-unit, limit)
             _, group, _ = move(start)
             base_groups.append(group)
-            matrix[:, j] = (plus - minus) / (2 * probe)
-            probes[j], used[j] = probe, max(use, use_plus, use_minus)
+            matrix[:, j] = (plus - minus) / (up + down)
+            probes[j], used[j] = (up + down) / 2, max(use_plus, use_minus)
         guard.stop_and_restore("response measured")
     except SafetyTrip as trip:
         status, message = "tripped", trip.reason

@@ -263,6 +263,7 @@ def measure_response_cmd(
     samples: int = typer.Option(4, "--samples", min=2, max=100, help="Readings averaged at every point."),
     sample_interval: float = typer.Option(0.12, "--sample-interval", min=0.0, help="Seconds between readings (an IOC refreshing at 10 Hz needs >= 0.1)."),
     max_margin_use: float = typer.Option(0.3, "--max-margin-use", min=0.01, max=0.9, help="Largest fraction of an interlock's margin a probe may use."),
+    max_reading_change: float = typer.Option(0.1, "--max-reading-change", min=0.001, max=1.0, help="Largest change of any reading a probe may cause, as a fraction of its range (a BPM of +-20 mm: 0.1 = 4 mm)."),
     operator: str = typer.Option(os.environ.get("USER", "operator"), "--operator", help="Who measures (recorded)."),
     as_json: bool = typer.Option(False, "--json"),
 ):
@@ -274,7 +275,7 @@ def measure_response_cmd(
         if event.kind in ("warning", "trip", "restore_failed"):
             _error(f"{event.kind}: {event.reason}")
 
-    settings = ResponseSettings(probe_fraction, samples, sample_interval, 0.0, max_margin_use)
+    settings = ResponseSettings(probe_fraction, samples, sample_interval, 0.0, max_margin_use, max_reading_change)
     result, measurement_id = api.measure_response(machine, operator, settings, on_event)
     if as_json:
         print(json.dumps({"measurement": measurement_id, **result.as_dict()}))

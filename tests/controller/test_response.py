@@ -65,6 +65,52 @@ def test_probe_shrinks_to_the_interlock_margin_and_a_trip_restores(tmp_path):
     assert any(e["kind"] == "restore" for e in result.events)
 
 
+class ApertureCliffPlant(LinearPlant):
+    """A beam current that gives no warning: full until reading 0 passes 3 mm, then none
+    (a beam off an aperture); readings of +-5 mm, so 10 % of their range is 1 mm."""
+
+    def __init__(self):
+        super().__init__(noise=0.005)
+        self.readings = [ReadingSpec(f"r{i}", "mm", -5, 5) for i in range(2)]
+
+    def read(self):
+        r = super().read()
+        lost = abs(TRUE_R[0] @ self.values) > 3.0
+        return Readings(r.values, r.timestamps, r.valid, {"current": 0.0 if lost else 1.0})
+
+
+def test_the_reading_limit_keeps_a_beam_off_an_aperture_its_current_does_not_announce(tmp_path):
+    rules = [InterlockRule("current", "min_fraction_of_start", 0.8)]
+    result = measure_response(ApertureCliffPlant(), rules, tmp_path / "a.json")  # reading 0 starts at 1.5 mm
+    assert result.status == "completed", result.message
+    np.testing.assert_allclose(result.matrix, TRUE_R, atol=0.05)
+    # Without it (a reading may move over its whole range) the probe of knob 0 loses the beam.
+    plant = ApertureCliffPlant()
+    start = plant.values.copy()
+    result = measure_response(plant, rules, tmp_path / "b.json", settings=ResponseSettings(max_reading_change=1.0))
+    assert result.status == "tripped" and "current" in result.message
+    np.testing.assert_array_equal(plant.values, start)
+
+
+class OneSidedPlant(LinearPlant):
+    """Starts scraping on one side: the current falls 2 per unit as knob 0 goes below its start."""
+
+    def read(self):
+        r = super().read()
+        return Readings(r.values, r.timestamps, r.valid, {"current": 1.0 - 2.0 * max(0.0, 0.5 - self.values[0])})
+
+
+def test_each_direction_is_grown_on_its_own_so_a_machine_near_a_limit_is_measured(tmp_path):
+    plant = OneSidedPlant(noise=0.002)
+    result = measure_response(plant, [InterlockRule("current", "min_fraction_of_start", 0.8)], tmp_path / "s.json")
+    assert result.status == "completed", result.message
+    np.testing.assert_allclose(result.matrix, TRUE_R, atol=0.02)  # the secant of two unequal probes
+    downs = [w[0] - 0.5 for w in plant.writes if w[0] < 0.5]
+    assert downs and min(downs) > -0.1  # knob 0 never went down as far as the trip level (0.1)
+    assert max(w[0] for w in plant.writes) == pytest.approx(1.5)  # upwards the full probe
+    assert result.margin_used[0] <= 0.5
+
+
 def test_a_knob_without_a_largest_step_is_refused(tmp_path):
     plant = LinearPlant()
     plant.knobs[1] = KnobSpec("k1", "A", -10, 10, np.inf)
