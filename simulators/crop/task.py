@@ -210,6 +210,8 @@ class CropTaskConfig(BaseModel):
     n_cost: PositiveFloat = Field(0.79, description="$ per kg N")
     residual_n_penalty: NonNegativeFloat = Field(0.0, description="$ per kg mineral N left in the soil at harvest "
                                                  "(a leaching proxy; 0: off)")
+    n_shadow_cost: NonNegativeFloat = Field(0.0, description="$ per kg N the reward charges on top of n_cost (N's "
+                                            "cost to the environment: the agent's books, not the profit metric)")
     reward_scale: PositiveFloat = 1e-3  # $ -> reward
     shaping_grain_per_biomass: NonNegativeFloat = Field(0.45, description="shaping potential: kg grain per kg "
                                                         "standing biomass (0 switches shaping off)")
@@ -313,7 +315,7 @@ class CropTask(Task):
         del self.history[: -(c.trend_days + 1)]
         after = self._values(self._last)
         harvested = after["harvested"] >= 0.5
-        reward = -c.n_cost * (after["applied"] - before["applied"])
+        reward = -(c.n_cost + c.n_shadow_cost) * (after["applied"] - before["applied"])
         reward += c.shaping_gamma * self._potential(after) - self._potential(before)
         if harvested:
             reward += c.grain_price * after["grain"] - c.residual_n_penalty * after["soil_n"]

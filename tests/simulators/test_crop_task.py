@@ -73,11 +73,13 @@ def test_the_task_spreads_nothing_below_the_minimum_after_the_last_stage_or_beyo
     assert result.final["n_applied_kg_ha"] == pytest.approx(c.season_cap_kg_ha)
 
 
-def test_the_rewards_add_up_to_the_seasons_profit(crop):
-    """With the agent's discount at 1 the shaping telescopes: sum of rewards = profit - potential at sowing."""
+@pytest.mark.parametrize("shadow", [0.0, 0.5])
+def test_the_rewards_add_up_to_the_seasons_profit(crop, shadow):
+    """With the agent's discount at 1 the shaping telescopes: sum of rewards = profit - potential at sowing
+    (- N's shadow cost, which the reward charges and the profit does not)."""
     definition, setup = crop
     plant = definition.sim_plant(setup, definition.load_errors("train"))
-    config = CropTaskConfig(shaping_gamma=1.0)
+    config = CropTaskConfig(shaping_gamma=1.0, n_shadow_cost=shadow)
     task = definition.make_task(setup, plant.knobs, plant.readings, config)
     plant.reset(1)
     rewards = []
@@ -86,7 +88,7 @@ def test_the_rewards_add_up_to_the_seasons_profit(crop):
     potential = config.grain_price * config.shaping_grain_per_biomass * start["biomass"]
     profit = result.final["profit_usd_ha"]
     assert profit == pytest.approx(config.grain_price * plant.season.variable("TWSO") - config.n_cost * 120.0)
-    assert sum(rewards) / config.reward_scale == pytest.approx(profit - potential, abs=0.01)
+    assert sum(rewards) / config.reward_scale == pytest.approx(profit - potential - shadow * 120.0, abs=0.01)
     assert result.terminated and not result.truncated  # harvest ends the season
 
 
