@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -153,6 +154,9 @@ def one_machine(lattice: str, seed: int, args, tmp: Path, port: int) -> dict:
         out["finetune"] = {"exit": proc.returncode, "wall_s": round(time.perf_counter() - t1, 1),
                            "first_bar_step": record.get("first_bar_step"), "first_bar_seconds": record.get("first_bar_seconds"),
                            "curve": [(c["step"], c["wall_s"], c.get("success_rate")) for c in record.get("curves", [])]}
+        if args.keep:
+            for directory in (cal_dir, ft_dir):
+                shutil.copytree(directory, args.keep / directory.name, dirs_exist_ok=True)
         n_puts = len(read_put_log(log))
         out["flow"] = session(cal_dir / "machine.yaml", str(ft_dir / "policy.pt"), env)
         out["flow"]["puts"] = len(read_put_log(log)) - n_puts
@@ -204,6 +208,7 @@ def main() -> None:
     parser.add_argument("--finetune-minutes", type=float, default=5.0)
     parser.add_argument("--broad-policy", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--keep", type=Path, default=None, help="copy every calibration and fine-tuning directory here")
     args = parser.parse_args()
     if "-" in args.seeds:
         lo, hi = map(int, args.seeds.split("-"))

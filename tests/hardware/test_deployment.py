@@ -55,7 +55,7 @@ def test_zero_shot_correction_over_channel_access(start_ioc, tmp_path):
     assert result.initial > 0.5 and result.final < 0.5
     assert result.trips == [] and not result.restored
     # Every step wrote all 10 correctors once (plus the reset probe); nothing else.
-    assert len(ioc.puts()) == 10 * (result.steps + 1)
+    assert len(ioc.puts()) == 10 * (result.steps + 2)  # the mismatch pilot, the opening probe, every step
     assert_puts_within_limits(ioc)
     snap = read_snapshot(tmp_path / "snapshot.json")
     assert set(snap["knobs"]) == set(load_lattice("cafe2-cm1").corrector_names)

@@ -177,7 +177,7 @@ def test_http_session_on_virtual_ioc_and_cli_replay(client, start_ioc, run_cli, 
     sid = start(client, machine=str(ioc.machine_file()))
     state = wait_status(client, sid, {"completed"})
     assert state["result"]["success"] and state["result"]["trips"] == []
-    assert len(ioc.puts()) == 10 * (state["steps"] + 1)
+    assert len(ioc.puts()) == 10 * (state["steps"] + 2)  # the mismatch pilot, the opening probe, every step
     proc = run_cli("replay", str(sid), "--json", env={"TBSAC_DATABASE_URL": client.store.url})
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
