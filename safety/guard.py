@@ -121,9 +121,10 @@ class InterlockRule:
             return f"{self.name} is {value:.4g}, must be {self.threshold:.4g}"
         return ""
 
-    def margin_used(self, value: float, start: float | None) -> float:
+    def margin_used(self, value: float, start: float | None, signed: bool = False) -> float:
         """How much of the margin between the start value and the trip level `value` has
-        used: 0 at the start value (or better), 1 at the trip level; NaN-safe (1 if unreadable)."""
+        used: 0 at the start value (or better; `signed`: negative, the way away from the
+        trip level), 1 at the trip level; NaN-safe (1 if unreadable)."""
         if not np.isfinite(value):
             return 1.0
         if self.rule == "equals":
@@ -135,7 +136,7 @@ class InterlockRule:
         if margin == 0:
             return 1.0
         moved = (start - value) if self.rule != "max" else (value - start)
-        return float(max(0.0, moved / margin))
+        return float(moved / margin if signed else max(0.0, moved / margin))
 
 
 SafetyEvent = Event  # clamp, delay, proposal, approved, rejected, trip, restore, abort, ...
@@ -487,10 +488,11 @@ class GuardedPlant(Plant):
         self.last_readings = readings
         return readings
 
-    def margin_used(self, r: Readings) -> float:
-        """The largest fraction of any interlock's margin (start value to trip level) used by `r`."""
-        return max((rule.margin_used(r.interlocks.get(rule.name, float("nan")), self._interlock_start.get(rule.name))
-                    for rule in self.interlocks), default=0.0)
+    def margin_used(self, r: Readings, signed: bool = False) -> float:
+        """The largest fraction of any interlock's margin (start value to trip level) used by `r`
+        (`signed`: negative when every interlock moved away from its trip level)."""
+        return max((rule.margin_used(r.interlocks.get(rule.name, float("nan")), self._interlock_start.get(rule.name),
+                                     signed) for rule in self.interlocks), default=0.0)
 
     def _check_readings(self, r: Readings, baseline: bool = False) -> None:
         names = [s.name for s in self.readings]

@@ -111,6 +111,25 @@ def test_each_direction_is_grown_on_its_own_so_a_machine_near_a_limit_is_measure
     assert result.margin_used[0] <= 0.5
 
 
+class BendingPlant(LinearPlant):
+    """A scraping start: as knob 0 goes down the current first rises (the orbit leaves one
+    aperture), then falls (it nears another), reaching the trip level 0.8 at 0.5 units down."""
+
+    def read(self):
+        r = super().read()
+        d = max(0.0, 0.5 - self.values[0])
+        return Readings(r.values, r.timestamps, r.valid, {"current": 1.0 + 0.4 * d - 1.6 * d * d})
+
+
+def test_a_current_that_rises_before_it_falls_is_not_extrapolated_as_a_straight_line(tmp_path):
+    plant = BendingPlant(noise=0.002)
+    result = measure_response(plant, [InterlockRule("current", "min_fraction_of_start", 0.8)], tmp_path / "s.json")
+    assert result.status == "completed", result.message
+    assert min(w[0] for w in plant.writes) > 0.0  # knob 0 starts at 0.5: 0.5 down is the trip level
+    assert result.margin_used[0] <= 0.5
+    np.testing.assert_allclose(result.matrix, TRUE_R, atol=0.02)
+
+
 def test_a_knob_without_a_largest_step_is_refused(tmp_path):
     plant = LinearPlant()
     plant.knobs[1] = KnobSpec("k1", "A", -10, 10, np.inf)
