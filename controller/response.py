@@ -4,9 +4,10 @@ Control rooms measure response matrices (e.g. of a beam position at every monito
 (and LOCO-style fits start from one). Each knob is moved up and down by a probe, one at
 a time, averaging several readings at each point; the column is the central difference.
 The probe is bounded by the knob's largest step and grown from a small "feeler" step in
-each direction, separately: every step is extrapolated linearly to the amount at which
-the interlock closest to tripping would use a set fraction of its margin, or a reading
-would move by a set fraction of its range, whichever comes first. The reading limit is
+each direction, separately: every step is extrapolated to the amount at which the
+interlock closest to tripping would use a set fraction of its margin
+(:func:`allowed_by_margin`), or a reading would move by a set fraction of its range
+(linearly), whichever comes first. The reading limit is
 what keeps a beam off an aperture: a beam current gives no warning until the beam
 scrapes (measured: one unit of a corrector on a machine with 4x our kick lost the
 whole beam while the current had not moved at a quarter unit). The two directions
@@ -115,7 +116,7 @@ def measure_response(
 
     Never raises on a trip: the result says ``tripped`` and the safety layer restored
     the starting settings. Per knob and direction the probe grows from a feeler (at
-    most ``GROWTH`` x per write, 2-4 writes) within the knob's largest step, then goes
+    most ``GROWTH`` x per write: 4 writes at full size) within the knob's largest step, then goes
     back to the start; the column is the secant between the two probes.
     """
     settings = settings or ResponseSettings()

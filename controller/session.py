@@ -226,20 +226,23 @@ def run_session(
             "readings_after_probe": np.asarray(task.last_readings).tolist(), "metrics": now}))
         check_machine_matches_policy()
 
+    def stop_if_mismatched(check, limit: float, source: str) -> dict:
+        """Raise ResponseMismatch (recorded as an event) beyond `limit`; else the check's data."""
+        data = {"mismatch": check.mismatch, "cosine": check.cosine, "noise_floor": check.noise_floor, "limit": limit,
+                "source": source}
+        if check.mismatch > limit:
+            message = (f"this machine does not match the policy's lattice ({check.describe()} > {limit:.2f}, "
+                       f"from the {source}): run measure-response and calibrate")
+            guard.on_event_and_store(Event(time.time(), "mismatch", message, data))
+            raise ResponseMismatch(message)
+        return data
+
     def check_pilot(knob_change: np.ndarray, reading_change: np.ndarray) -> None:
         expected = definition.expected_response(policy.metadata)
         check = check_response(np.asarray(expected["matrix"]), knob_change, reading_change, expected["noise"])
-        if check is None:
-            return  # too small to judge: the full probe is checked
-        limit = guard.config.max_response_mismatch + 2 * check.noise_floor
-        if check.mismatch > limit:
-            source = f"pilot of {PILOT_FRACTION:.0%} of the opening probe"
-            message = (f"this machine does not match the policy's lattice ({check.describe()} > {limit:.2f}, "
-                       f"from the {source}): run measure-response and calibrate")
-            guard.on_event_and_store(Event(time.time(), "mismatch", message, {
-                "mismatch": check.mismatch, "cosine": check.cosine, "noise_floor": check.noise_floor, "limit": limit,
-                "source": source}))
-            raise ResponseMismatch(message)
+        if check is not None:  # else too small to judge: the full probe is checked
+            stop_if_mismatched(check, guard.config.max_response_mismatch + 2 * check.noise_floor,
+                               f"pilot of {PILOT_FRACTION:.0%} of the opening probe")
 
     def check_machine_matches_policy() -> None:
         expected = definition.expected_response(policy.metadata)
@@ -261,13 +264,7 @@ def run_session(
             guard.on_event_and_store(Event(time.time(), "warning", f"{source}: too small to check the machine responds "
                                            "as the policy's model predicts"))
             return
-        data = {"mismatch": check.mismatch, "cosine": check.cosine, "noise_floor": check.noise_floor, "limit": limit,
-                "source": source}
-        if check.mismatch > limit:
-            message = (f"this machine does not match the policy's lattice ({check.describe()} > {limit:.2f}, "
-                       f"from the {source}): run measure-response and calibrate")
-            guard.on_event_and_store(Event(time.time(), "mismatch", message, data))
-            raise ResponseMismatch(message)
+        data = stop_if_mismatched(check, limit, source)
         guard.on_event_and_store(Event(time.time(), "response_check", f"machine matches the policy's model: "
                                        f"{check.describe()} <= {limit:.2f} ({source})", data))
 
