@@ -127,8 +127,8 @@ class InterlockRule:
         trip level), 1 at the trip level; NaN-safe (1 if unreadable)."""
         if not np.isfinite(value):
             return 1.0
-        if self.rule == "equals":
-            return 0.0 if value == self.threshold else 1.0
+        if self.rule == "equals":  # all or nothing: no margin to grade (signed: it must not mask another's)
+            return (-np.inf if signed else 0.0) if value == self.threshold else 1.0
         if self.rule == "min_fraction_of_start" and (start is None or not np.isfinite(start)):
             return 0.0  # no baseline yet: nothing to compare with
         level = {"min_fraction_of_start": self.threshold * start, "min": self.threshold, "max": self.threshold}[self.rule]
@@ -491,8 +491,9 @@ class GuardedPlant(Plant):
     def margin_used(self, r: Readings, signed: bool = False) -> float:
         """The largest fraction of any interlock's margin (start value to trip level) used by `r`
         (`signed`: negative when every interlock moved away from its trip level)."""
-        return max((rule.margin_used(r.interlocks.get(rule.name, float("nan")), self._interlock_start.get(rule.name),
-                                     signed) for rule in self.interlocks), default=0.0)
+        use = max((rule.margin_used(r.interlocks.get(rule.name, float("nan")), self._interlock_start.get(rule.name),
+                                    signed) for rule in self.interlocks), default=0.0)
+        return 0.0 if use == -np.inf else use
 
     def _check_readings(self, r: Readings, baseline: bool = False) -> None:
         names = [s.name for s in self.readings]

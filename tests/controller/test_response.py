@@ -118,12 +118,14 @@ class BendingPlant(LinearPlant):
     def read(self):
         r = super().read()
         d = max(0.0, 0.5 - self.values[0])
-        return Readings(r.values, r.timestamps, r.valid, {"current": 1.0 + 0.4 * d - 1.6 * d * d})
+        return Readings(r.values, r.timestamps, r.valid, {"current": 1.0 + 0.4 * d - 1.6 * d * d, "mps_ok": 1.0})
 
 
 def test_a_current_that_rises_before_it_falls_is_not_extrapolated_as_a_straight_line(tmp_path):
     plant = BendingPlant(noise=0.002)
-    result = measure_response(plant, [InterlockRule("current", "min_fraction_of_start", 0.8)], tmp_path / "s.json")
+    # With an all-or-nothing interlock beside it, as machine files have (it must not hide the current's rise).
+    rules = [InterlockRule("current", "min_fraction_of_start", 0.8), InterlockRule("mps_ok", "equals", 1.0)]
+    result = measure_response(plant, rules, tmp_path / "s.json")
     assert result.status == "completed", result.message
     assert min(w[0] for w in plant.writes) > 0.0  # knob 0 starts at 0.5: 0.5 down is the trip level
     assert result.margin_used[0] <= 0.5
