@@ -7,11 +7,11 @@ The probe is bounded by the knob's largest step and grown from a small "feeler" 
 each direction, separately: every step is extrapolated to the amount at which the
 interlock closest to tripping would use a set fraction of its margin
 (:func:`allowed_by_margin`), or a reading would move by a set fraction of its range
-(linearly), whichever comes first. The reading limit is
-what keeps a beam off an aperture: a beam current gives no warning until the beam
-scrapes (measured: one unit of a corrector on a machine with 4x our kick lost the
-whole beam while the current had not moved at a quarter unit). The two directions
-are grown separately because a machine that starts near a limit is not symmetric. Every write goes through
+(linearly), whichever comes first. The reading limit is what keeps a beam off an
+aperture: a beam current gives no warning until the beam scrapes (measured: one unit of
+a corrector on a machine with 4x our kick lost the whole beam while the current had not
+moved at a quarter unit). The two directions are grown separately because a machine
+that starts near a limit is not symmetric. Every write goes through
 :class:`GuardedPlant` (snapshot first, limits, interlocks, verified restore at the end
 or on any trip). Task-agnostic: knobs and readings come from the plant.
 """
@@ -222,8 +222,7 @@ def allowed_by_margin(seen: list[tuple[float, float]], target: float) -> float:
             disc = b * b - 4 * c * (u2 - target)
             if disc >= 0 and b + np.sqrt(disc) > 0:  # the root in the form without cancellation (c may be tiny)
                 return a2 + 2 * (target - u2) / (b + np.sqrt(disc))
-    slope = u2 / a2 if a2 > 0 else 0.0
-    return a2 * target / u2 if slope > 0 and u2 > 0 else np.inf
+    return a2 * target / u2 if a2 > 0 and u2 > 0 else np.inf  # a straight line through (0, 0)
 
 
 def _json_floats(a: np.ndarray) -> list:

@@ -159,7 +159,8 @@ class PilotFirstWrite:
         if not self._done:
             self._done = True
             start = np.asarray(self._guard.settings, dtype=float)
-            before = np.asarray(self._guard.read().values, dtype=float)
+            # The guard's last reading is of these settings: every session reads before it writes.
+            before = np.asarray(self._guard.last_readings.values, dtype=float)
             pilot = start + PILOT_FRACTION * (np.asarray(values, dtype=float) - start)
             self._guard.write_knobs(pilot)
             after = np.asarray(self._guard.read().values, dtype=float)
@@ -198,7 +199,8 @@ def run_session(
     guard = GuardedPlant(plant, safety or default_safety(policy, plant), interlocks, mode, snapshot_path, approver, on_event,
                          snapshot_context, lambda start: definition.safe_settings(plant.knobs, start),
                          definition.safe_state_label)
-    guard.predict = expected_effect(definition.expected_response(policy.metadata), task, primary, guard)
+    expected = definition.expected_response(policy.metadata)  # the policy's response model, if its task has one
+    guard.predict = expected_effect(expected, task, primary, guard)
     if guard_ready:
         guard_ready(guard)
     records: list[StepRecord] = []
@@ -238,14 +240,12 @@ def run_session(
         return data
 
     def check_pilot(knob_change: np.ndarray, reading_change: np.ndarray) -> None:
-        expected = definition.expected_response(policy.metadata)
         check = check_response(np.asarray(expected["matrix"]), knob_change, reading_change, expected["noise"])
         if check is not None:  # else too small to judge: the full probe is checked
             stop_if_mismatched(check, guard.config.max_response_mismatch + 2 * check.noise_floor,
                                f"pilot of {PILOT_FRACTION:.0%} of the opening probe")
 
     def check_machine_matches_policy() -> None:
-        expected = definition.expected_response(policy.metadata)
         if expected is None:
             return
         knob_change = np.asarray(guard.settings, dtype=float) - guard.snapshot
@@ -296,8 +296,7 @@ def run_session(
             success = True
             return result()
         # Autonomous: nobody approves the opening probe, so a pilot of it is judged first.
-        piloted = (PilotFirstWrite(guard, check_pilot) if mode == "auto"
-                   and definition.expected_response(policy.metadata) is not None else guard)
+        piloted = PilotFirstWrite(guard, check_pilot) if mode == "auto" and expected is not None else guard
         episode = run_episode(task, piloted, policy.act, max_steps=1 if mode == "dry-run" else task.max_steps,
                               on_start=started, on_step=stepped, on_event=guard.on_event_and_store, before_step=before_step)
         if mode == "dry-run":
