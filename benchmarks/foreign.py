@@ -10,10 +10,13 @@ from the wide family; the machine file stays the nominal one; ramp 0.2 s), and o
    (expected: stopped by the mismatch guard, not by an interlock);
 2. the documented flow: ``tbsac measure-response`` -> ``tbsac calibrate`` -> ``tbsac
    train orbit --lattice DIR/lattice.yaml --init-from pretrained --stop-at-bar --max-minutes 5`` ->
-   ``tbsac run --machine DIR/machine.yaml --policy FINE_TUNED --mode auto``;
+   ``tbsac run --machine DIR/machine.yaml --policy FINE_TUNED --mode auto``; if that policy
+   failed its own evaluation (refused), ``tbsac run --machine DIR/machine.yaml --policy
+   pretrained``: the shipped policy through the knob map;
 3. ``svd_measured``: iterative SVD correction with the measured response matrix,
    each write through the safety layer (GuardedPlant);
-4. ``broad``: a policy trained on ``--errors broad`` (if given), auto session.
+4. ``shipped_mapped``: the shipped policy on the calibrated machine (knob map) on every machine;
+5. ``broad``: a policy trained on ``--errors broad`` (if given), auto session.
 
 Every put the IOC received (restores included) is checked against the machine file's
 limits and largest step. Calibration accuracy against the hidden parameters is
@@ -70,7 +73,8 @@ def session(machine: Path, policy: str, env: dict) -> dict:
     out = json.loads(lines[-1]) if lines else {"error": proc.stderr.strip()[-300:]}
     out["exit"] = proc.returncode
     out["stopped_by"] = ("mismatch guard" if "mismatch:" in proc.stderr else "interlock" if out.get("trips") else
-                         "refused: failed its own evaluation" if proc.returncode == 2 and "own evaluation" in proc.stderr else None)
+                         "refused: failed its own evaluation" if proc.returncode == 2 and "own evaluation" in proc.stderr else
+                         "refused: no usable knob map" if proc.returncode == 2 and "knob map" in proc.stderr else None)
     return out
 
 
@@ -159,8 +163,19 @@ def one_machine(lattice: str, seed: int, args, tmp: Path, port: int) -> dict:
                 shutil.copytree(directory, args.keep / directory.name, dirs_exist_ok=True)
         n_puts = len(read_put_log(log))
         out["flow"] = session(cal_dir / "machine.yaml", str(ft_dir / "policy.pt"), env)
+        out["flow"]["policy"] = "fine-tuned"
+        if (out["flow"].get("stopped_by") or "").startswith("refused"):
+            # What the refusal leaves the operator: the shipped policy on the calibrated
+            # machine, through the knob map.
+            out["flow"] = {**session(cal_dir / "machine.yaml", "pretrained", env), "policy": "shipped through the knob map",
+                           "fine_tuned": out["flow"]}
         out["flow"]["puts"] = len(read_put_log(log)) - n_puts
         back_to_start(out["flow"], env)  # every method starts from the same mis-steered machine
+        if out["flow"]["policy"] == "fine-tuned":
+            out["shipped_mapped"] = session(cal_dir / "machine.yaml", "pretrained", env)
+            back_to_start(out["shipped_mapped"], env)
+        else:
+            out["shipped_mapped"] = {k: v for k, v in out["flow"].items() if k not in ("policy", "fine_tuned", "puts")}
         out["svd_measured"] = svd_measured(machine, np.array(measurement["matrix"], dtype=float))
         if args.broad_policy:
             out["broad"] = session(machine, str(args.broad_policy), env)
@@ -184,6 +199,9 @@ def summarise(runs: list[dict]) -> dict:
         "flow_below_target": count("flow", lambda s: (s.get("final_rms_mm") or 9e9) < TARGET_MM and not s.get("trips")),
         "flow_trips": sum(len(r.get("flow", {}).get("trips") or []) for r in runs),
         "flow_refused_before_any_write": count("flow", lambda s: (s.get("stopped_by") or "").startswith("refused")),
+        "flow_through_the_knob_map": count("flow", lambda s: s.get("policy") == "shipped through the knob map"),
+        "shipped_mapped_below_target": count("shipped_mapped", lambda s: (s.get("final_rms_mm") or 9e9) < TARGET_MM
+                                             and not s.get("trips")),
         "shipped_stopped_by_mismatch_guard": count("shipped", lambda s: s.get("stopped_by") == "mismatch guard"),
         "shipped_interlock_trips": count("shipped", lambda s: bool(s.get("trips"))),
         "svd_measured_below_target": count("svd_measured", lambda s: s.get("success")),

@@ -31,7 +31,7 @@ from .policy import POLICY_DIR, Policy, refuse_unfit_for_mode
 from .recording import SessionRecorder, register_policy
 from .response import recorded_response
 from .replay import export, replay
-from .session import SessionResult, default_safety, run_session
+from .session import SessionResult, default_safety, run_session, session_knob_map
 from .store import Store, default_url
 
 __all__ = ["ConfigError", "Evaluation", "PlantFault", "describe", "evaluate", "export", "free_port", "list_machines",
@@ -356,6 +356,7 @@ def run_on_machine(machine: str, policy: str, mode: str, operator: str, max_step
     opened = open_machine(machine, connect=False)
     agent = Policy.load(policy, opened.definition, opened.setup)
     refuse_unfit_for_mode(agent, mode)
+    knob_map = session_knob_map(agent, opened.setup)  # refuses before anything is recorded
     limits = default_safety(agent, opened.plant).model_dump()
     for key, value in (("max_steps", max_steps), ("max_excursion", max_excursion), ("max_excursion_steps", max_excursion_steps)):
         if value is not None:
@@ -370,11 +371,12 @@ def run_on_machine(machine: str, policy: str, mode: str, operator: str, max_step
             lock.note_session(recorder.session_id)
         snap = snapshot or unique_snapshot_path(opened.name, recorder.session_id)
         store.set_snapshot(recorder.session_id, str(snap))
-        return _run_recorded(opened, agent, mode, safety, snap, recorder, approver_for, on_event, guard_ready), recorder.session_id, opened
+        return (_run_recorded(opened, agent, mode, safety, snap, recorder, approver_for, on_event, guard_ready, knob_map),
+                recorder.session_id, opened)
 
 
 def _run_recorded(opened: Machine, agent: Policy, mode: str, safety: SafetyConfig, snap: Path, recorder: SessionRecorder,
-                  approver_for, on_event, guard_ready) -> SessionResult:
+                  approver_for, on_event, guard_ready, knob_map) -> SessionResult:
 
     def record_event(event: SafetyEvent) -> None:
         recorder.on_event(event)
@@ -387,7 +389,7 @@ def _run_recorded(opened: Machine, agent: Policy, mode: str, safety: SafetyConfi
                           "session": recorder.session_id},
         approver=approver_for(opened) if approver_for and mode == "approve" else None,
         guard_ready=guard_ready, on_step=recorder.on_step, on_event=record_event,
-        measured_response=recorded_response(recorder.store, opened) if mode == "dry-run" else None,
+        measured_response=recorded_response(recorder.store, opened) if mode == "dry-run" else None, knob_map=knob_map,
     )
     recorder.finish(result)
     return result

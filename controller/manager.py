@@ -150,16 +150,18 @@ class _Controls:
 def _open_session(conn, store: Store, request: dict):
     """Open the machine, load the policy, take the machine's lock, record the session.
 
-    Returns (machine, policy, lock, recorder) or None after telling the parent why not.
+    Returns (machine, policy, lock, recorder, knob map) or None after telling the parent why not.
     """
     from .policy import Policy, refuse_unfit_for_mode
     from .recording import SessionRecorder
+    from .session import session_knob_map
 
     lock = None
     try:
         opened = open_machine(request["machine"], request["seed"], request["errors"], connect=False)
         agent = Policy.load(request["policy"], opened.definition, opened.setup)
         refuse_unfit_for_mode(agent, request["mode"])
+        knob_map = session_knob_map(agent, opened.setup)
         lock = opened.lock()
         if lock:
             lock.acquire()
@@ -176,7 +178,7 @@ def _open_session(conn, store: Store, request: dict):
         return None
     if lock:
         lock.note_session(recorder.session_id)
-    return opened, agent, lock, recorder
+    return opened, agent, lock, recorder, knob_map
 
 
 # What a session process needs of the server's process: its environment (data directory,
@@ -212,7 +214,7 @@ def session_process(conn, store_url: str, request: dict, sim_step_interval: floa
     opening = _open_session(conn, store, request)
     if opening is None:
         return
-    opened, agent, lock, recorder = opening
+    opened, agent, lock, recorder, knob_map = opening
     sid = recorder.session_id
     snapshot = unique_snapshot_path(opened.name, sid)
     store.set_snapshot(sid, str(snapshot))
@@ -238,6 +240,7 @@ def session_process(conn, store_url: str, request: dict, sim_step_interval: floa
                 on_step=lambda record: (recorder.on_step(record), controls.stepped()), on_event=recorder.on_event,
                 guard_ready=lambda g: setattr(controls, "guard", g), before_step=controls.before_step,
                 measured_response=recorded_response(store, opened) if request["mode"] == "dry-run" else None,
+                knob_map=knob_map,
             )
         recorder.finish(result)
         status = result.status

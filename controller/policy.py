@@ -184,11 +184,13 @@ def resolve_policy_path(path: str | Path, setup=None, variant: str = "") -> Path
     if str(path) == "pretrained":
         if setup is None:
             raise ConfigError("--policy pretrained needs a lattice to choose the shipped policy")
-        stem = f"{setup.name}-{variant}" if variant else setup.name
-        shipped = POLICY_DIR / f"{stem}.pt"
-        if not shipped.is_file():
-            raise ConfigError(f"no pretrained {variant + ' ' if variant else ''}policy ships for lattice {setup.name!r}")
-        return Path(str(shipped))
+        # A calibrated setup runs its origin's shipped policy (through a knob map, see session_knob_map).
+        for name in dict.fromkeys(n for n in (setup.name, getattr(setup, "derived_from", "")) if n):
+            shipped = POLICY_DIR / (f"{name}-{variant}.pt" if variant else f"{name}.pt")
+            if shipped.is_file():
+                return Path(str(shipped))
+        raise ConfigError(f"no pretrained {variant + ' ' if variant else ''}policy ships for lattice {setup.name!r}"
+                          + (f" or {setup.derived_from!r}" if getattr(setup, "derived_from", "") else ""))
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: policy file not found")
@@ -198,14 +200,10 @@ def resolve_policy_path(path: str | Path, setup=None, variant: str = "") -> Path
 def resolve_init_policy(path: str | Path, setup) -> Path:
     """The policy a fine-tuning run starts from: a file, or `pretrained` = the shipped policy
     of the setup or of the setup it was calibrated from (``derived_from``)."""
-    if str(path) == "pretrained":
-        for name in (setup.name, getattr(setup, "derived_from", "")):
-            shipped = POLICY_DIR / f"{name}.pt"
-            if name and shipped.is_file():
-                return Path(str(shipped))
-        raise ConfigError(f"--init-from pretrained: no pretrained policy ships for lattice {setup.name!r}"
-                          + (f" or {setup.derived_from!r}" if getattr(setup, "derived_from", "") else ""))
-    return resolve_policy_path(path)
+    try:
+        return resolve_policy_path(path, setup)
+    except ConfigError as exc:
+        raise ConfigError(f"--init-from {path}: {exc}") from None
 
 
 def file_sha256(path: Path) -> str:

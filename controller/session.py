@@ -22,6 +22,7 @@ from safety.guard import (
     Approver, GuardedPlant, InterlockRule, Mode, OperatorAbort, OperatorRejected, SafetyConfig, SafetyEvent, SafetyTrip,
 )
 
+from .knob_map import KnobMap, knob_map_for, mapped
 from .policy import Policy, refuse_unfit_for_mode
 from .response import ResponseMismatch, check_response
 
@@ -88,6 +89,17 @@ def policy_task(plant: Plant, policy: Policy) -> Task:
     """The task `policy` was trained on, on `plant` (its knobs, its readings)."""
     definition = get_task(policy.task)
     return definition.task_for_policy(plant.knobs, plant.readings, policy.metadata)
+
+
+def session_knob_map(policy: Policy, machine_setup) -> KnobMap | None:
+    """The knob map a session of `policy` on a machine of `machine_setup` runs through:
+    None when the policy's model is the setup's own (or either has none); ConfigError,
+    before anything is written, when no usable map exists."""
+    if machine_setup is None:
+        return None
+    definition = get_task(policy.task)
+    expected = definition.expected_response(policy.metadata)
+    return knob_map_for(definition.setup_response(machine_setup), None if expected is None else expected["matrix"])
 
 
 def default_safety(policy: Policy, plant: Plant | None = None) -> SafetyConfig:
@@ -182,6 +194,7 @@ def run_session(
     guard_ready: Callable[[GuardedPlant], None] | None = None,
     before_step: Callable[[], None] | None = None,
     measured_response: np.ndarray | None = None,
+    knob_map: KnobMap | None = None,
 ) -> SessionResult:
     """Tune `plant` with `policy` (any registered task, from the policy); never raises on a trip.
 
@@ -190,6 +203,10 @@ def run_session(
     ``safety.max_response_mismatch`` the session stops and restores (status ``mismatch``).
     A dry-run writes nothing, so it compares `measured_response` (the machine's last
     recorded response measurement) instead, when there is one.
+
+    With a `knob_map` (:func:`session_knob_map`: the machine's calibrated model differs
+    from the policy's) the policy's settings reach the guard through it, and the mismatch
+    guard checks the machine against the calibrated model instead of the policy's.
     """
     unfit = refuse_unfit_for_mode(policy, mode)  # before anything touches the plant
     start = time.perf_counter()
@@ -200,6 +217,9 @@ def run_session(
                          snapshot_context, lambda start: definition.safe_settings(plant.knobs, start),
                          definition.safe_state_label)
     expected = definition.expected_response(policy.metadata)  # the policy's response model, if its task has one
+    if knob_map is not None and expected is not None:
+        # The guard sees physical settings: what they should do is the calibrated model's.
+        expected = {**expected, "matrix": knob_map.machine_response}
     guard.predict = expected_effect(expected, task, primary, guard)
     if guard_ready:
         guard_ready(guard)
@@ -295,9 +315,14 @@ def run_session(
             initial = final = task.measure(found.values)[primary.name]
             success = True
             return result()
+        if knob_map is not None:
+            guard.on_event_and_store(Event(time.time(), "knob_map", "the policy's lattice differs from this machine's "
+                                           f"calibrated one: its settings go through a knob map ({knob_map.describe()})",
+                                           {"matrix": knob_map.matrix.round(6).tolist(), "residual": knob_map.residual,
+                                            "condition": knob_map.condition}))
         # Autonomous: nobody approves the opening probe, so a pilot of it is judged first.
         piloted = PilotFirstWrite(guard, check_pilot) if mode == "auto" and expected is not None else guard
-        episode = run_episode(task, piloted, policy.act, max_steps=1 if mode == "dry-run" else task.max_steps,
+        episode = run_episode(task, mapped(piloted, knob_map, guard.snapshot), policy.act, max_steps=1 if mode == "dry-run" else task.max_steps,
                               on_start=started, on_step=stepped, on_event=guard.on_event_and_store, before_step=before_step)
         if mode == "dry-run":
             status = "dry-run"

@@ -426,6 +426,13 @@ class TaskDefinition(ABC):
         task has no such model (sessions then cannot check the machine matches)."""
         return None
 
+    def setup_response(self, setup: Any) -> np.ndarray | None:
+        """The linear response (n_readings x n_knobs) the model of `setup` predicts, in the
+        same units as :meth:`expected_response`: a policy trained on another setup is run
+        on a machine of this one through a knob map (``controller.knob_map``). None if the
+        task has no such model."""
+        return None
+
     def calibrate(self, setup: Any, measurement: dict, out: Path) -> dict | None:
         """Fit the setup to a measured response (``controller.response``), write the
         calibrated setup file and a report into `out`; None if the task cannot.

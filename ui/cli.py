@@ -230,7 +230,7 @@ def run(
     signal.signal(signal.SIGINT, lambda *_: guards and guards[0].abort("operator abort (Ctrl-C)"))
 
     def on_event(event) -> None:
-        if event.kind in ("warning", "mismatch"):  # the operator should see it now, not only in the log
+        if event.kind in ("warning", "mismatch", "knob_map"):  # the operator should see it now, not only in the log
             _error(f"{event.kind}: {event.reason}")
 
     result, session_id, opened = api.run_on_machine(

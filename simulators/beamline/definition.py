@@ -114,6 +114,9 @@ class OrbitDefinition(TaskDefinition):
             matrix = nominal_response(load_lattice(name)).tolist()
         return {"matrix": matrix, "noise": float(metadata.get("error_model", {}).get("bpm_noise_mm", 0.05))}
 
+    def setup_response(self, setup: Lattice):
+        return nominal_response(setup)
+
     def check_policy(self, metadata: dict, setup: Lattice) -> str | None:
         trained, mine = metadata.get("lattice", {}), setup.fingerprint()
         for key, what in (("n_bpm", "BPMs"), ("n_correctors", "correctors")):

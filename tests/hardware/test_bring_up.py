@@ -89,6 +89,16 @@ def test_measure_response_restores_exactly_within_max_step_and_calibrate_fits_it
     assert (out / "report.md").read_text().startswith("# Calibration") and (out / "response.png").stat().st_size > 0
     assert load_lattice(out / "lattice.yaml").derived_from == "cafe2-cm1"
 
+    # The shipped policy on the calibrated machine goes through the knob map and corrects it.
+    puts = len(ioc.puts())
+    proc = run_cli("run", "--machine", str(out / "machine.yaml"), "--policy", "pretrained", "--mode", "auto", "--json",
+                   timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    session = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    assert session["status"] == "completed" and session["final_rms_mm"] < 0.5 and not session["trips"], session
+    assert "knob map" in proc.stdout + proc.stderr
+    assert_steps_within_max_step(ioc.puts()[puts:], {c.setpoint: v for c, v in zip(machine.knobs, before)})
+
 
 def test_measure_response_trip_restores(start_ioc, run_cli, tmp_path):
     ioc = start_ioc(seed=1)
