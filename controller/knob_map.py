@@ -50,7 +50,8 @@ class KnobMap:
     def problem(self) -> str | None:
         """Why this map must not be used (None if it may)."""
         if not np.isfinite(self.condition) or self.condition > MAX_CONDITION:
-            return f"knob map condition number {self.condition:.3g} > {MAX_CONDITION:g} (some policy directions would need huge settings)"
+            return (f"knob map condition number {self.condition:.3g} > {MAX_CONDITION:g} "
+                    "(some policy directions would need huge settings)")
         if self.residual > MAX_RESIDUAL:
             return (f"the machine cannot reproduce the policy's response through any knob map "
                     f"(relative residual {self.residual:.2f} > {MAX_RESIDUAL:g})")

@@ -322,7 +322,8 @@ def run_session(
                                             "condition": knob_map.condition}))
         # Autonomous: nobody approves the opening probe, so a pilot of it is judged first.
         piloted = PilotFirstWrite(guard, check_pilot) if mode == "auto" and expected is not None else guard
-        episode = run_episode(task, mapped(piloted, knob_map, guard.snapshot), policy.act, max_steps=1 if mode == "dry-run" else task.max_steps,
+        seen_by_task = mapped(piloted, knob_map, guard.snapshot)  # the policy's knobs, when they are mapped
+        episode = run_episode(task, seen_by_task, policy.act, max_steps=1 if mode == "dry-run" else task.max_steps,
                               on_start=started, on_step=stepped, on_event=guard.on_event_and_store, before_step=before_step)
         if mode == "dry-run":
             status = "dry-run"
