@@ -162,8 +162,11 @@ def open_run_page(driver, stack, mode: str) -> None:
     driver.set_window_size(1600, 900)
     driver.get(stack.console + "/")
     WebDriverWait(driver, 60).until(lambda d: seen(d, "Run tuning") and seen(d, "No session on this machine"))
-    # Streamlit radios are labels around hidden inputs.
-    driver.find_element(By.XPATH, f"//label[.//p[normalize-space(.)='{mode}']]").click()
+    # Streamlit radios are labels around hidden inputs; the page renders in pieces (on a
+    # loaded box the radio can come after the status line), so wait for it too.
+    radio = f"//label[.//p[normalize-space(.)='{mode}']]"
+    WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.XPATH, radio))
+    driver.find_element(By.XPATH, radio).click()
     WebDriverWait(driver, 10).until(lambda d: d.find_element(By.XPATH, f"//label[.//p[normalize-space(.)='{mode}']]//input").is_selected())
 
 
