@@ -56,7 +56,8 @@ def test_a_bubble_out_of_the_field_of_view_is_lost_not_misread():
     assert not r.valid[0] and np.isnan(r.values[0]) and r.interlocks["in_view"] == 0.0
     assert r.problems["position"] == "bubble lost from the field of view"
     _, reward, terminated, _, info = e.step(np.array([-1.0, -1.0]))
-    assert terminated and reward == -10.0 and not info["solver_failure"] and "field of view" in info["failure"]
+    # the penalty and the 127 steps it forfeits at -1: giving a bubble up must not pay
+    assert terminated and reward == -10.0 - 127.0 and not info["solver_failure"] and "field of view" in info["failure"]
 
 
 def test_the_registered_task_evaluates_linear_theory_over_its_long_horizon():
