@@ -79,11 +79,14 @@ def parameters(r0_m: float, liquid: Liquid | None = None, drive: Drive | None = 
 # error_model="numpy": a division by zero gives inf/NaN (caught by the integrators' finite
 # checks and reported as a solver failure) instead of a Python exception check on every
 # division; the arithmetic is unchanged, the integration ~12 % faster (measured 904 -> 1016
-# control steps/s batched on a busy core). fastmath without "nnan"/"ninf" (those would let
-# the compiler drop the finite checks): reassociation and fused multiply-adds, 846 -> 968
-# control steps/s on the idle box; the results move at rounding level (the tests vs scipy
-# hold).
-@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "arcp", "nsz", "afn"})
+# control steps/s batched on a busy core). FAST_MATH leaves out "nnan" and "ninf" (they
+# would let the compiler drop those finite checks): reassociation and fused multiply-adds,
+# 846 -> 968 control steps/s on the idle box; results move at rounding level (the tests
+# against scipy hold).
+FAST_MATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
+
+
+@numba.njit(cache=True, error_model="numpy", fastmath=FAST_MATH)
 def rhs(tau: float, y: np.ndarray, par: np.ndarray, pa1: float, pa2: float, out: np.ndarray) -> None:
     """d/dtau of the dimensionless state, amplitudes `pa1`, `pa2` in Pa."""
     r0, f1, lam0, p0, pv, rho, sigma, mu, c, gam, pg0, k1, k2, w1, w2 = (
@@ -139,7 +142,7 @@ _B = np.array([35 / 384, 0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0])
 _E = _B - np.array([5179 / 57600, 0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40])
 
 
-@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "arcp", "nsz", "afn"})
+@numba.njit(cache=True, error_model="numpy", fastmath=FAST_MATH)
 def integrate_one(y: np.ndarray, tau0: float, tau1: float, par: np.ndarray, pa1: float, pa2: float, rtol: float,
                   atol: float, h0: float, h_min: float, max_steps: int) -> tuple:
     """Integrate one bubble from `tau0` to `tau1` in place; returns (status, steps, last h, max r)."""
@@ -210,7 +213,7 @@ _E3 = np.ascontiguousarray(_dop853.E3)
 _E5 = np.ascontiguousarray(_dop853.E5)
 
 
-@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "arcp", "nsz", "afn"})
+@numba.njit(cache=True, error_model="numpy", fastmath=FAST_MATH)
 def integrate_one_853(y: np.ndarray, tau0: float, tau1: float, par: np.ndarray, pa1: float, pa2: float, rtol: float,
                       atol: float, h0: float, h_min: float, max_steps: int) -> tuple:
     """As :func:`integrate_one`, with the 8th-order Dormand-Prince pair."""
@@ -282,7 +285,7 @@ def integrate_one_853(y: np.ndarray, tau0: float, tau1: float, par: np.ndarray, 
     return 0, steps, h, r_max
 
 
-@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "arcp", "nsz", "afn"})
+@numba.njit(cache=True, error_model="numpy", fastmath=FAST_MATH)
 def integrate_batch(states: np.ndarray, tau0: np.ndarray, span: float, par: np.ndarray, amplitudes: np.ndarray,
                     rtol: float, atol: float, h0: np.ndarray, h_min: float, max_steps: int, status: np.ndarray,
                     steps: np.ndarray, r_max: np.ndarray, high_order: bool) -> None:
