@@ -5,8 +5,8 @@ speed, and zero-shot deployment on the virtual field over real Channel Access.
                               [--day-s 0.1] [--out benchmarks/results]
 
 1. Simulation: ``tbsac evaluate crop --crop wheat --seasons 40 --seed 0``: the agent, no
-   N, the expert's three splits, the best fixed schedule (fitted on training seasons)
-   and the hindsight optimum per season, on held-out seasons (``test`` preset: weather
+   N, the expert's three splits, the best fixed schedule and the soil-N target rule
+   (both fitted on training seasons) and the hindsight optimum per season, on held-out seasons (``test`` preset: weather
    years 1992-1998, never trained on, x soils drawn from the seed).
 2. Model speed: ms per simulated day over whole seasons (no N; the expert's schedule),
    and per season including the model's construction.
@@ -41,7 +41,7 @@ APPLIED, GRAIN = 8, 9  # reading positions: N applied so far, grain
 def simulation(policy: str, seasons: int, seed: int) -> dict:
     from controller import api
 
-    return api.evaluate("crop", SETUP, policy, seasons, seed, "test", ("none", "expert", "best_fixed", "hindsight")).summary
+    return api.evaluate("crop", SETUP, policy, seasons, seed, "test", ("none", "expert", "best_fixed", "target_rule", "hindsight")).summary
 
 
 def model_speed(seasons: int = 6) -> dict:

@@ -6,6 +6,10 @@
 - ``best_fixed``: the expert's splits with their doses optimised on training seasons
   (``python -m simulators.crop.baselines fit --setup wheat``; stored beside the setup file,
   ``<setup>.best-fixed.json``);
+- ``target_rule``: the agent's action held still: from the first to the last development
+  stage, fill the soil mineral-N pool up to one level every day, the level fitted on
+  training seasons (``python -m simulators.crop.baselines fit-target --setup wheat``);
+  the simplest feedback rule, and the bar the agent's state-dependent targets must clear;
 - ``hindsight``: per season, the split doses optimised knowing that season's weather and
   field (the ceiling of split schedules; an adaptive agent may pass it).
 
@@ -21,9 +25,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import minimize
+from scipy.optimize import minimize, minimize_scalar
 
-from .task import CropErrors, CropSetup, CropSimPlant, CropTaskConfig, Schedule
+from core.task import run_episode
+
+from .task import CropErrors, CropSetup, CropSimPlant, CropTask, CropTaskConfig, Schedule
 
 FIT_SEASONS = 16  # training seasons the best fixed schedule is fitted on
 FIT_EVALUATIONS = 60
@@ -63,6 +69,29 @@ def run_schedule(plant: CropSimPlant, seed: int, schedule: Schedule | None, conf
         dose = min(dose, config.max_dose_kg_ha, max(0.0, config.season_cap_kg_ha - applied))
         plant.write_knobs(np.array([dose if dose >= config.min_dose_kg_ha else 0.0]))
     return season_result(plant, config)
+
+
+def run_target_rule(plant: CropSimPlant, seed: int, target_kg_ha: float, config: CropTaskConfig) -> SeasonRun:
+    """Season `seed` on `plant` holding the soil mineral-N pool at `target_kg_ha` through the
+    task's own soil-N-target action (the same dose arithmetic and rules as the agent's)."""
+    rule = config.model_copy(update={"action": "soil_n_target"})
+    action = np.array([2.0 * target_kg_ha / rule.soil_n_target_max_kg_ha - 1.0])
+    plant.reset(seed)
+    run_episode(CropTask(rule), plant, lambda _: action, seed=seed)
+    return season_result(plant, config)
+
+
+def fit_target_rule(setup: CropSetup, errors: CropErrors, seeds, config: CropTaskConfig,
+                    crop_dir=None) -> tuple[float, float]:
+    """The soil mineral-N level maximising the mean profit over `seeds` (bounded Brent to
+    1 kg N/ha); (level, mean profit)."""
+    plant = CropSimPlant(setup, errors, crop_dir)
+
+    def loss(target):
+        return -float(np.mean([run_target_rule(plant, s, target, config).profit_usd_ha for s in seeds]))
+
+    best = minimize_scalar(loss, bounds=(0.0, config.soil_n_target_max_kg_ha), method="bounded", options={"xatol": 1.0})
+    return round(float(best.x), 1), -float(best.fun)
 
 
 def season_result(plant: CropSimPlant, config: CropTaskConfig) -> SeasonRun:
@@ -121,19 +150,27 @@ def hindsight(setup: CropSetup, errors: CropErrors, seeds, config: CropTaskConfi
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m simulators.crop.baselines fit --setup wheat``: fit and store the best fixed schedule."""
+    """``python -m simulators.crop.baselines fit --setup wheat``: fit and store the best fixed
+    schedule; ``fit-target``: the target rule's level (stored in the same file)."""
     parser = argparse.ArgumentParser(prog="python -m simulators.crop.baselines")
-    parser.add_argument("command", choices=["fit"])
+    parser.add_argument("command", choices=["fit", "fit-target"])
     parser.add_argument("--setup", default="wheat")
     parser.add_argument("--seasons", type=int, default=FIT_SEASONS)
     parser.add_argument("--evaluations", type=int, default=FIT_EVALUATIONS)
     args = parser.parse_args(argv)
-    from .definition import CropDefinition, store_best_fixed
+    from .definition import CropDefinition, store_best_fixed, store_target_rule
 
     definition = CropDefinition()
     setup = definition.load_setup(args.setup)
     config = definition.task_config(setup)
     seeds = list(range(args.seasons))
+    if args.command == "fit-target":
+        level, profit = fit_target_rule(setup, definition.load_errors("train"), seeds, config)
+        path = store_target_rule(setup, level, {"errors": "train", "seeds": f"0-{args.seasons - 1}",
+                                                "mean_profit_usd_ha": round(profit, 1)})
+        print(f"target rule: soil mineral N held at {level} kg N/ha, mean profit {profit:.1f} $/ha on {args.seasons} "
+              f"training seasons; written to {path}")
+        return
     schedule, profit = optimise_doses(setup, definition.load_errors("train"), seeds, config, evaluations=args.evaluations)
     path = store_best_fixed(setup, schedule, {"errors": "train", "seeds": f"0-{args.seasons - 1}",
                                               "evaluations": args.evaluations, "mean_profit_usd_ha": round(profit, 1)})

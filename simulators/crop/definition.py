@@ -15,7 +15,7 @@ from core.task import EpisodeResult, TaskDefinition, concat_parts, run_episode
 from .task import METRICS, PRESETS, CropErrors, CropSetup, CropSimPlant, CropTask, CropTaskConfig, Schedule, reading_indices
 
 SETUP_DIR = resources.files("simulators.crop") / "setups"
-METHODS = ("none", "expert", "best_fixed", "hindsight")
+METHODS = ("none", "expert", "best_fixed", "target_rule", "hindsight")
 PLOTTED_SEASON = 0  # the season (index in the evaluation) the figure shows
 
 
@@ -23,11 +23,21 @@ def best_fixed_file(setup_name: str) -> Path:
     return Path(str(SETUP_DIR / f"{setup_name}.best-fixed.json"))
 
 
+def _update_fitted(setup: CropSetup, entries: dict) -> Path:
+    path = best_fixed_file(setup.name)
+    fitted = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**fitted, **entries}, indent=2) + "\n")
+    return path
+
+
 def store_best_fixed(setup: CropSetup, schedule: Schedule, fit: dict) -> Path:
     """Write the fitted schedule beside the shipped setup (read back by ``load_setup``)."""
-    path = best_fixed_file(setup.name)
-    path.write_text(json.dumps({"schedule": schedule.model_dump(), "fit": fit}, indent=2) + "\n")
-    return path
+    return _update_fitted(setup, {"schedule": schedule.model_dump(), "fit": fit})
+
+
+def store_target_rule(setup: CropSetup, level_kg_ha: float, fit: dict) -> Path:
+    """Write the target rule's fitted soil mineral-N level beside the shipped setup."""
+    return _update_fitted(setup, {"target_rule": {"soil_n_kg_ha": level_kg_ha, "fit": fit}})
 
 
 def percentile_summary(values: list[float | None]) -> dict:
@@ -98,8 +108,12 @@ class CropDefinition(TaskDefinition):
     def load_setup(self, name_or_path) -> CropSetup:
         setup = load_shipped_or_file(CropSetup, SETUP_DIR, name_or_path, "crop setup", "setup")
         fitted = best_fixed_file(setup.name)
-        if setup.best_fixed is None and str(name_or_path) in self.shipped_setups() and fitted.is_file():
-            setup = setup.model_copy(update={"best_fixed": Schedule(**json.loads(fitted.read_text())["schedule"])})
+        if str(name_or_path) in self.shipped_setups() and fitted.is_file():
+            stored = json.loads(fitted.read_text())
+            if setup.best_fixed is None and "schedule" in stored:
+                setup = setup.model_copy(update={"best_fixed": Schedule(**stored["schedule"])})
+            if setup.target_rule_kg_ha is None and "target_rule" in stored:
+                setup = setup.model_copy(update={"target_rule_kg_ha": stored["target_rule"]["soil_n_kg_ha"]})
         return setup
 
     def error_presets(self) -> list[str]:
@@ -121,7 +135,8 @@ class CropDefinition(TaskDefinition):
         return (config or CropTaskConfig()).model_copy(update={
             "max_dose_kg_ha": setup.max_dose_kg_ha, "min_dose_kg_ha": setup.min_dose_kg_ha,
             "season_cap_kg_ha": setup.season_cap_kg_ha, "first_application_dvs": setup.first_application_dvs,
-            "last_application_dvs": setup.last_application_dvs})
+            "last_application_dvs": setup.last_application_dvs,
+            "n_recovery": setup.n_recovery})
 
     def make_task(self, setup, knobs: list[KnobSpec], readings: list[ReadingSpec], config) -> CropTask:
         if setup is not None and not isinstance(setup, str):
@@ -134,7 +149,9 @@ class CropDefinition(TaskDefinition):
                 "observation": {"size": int(task.observation_space.shape[0]),
                                 "layout": "DVS, LAI, biomass, crop N, soil N and their changes; rain, temperature, "
                                           "N applied / cap, day, last dose"},
-                "action": {"size": 1, "unit": "fraction of the largest dose (<= 0: none)"}}
+                "action": {"size": 1, "unit": ("fraction of the largest dose (<= 0: none)" if task.config.action == "dose" else
+                                               f"soil mineral N wanted, (a + 1) / 2 x {task.config.soil_n_target_max_kg_ha} "
+                                               "kg N/ha; today's dose fills the pool up to it")}}
 
     def check_policy(self, metadata: dict, setup: CropSetup) -> str | None:
         trained = metadata.get("lattice", {})
@@ -186,11 +203,14 @@ class CropDefinition(TaskDefinition):
                 notes["best_fixed"] = f"not fitted for {setup.name}: python -m simulators.crop.baselines fit --setup {setup.name}"
             else:
                 schedules["best_fixed"] = setup.best_fixed
+        if "target_rule" in methods and setup.target_rule_kg_ha is None:
+            notes["target_rule"] = (f"not fitted for {setup.name}: python -m simulators.crop.baselines fit-target "
+                                    f"--setup {setup.name}")
         return schedules, notes
 
     def evaluate_part(self, setup: CropSetup, errors: CropErrors, agent, seeds, methods, budget=None, **extra):
         """Season results per method on seasons `seeds` (each season depends only on its seed)."""
-        from .baselines import hindsight, run_schedule
+        from .baselines import hindsight, run_schedule, run_target_rule
 
         config, seeds = self._eval_config(setup, agent), list(seeds)
         runs: dict[str, list] = {}
@@ -201,6 +221,8 @@ class CropDefinition(TaskDefinition):
         for name, schedule in schedules.items():
             if name in methods:
                 runs[name] = [run_schedule(plant, s, schedule, config) for s in seeds]
+        if "target_rule" in methods and setup.target_rule_kg_ha is not None:
+            runs["target_rule"] = [run_target_rule(plant, s, setup.target_rule_kg_ha, config) for s in seeds]
         if "hindsight" in methods:
             start = (setup.best_fixed or setup.expert).doses
             best = hindsight(setup, errors, seeds, config, start=start)

@@ -11,10 +11,13 @@ grain and a harvested flag. Each write runs one day.
   biomass, crop N and soil mineral N its value and its change over the last
   ``trend_days``; rain (sum) and temperature (mean) over those days; N applied as a
   share of the seasonal cap; days since sowing; the last dose;
-- action ``a in [-1, 1]``: dose ``max(a, 0) x max_dose`` (half the action range is "no
-  N today", so most days cost nothing); doses below ``min_dose`` are not spread, none
-  outside development stages ``first_application_dvs`` to ``last_application_dvs``, and
-  the seasonal cap is never exceeded;
+- action ``a in [-1, 1]``, as the config's ``action`` says: ``dose``, today's dose
+  ``max(a, 0) x max_dose`` (half the action range is "no N today", so most days cost
+  nothing); or ``soil_n_target``, the soil mineral N wanted today, ``(a + 1) / 2 x
+  soil_n_target_max``, today's dose being what fills the pool up to it (``/ n_recovery``;
+  none if the pool holds enough). Either way doses below ``min_dose`` are not spread,
+  none outside development stages ``first_application_dvs`` to ``last_application_dvs``,
+  none above ``max_dose``, and the seasonal cap is never exceeded;
 - reward: economic. Each day ``- N cost x N applied that day``; at harvest ``+ grain price
   x grain yield - residual soil N x penalty``; plus potential-based shaping (Ng et al.
   1999) valuing the standing biomass at ``shaping_grain_per_biomass`` kg grain per kg:
@@ -34,6 +37,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from gymnasium import spaces
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
 from core.config import reading_positions
@@ -97,6 +102,9 @@ class CropSetup(BaseModel):
     expert: Schedule
     best_fixed: Schedule | None = Field(None, description="the expert's splits with doses optimised on training seasons "
                                         "(python -m simulators.crop.baselines fit; read from <setup>.best-fixed.json)")
+    target_rule_kg_ha: NonNegativeFloat | None = Field(
+        None, description="the soil mineral-N level a fixed rule holds from the first to the last development stage, "
+        "fitted on training seasons (python -m simulators.crop.baselines fit-target; read from <setup>.best-fixed.json)")
 
 
 class CropErrors(BaseModel):
@@ -222,6 +230,11 @@ class CropTaskConfig(BaseModel):
     season_cap_kg_ha: PositiveFloat = 250.0
     first_application_dvs: float = 0.1
     last_application_dvs: float = 1.0
+    action: Literal["dose", "soil_n_target"] = Field(
+        "dose", description="what the action sets: 'dose', today's dose (max(a, 0) x max_dose); 'soil_n_target', the "
+        "soil mineral N wanted today ((a + 1) / 2 x soil_n_target_max_kg_ha), today's dose filling the pool up to it")
+    soil_n_target_max_kg_ha: PositiveFloat = 250.0
+    n_recovery: float = Field(0.7, gt=0, le=1, description="share of a dose that reaches the mineral-N pool")
 
 
 def profit_metric() -> MetricSpec:
@@ -294,7 +307,14 @@ class CropTask(Task):
     def dose(self, action: np.ndarray, readings: dict[str, float] | None = None) -> float:
         """The dose the action asks for within the task's rules (minimum dose, last stage, cap)."""
         c, v = self.config, readings or self._values(self._last)
-        dose = float(np.clip(np.asarray(action, dtype=float)[0], 0.0, 1.0)) * c.max_dose_kg_ha
+        a = float(np.clip(np.asarray(action, dtype=float)[0], -1.0, 1.0))
+        if c.action == "soil_n_target":
+            # A setpoint for the pool, not a dose: the pool is what the crop draws on, and
+            # holding it is what adapts the season's total to the crop's uptake.
+            dose = ((a + 1.0) / 2.0 * c.soil_n_target_max_kg_ha - v["soil_n"]) / c.n_recovery
+            dose = min(max(dose, 0.0), c.max_dose_kg_ha)
+        else:
+            dose = max(a, 0.0) * c.max_dose_kg_ha
         dose = min(dose, max(0.0, c.season_cap_kg_ha - v["applied"]))
         if (dose < c.min_dose_kg_ha or not c.first_application_dvs <= v["dvs"] <= c.last_application_dvs
                 or v["harvested"] >= 0.5):

@@ -10,7 +10,7 @@ import pytest
 from core.config import ConfigError
 from core.registry import get_task
 from core.task import run_episode
-from simulators.crop.baselines import optimise_doses, run_schedule
+from simulators.crop.baselines import optimise_doses, run_schedule, run_target_rule
 from simulators.crop.model import weather_provider
 from simulators.crop.task import PRESETS, CropTaskConfig, draw_field
 
@@ -71,6 +71,41 @@ def test_the_task_spreads_nothing_below_the_minimum_after_the_last_stage_or_beyo
     assert task.dose(np.array([1.0]), {**v, "dvs": c.last_application_dvs + 0.01}) == 0.0
     result = run_episode(task, plant, lambda obs: np.array([1.0]))  # always the most: the cap holds
     assert result.final["n_applied_kg_ha"] == pytest.approx(c.season_cap_kg_ha)
+
+
+def test_a_soil_n_target_fills_the_pool_up_to_it_within_the_same_rules(crop):
+    plant, _ = field(crop)
+    definition, setup = crop
+    task = definition.make_task(setup, plant.knobs, plant.readings, CropTaskConfig(action="soil_n_target"))
+    plant.reset(0)
+    task.start(plant)
+    c = task.config
+    v = {**task._values(task.last_readings), "dvs": 0.5, "soil_n": 40.0}
+    ask = lambda kg: np.array([2.0 * kg / c.soil_n_target_max_kg_ha - 1.0])  # noqa: E731
+    # 40 kg in the pool, 110 wanted: 70 kg must arrive, a dose of 70 / recovery
+    assert c.n_recovery == setup.n_recovery and task.dose(ask(110.0), v) == pytest.approx(70.0 / c.n_recovery)
+    assert task.dose(ask(30.0), v) == 0.0 and task.dose(ask(42.0), v) == 0.0  # above the target; below the minimum
+    assert task.dose(ask(250.0), v) == c.max_dose_kg_ha  # the applicator's largest dose
+    assert task.dose(ask(110.0), {**v, "applied": c.season_cap_kg_ha - 20}) == pytest.approx(20.0)
+    assert task.dose(ask(110.0), {**v, "dvs": c.last_application_dvs + 0.01}) == 0.0
+
+
+def test_the_target_rule_holds_the_pool_and_adapts_the_seasons_total(crop):
+    """One level, two seasons: the rule spreads what each crop drew from the pool, not a
+    fixed amount; the pool sits at the level while doses may be spread, less at most one
+    day's uptake (a dose reaches the pool the day after it is decided)."""
+    definition, setup = crop
+    plant = definition.sim_plant(setup, definition.load_errors("test"))
+    config = definition.task_config(setup)
+    runs = [run_target_rule(plant, seed, 100.0, config) for seed in (0, 4)]
+    for run in runs:
+        window = [(s["soil_n_kg_ha"], dose) for s, dose in zip(run.trace[1:], run.doses[1:])
+                  if config.first_application_dvs + 0.05 <= s["dvs"] <= config.last_application_dvs - 0.05]
+        pools = np.array([pool for pool, _ in window])
+        assert len(pools) > 20 and pools.min() > 100.0 - 15.0 and np.median(pools) > 95.0
+        assert 0 < run.n_applied_kg_ha < config.season_cap_kg_ha
+    assert abs(runs[0].n_applied_kg_ha - runs[1].n_applied_kg_ha) > 10.0
+    assert setup.target_rule_kg_ha is not None  # fitted and shipped beside the setup
 
 
 @pytest.mark.parametrize("shadow", [0.0, 0.5])
