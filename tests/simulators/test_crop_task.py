@@ -185,6 +185,28 @@ def test_a_policy_for_another_crop_is_refused(crop):
     assert "crop=wheat" in definition.check_policy(metadata, maize)
 
 
+def test_the_shipped_policy_sets_a_soil_n_target_and_its_task_fills_the_pool(crop):
+    """The policy file says what its action means; the task built from it (as evaluation
+    and deployment build it) turns the policy's output into the dose that fills the pool."""
+    from controller.policy import Policy
+
+    definition, setup = crop
+    agent = Policy.load("pretrained", definition, setup)
+    config = CropTaskConfig.model_validate(agent.metadata["task_config"])
+    assert config.action == "soil_n_target" and "soil mineral N wanted" in agent.metadata["action"]["unit"]
+    assert definition.training_overrides(config) == {"zero_init_actor": True, "ent_coef": 0.05}
+    assert definition.training_overrides(CropTaskConfig()) == {}
+    plant = definition.sim_plant(setup, definition.load_errors("test"))
+    task = definition.task_for_policy(plant.knobs, plant.readings, agent.metadata)
+    plant.reset(0)
+    obs = task.start(plant)
+    action = agent.act(obs)
+    level = (float(action[0]) + 1.0) / 2.0 * config.soil_n_target_max_kg_ha
+    spring = {**task._values(task.last_readings), "dvs": 0.5, "soil_n": 10.0}
+    want = min((level - 10.0) / config.n_recovery, config.max_dose_kg_ha)
+    assert task.dose(action, spring) == pytest.approx(want if want >= config.min_dose_kg_ha else 0.0)
+
+
 def test_tbsac_evaluate_crop_reports_every_method_and_refuses_an_unknown_crop(run_cli, tmp_path):
     import json
 
