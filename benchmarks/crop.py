@@ -6,8 +6,9 @@ speed, and zero-shot deployment on the virtual field over real Channel Access.
 
 1. Simulation: ``tbsac evaluate crop --crop wheat --seasons 40 --seed 0``: the agent, no
    N, the expert's three splits, the best fixed schedule and the soil-N target rule
-   (both fitted on training seasons) and the hindsight optimum per season, on held-out seasons (``test`` preset: weather
-   years 1992-1998, never trained on, x soils drawn from the seed).
+   (both fitted on training seasons) and the hindsight optimum per season, on held-out
+   seasons (``test`` preset: weather years 1992-1998, never trained on, x soils drawn
+   from the seed).
 2. Model speed: ms per simulated day over whole seasons (no N; the expert's schedule),
    and per season including the model's construction.
 3. Zero-shot over CA: per season a virtual field (``tbsac ioc --lattice wheat``) and a

@@ -84,9 +84,10 @@ class CropDefinition(TaskDefinition):
 
     # A soil-N target's profit is flat around its best level (measured: 1372.7-1374.4 $/ha
     # mean on the training seasons for 110-130 kg N/ha), so the critics cannot tell nearby
-    # levels apart; with SB3's defaults every run drifted within 20,000 steps to an end of
-    # the action range (the whole cap at spring growth, or nothing). Starting at the middle
-    # (125 kg N/ha) with a narrow spread and a fixed entropy weight keeps it near the level.
+    # levels apart; with SB3's defaults every run drifted within 20,000-40,000 steps to an
+    # end of the action range (the whole cap at spring growth, or nothing). Starting at the
+    # middle (125 kg N/ha) with a narrow spread and a fixed entropy weight keeps it near the
+    # level.
     TARGET_OVERRIDES = {"zero_init_actor": True, "ent_coef": 0.05}
 
     def training_overrides(self, config: CropTaskConfig) -> dict:

@@ -34,11 +34,10 @@ from __future__ import annotations
 import datetime as dt
 import zlib
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 from gymnasium import spaces
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
 from core.config import reading_positions
