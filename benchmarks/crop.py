@@ -42,7 +42,7 @@ APPLIED, GRAIN = 8, 9  # reading positions: N applied so far, grain
 def simulation(policy: str, seasons: int, seed: int) -> dict:
     from controller import api
 
-    return api.evaluate("crop", SETUP, policy, seasons, seed, "test", ("none", "expert", "best_fixed", "target_rule", "hindsight")).summary
+    return api.evaluate("crop", SETUP, policy, seasons, seed, "test", get_task("crop").default_baselines).summary
 
 
 def model_speed(seasons: int = 6) -> dict:

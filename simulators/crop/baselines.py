@@ -29,7 +29,7 @@ from scipy.optimize import minimize, minimize_scalar
 
 from core.task import run_episode
 
-from .task import CropErrors, CropSetup, CropSimPlant, CropTask, CropTaskConfig, Schedule
+from .task import CropErrors, CropSetup, CropSimPlant, CropTask, CropTaskConfig, Schedule, soil_n_target_action
 
 FIT_SEASONS = 16  # training seasons the best fixed schedule is fitted on
 FIT_EVALUATIONS = 60
@@ -75,7 +75,7 @@ def run_target_rule(plant: CropSimPlant, seed: int, target_kg_ha: float, config:
     """Season `seed` on `plant` holding the soil mineral-N pool at `target_kg_ha` through the
     task's own soil-N-target action (the same dose arithmetic and rules as the agent's)."""
     rule = config.model_copy(update={"action": "soil_n_target"})
-    action = np.array([2.0 * target_kg_ha / rule.soil_n_target_max_kg_ha - 1.0])
+    action = soil_n_target_action(rule, target_kg_ha)
     plant.reset(seed)
     run_episode(CropTask(rule), plant, lambda _: action, seed=seed)
     return season_result(plant, config)

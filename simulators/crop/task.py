@@ -236,6 +236,12 @@ class CropTaskConfig(BaseModel):
     n_recovery: float = Field(0.7, gt=0, le=1, description="share of a dose that reaches the mineral-N pool")
 
 
+def soil_n_target_action(config: CropTaskConfig, level_kg_ha: float) -> np.ndarray:
+    """The action asking for `level_kg_ha` of soil mineral N (the inverse of the task's
+    ``soil_n_target`` mapping)."""
+    return np.array([2.0 * level_kg_ha / config.soil_n_target_max_kg_ha - 1.0])
+
+
 def profit_metric() -> MetricSpec:
     return MetricSpec("profit_usd_ha", "$/ha", higher_is_better=True, target=None, label="grain value - N cost")
 
