@@ -8,6 +8,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 from stable_baselines3 import SAC
+from stable_baselines3.sac.policies import SACPolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
@@ -34,6 +35,33 @@ class TrendConvExtractor(BaseFeaturesExtractor):
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
         image = observations.reshape(-1, 1, 3, self.n)
         return torch.cat([self.activation(conv(image)).flatten(1) for conv in self.convs], dim=1)
+
+
+class LeadingFeatures(BaseFeaturesExtractor):
+    """The first `size` values of the observation (an asymmetric actor: the rest is the critics')."""
+
+    def __init__(self, observation_space: gym.spaces.Box, size: int):
+        super().__init__(observation_space, features_dim=size)
+        self.size = size
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        return observations[:, : self.size]
+
+
+def asymmetric_policy(policy_class: type, actor_observation_size: int) -> type:
+    """`policy_class` (SB3's SACPolicy or sb3-contrib's TQCPolicy) whose actor reads only
+    the first `actor_observation_size` values of the observation, while its critics read
+    all of it (asymmetric actor-critic, Pinto et al. 2018): the critics may be given what
+    only a simulator knows; the actor, the part that is shipped, never depends on it.
+    The actor's weights are those of a plain actor on the short observation."""
+
+    class AsymmetricPolicy(policy_class):
+        def make_actor(self, features_extractor=None):
+            extractor = LeadingFeatures(self.observation_space, actor_observation_size)
+            return super().make_actor(extractor)
+
+    AsymmetricPolicy.__name__ = f"Asymmetric{policy_class.__name__}"
+    return AsymmetricPolicy
 
 
 def policy_kwargs(arch: str) -> dict:
@@ -135,20 +163,24 @@ ZERO_INIT_STD = 0.25  # a zero-initialised actor's spread (before the tanh; SB3'
 
 def make_sac(env: gym.Env, arch: str = "tbsac", seed: int = 0, tensorboard_log: str | None = None,
              actor_lr_factor: float = 1.0, algorithm: str = "sac", risk_weight: float = 0.0, zero_init_actor: bool = False,
-             **overrides) -> SAC:
+             actor_observation_size: int | None = None, **overrides) -> SAC:
     """A TBSAC/MLP agent on `env`: SAC (the actor slower by `actor_lr_factor`), TQC
     (risk-averse with `risk_weight` in [0, 1)) or DDPG (deterministic, for comparison).
 
     `zero_init_actor`: the actor's mean starts at action 0 everywhere, its spread at
     ``ZERO_INIT_STD`` (sac/tqc), for residual tasks, whose action 0 is their base
-    controller: training starts from it and explores near it."""
+    controller: training starts from it and explores near it.
+
+    `actor_observation_size`: the actor reads only that many leading values of the
+    environment's observation, the critics all of it (:func:`asymmetric_policy`; sac/tqc)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {ALGORITHMS}")
     kwargs = policy_kwargs(arch)
     settings = {**SAC_DEFAULTS, **overrides}
     if algorithm == "ddpg":  # the deterministic comparison (the bubble paper's algorithm): no entropy term
-        if risk_weight or actor_lr_factor != 1.0 or zero_init_actor:
-            raise ValueError("a risk weight, a slower actor or a zero-initialised actor needs algorithm sac/tqc, not ddpg")
+        if risk_weight or actor_lr_factor != 1.0 or zero_init_actor or actor_observation_size is not None:
+            raise ValueError("a risk weight, a slower actor, a zero-initialised actor or an asymmetric actor-critic needs "
+                             "algorithm sac/tqc, not ddpg")
         from stable_baselines3 import DDPG
         from stable_baselines3.common.noise import NormalActionNoise
 
@@ -156,11 +188,15 @@ def make_sac(env: gym.Env, arch: str = "tbsac", seed: int = 0, tensorboard_log: 
         settings = {k: v for k, v in settings.items() if k not in SAC_ONLY}
         return DDPG("MlpPolicy", env, policy_kwargs=kwargs, seed=seed, tensorboard_log=tensorboard_log, device="cpu",
                     verbose=0, action_noise=NormalActionNoise(np.zeros(n), np.full(n, DDPG_NOISE)), **settings)
+    policy = "MlpPolicy"
     if algorithm == "tqc":
         if not 0 <= risk_weight < 1:
             raise ValueError(f"risk weight must be in [0, 1), got {risk_weight}")
         from sb3_contrib import TQC
+        from sb3_contrib.tqc.policies import TQCPolicy
 
+        if actor_observation_size is not None:
+            policy = asymmetric_policy(TQCPolicy, actor_observation_size)
         cls = _risk_averse_tqc(risk_weight) if risk_weight else TQC
         kwargs = {**kwargs, **TQC_POLICY}
         settings = {**TQC_DEFAULTS, **settings}
@@ -170,7 +206,12 @@ def make_sac(env: gym.Env, arch: str = "tbsac", seed: int = 0, tensorboard_log: 
         cls = SAC
         if actor_lr_factor != 1.0:
             cls = type("SlowActorSAC", (SlowActorSAC,), {"actor_lr_factor": actor_lr_factor})
-    model = cls("MlpPolicy", env, policy_kwargs=kwargs, seed=seed, tensorboard_log=tensorboard_log, device="cpu",
+        if actor_observation_size is not None:
+            policy = asymmetric_policy(SACPolicy, actor_observation_size)
+    if actor_observation_size is not None and not 0 < actor_observation_size <= env.observation_space.shape[0]:
+        raise ValueError(f"actor observation size {actor_observation_size} outside 1..{env.observation_space.shape[0]} "
+                         "(the environment's observation)")
+    model = cls(policy, env, policy_kwargs=kwargs, seed=seed, tensorboard_log=tensorboard_log, device="cpu",
                 verbose=0, **settings)
     if zero_init_actor:
         with torch.no_grad():

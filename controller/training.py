@@ -221,11 +221,17 @@ def train(
     overrides = {**definition.sac_overrides, **definition.training_overrides(config), **(sac_overrides or {})}
     out.mkdir(parents=True, exist_ok=True)
 
-    def environment(error_model) -> TaskEnv:
-        plant = definition.sim_plant(setup, error_model)
-        return TaskEnv(plant, definition.make_task(setup, plant.knobs, plant.readings, config))
+    # An asymmetric actor-critic: the training environment adds what only the simulator
+    # knows to the critics' observation; the actor (and every evaluation) reads the task's.
+    privileged = bool(overrides.get("privileged_critic", False))
 
-    env = environment(errors)
+    def environment(error_model, privileged: bool = False) -> TaskEnv:
+        plant = definition.sim_plant(setup, error_model)
+        return TaskEnv(plant, definition.make_task(setup, plant.knobs, plant.readings, config), privileged)
+
+    env = environment(errors, privileged)
+    if privileged and not env.privileged:
+        raise ConfigError(f"privileged_critic: task {definition.name} has no privileged features for the critics")
     env.reset(seed=seed)
     eval_model = eval_errors or errors
     eval_env = environment(eval_model)
@@ -236,8 +242,10 @@ def train(
             raise ConfigError(f"--init-from: policy has architecture {init_policy.metadata.get('arch')!r}, training uses {arch!r}")
         overrides = {**FINE_TUNE_OVERRIDES, **overrides}
     frozen_actor_steps = int(overrides.get("frozen_actor_steps", 0))
+    if env.privileged:
+        overrides = {**overrides, "actor_observation_size": int(env.task.observation_space.shape[0])}
     model = make_sac(env, arch=arch, seed=seed, tensorboard_log=str(out / "tensorboard"),
-                     **{k: v for k, v in overrides.items() if k != "frozen_actor_steps"})
+                     **{k: v for k, v in overrides.items() if k not in ("frozen_actor_steps", "privileged_critic")})
     callbacks = []
     if frozen_actor_steps and init_policy is None:  # e.g. a residual task's critics learn its base controller's value first
         callbacks.append(FrozenActorWarmup(frozen_actor_steps))

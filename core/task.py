@@ -101,6 +101,15 @@ class Task(ABC):
         """The metrics now."""
         return self.measure(self.last_readings)
 
+    # What only a simulator knows (e.g. the prices still to come), for the critics in
+    # training (asymmetric actor-critic): the actor never sees it, so a policy runs on a
+    # real plant without it. 0: the task has none.
+    privileged_size: int = 0
+
+    def privileged(self, plant: SimulatedPlant) -> np.ndarray:
+        """The privileged features now (``privileged_size`` values), read from the simulator."""
+        return np.zeros(0, dtype=np.float32)
+
     def next_action(self, policy: Callable[[np.ndarray], np.ndarray], obs: np.ndarray) -> tuple[np.ndarray, Event | None, str]:
         """(action, event to record or None, who chose it). Default: the policy."""
         return policy(obs), None, "policy"
@@ -229,24 +238,38 @@ def start_drawn_machine(task: Task, plant: SimulatedPlant, seed: int) -> np.ndar
 
 
 class TaskEnv(gym.Env):
-    """A Gymnasium environment: a task on a simulated plant (``reset(seed)`` draws a machine)."""
+    """A Gymnasium environment: a task on a simulated plant (``reset(seed)`` draws a machine).
+
+    With `privileged`, each observation is followed by the task's privileged features
+    (:meth:`Task.privileged`): the training environment of an asymmetric actor-critic,
+    whose actor reads the task's observation only."""
 
     metadata: ClassVar[dict] = {"render_modes": []}
 
-    def __init__(self, plant: SimulatedPlant, task: Task):
+    def __init__(self, plant: SimulatedPlant, task: Task, privileged: bool = False):
         self.plant, self.task = plant, task
+        self.privileged = bool(privileged and task.privileged_size)
         self.observation_space, self.action_space = task.observation_space, task.action_space
+        if self.privileged:
+            size = task.observation_space.shape[0] + task.privileged_size
+            self.observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), np.float32)
         self._seeds = np.random.default_rng()
+
+    def _with_privileged(self, obs: np.ndarray) -> np.ndarray:
+        if not self.privileged:
+            return obs
+        return np.concatenate([obs, self.task.privileged(self.plant)]).astype(np.float32)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         if seed is not None:
             self._seeds = np.random.default_rng(seed)
         obs = start_drawn_machine(self.task, self.plant, seed if seed is not None else int(self._seeds.integers(2**63)))
-        return obs, dict(self.task.metric_values())
+        return self._with_privileged(obs), dict(self.task.metric_values())
 
     def step(self, action):
-        return self.task.step(self.plant, action)
+        obs, reward, terminated, truncated, info = self.task.step(self.plant, action)
+        return self._with_privileged(obs), reward, terminated, truncated, info
 
     def close(self) -> None:
         self.plant.close()

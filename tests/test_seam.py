@@ -144,6 +144,17 @@ def test_run_on_the_virtual_oven_through_the_safety_layer(toy, oven, mode):
     assert "reading:temperature (degC)" in csv_path.read_text().splitlines()[0]
 
 
+def test_critics_with_privileged_features_are_refused_for_a_task_that_has_none(toy, tmp_path):
+    from controller.training import train
+    from core.config import ConfigError
+    from core.registry import get_task
+
+    definition = get_task("thermal")
+    with pytest.raises(ConfigError, match="privileged_critic: task thermal has no privileged features"):
+        train(definition, definition.load_setup("oven"), definition.load_errors("train"), 100, 0, tmp_path,
+              sac_overrides={"privileged_critic": True}, progress=False)
+
+
 def test_the_toy_interlock_trips_and_restores(toy, oven):
     ioc, machine = oven
     epics.caput(ioc.pv("SIM:DOOR_OPEN"), 1, wait=True)  # the case runs 80 K hotter than the oven

@@ -20,7 +20,9 @@ start at any period, as on a real battery.
   ``stored_value_eur_per_mwh``: ``gamma x phi(s') - phi(s)``, phi = 0 after the last
   period. Charging cheaply is rewarded when it happens instead of hours later, and the
   optimal policy is unchanged (the shaping terms telescope to -phi(s_0)). Risk
-  aversion belongs to the agent (TQC's CVaR term), not to the reward.
+  aversion belongs to the agent (TQC's CVaR term), not to the reward;
+- privileged features (training only, for the critics of an asymmetric actor-critic):
+  the rest of today's prices, which the simulator knows and the actor never sees.
 """
 
 from __future__ import annotations
@@ -155,6 +157,11 @@ class BatterySimPlant(SimulatedPlant):
         if self.period == PERIODS_PER_DAY:
             self._next_day()
 
+    def prices_ahead(self) -> np.ndarray:
+        """Today's prices from the period to run next to the day's end (what only a
+        simulator knows: an asymmetric critic's features in training)."""
+        return self.today[self.period:].copy()
+
     def settled_price(self) -> float:
         return float(self.today[self.period - 1] if self.period else self.history[-1])
 
@@ -227,6 +234,7 @@ class BatteryTask(Task):
              + (self._forecast is not None))
         self.observation_space = spaces.Box(-np.inf, np.inf, (n,), np.float32)
         self.action_space = spaces.Box(-1.0, 1.0, (1,), np.float32)
+        self.privileged_size = PERIODS_PER_DAY
         self.metrics = (profit_metric(),)
         self.max_steps = self.config.max_steps
         self.trained_step = np.array([self.power_mw])
@@ -253,6 +261,14 @@ class BatteryTask(Task):
         ahead = self._profile[(self.period + 1 + self._ahead) % PERIODS_PER_DAY] if c.profile_features and c.profile else []
         base = [self.base_mw / self.power_mw] if self._forecast is not None else []
         return np.concatenate([scaled, diffs, tail, ahead, base]).astype(np.float32)
+
+    def privileged(self, plant: BatterySimPlant) -> np.ndarray:
+        """The rest of today's prices, scaled as the observation's, from the period to decide
+        (slot 0) to the day's end (later slots 0): for the critics in training."""
+        ahead = np.zeros(PERIODS_PER_DAY, dtype=np.float32)
+        rest = plant.prices_ahead()
+        ahead[: len(rest)] = np.arcsinh(rest / self.config.price_scale)
+        return ahead
 
     def _plan(self) -> None:
         """The MPC's power for the period to decide, from what the task has read (base mpc)."""

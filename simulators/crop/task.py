@@ -22,7 +22,9 @@ grain and a harvested flag. Each write runs one day.
   x grain yield - residual soil N x penalty``; plus potential-based shaping (Ng et al.
   1999) valuing the standing biomass at ``shaping_grain_per_biomass`` kg grain per kg:
   growth answers a dose within days while the yield pays months later; the shaping
-  telescopes, so the optimal policy is the unshaped one.
+  telescopes, so the optimal policy is the unshaped one;
+- privileged features (training only, for the critics of an asymmetric actor-critic):
+  the weather to come and the field's hidden parameters, which the actor never sees.
 
 The error model (presets ``train`` and ``test``) draws the season: weather year (train
 and test years disjoint), soil water parameters, initial soil mineral N, the soil's N
@@ -165,6 +167,7 @@ class CropSimPlant(SimulatedPlant):
         self.readings = [ReadingSpec(*r) for r in READINGS]
         self.season: Season | None = None
         self.field_season: FieldSeason | None = None
+        self._weather: np.ndarray | None = None
         self.setpoint = 0.0
         self.applicator_fault = False
         self.doses: list[float] = []  # delivered, per day run
@@ -177,8 +180,30 @@ class CropSimPlant(SimulatedPlant):
         seed = int(np.random.default_rng().integers(2**31)) if seed is None else int(seed)
         self.field_season = draw_field(self.setup, self.errors, seed)
         self.season = Season(self.field_season, self.crop_dir)
+        self._weather = None  # the season's daily weather, read when the critics ask for it
         self.setpoint, self.applicator_fault = 0.0, False
         self.doses, self.trace = [], [self.season.state()]
+
+    def weather_ahead(self, days: int) -> np.ndarray:
+        """Rain (mm), radiation (MJ/m2) and mean temperature (degC) of the next `days` days
+        (rows; zeros past the weather's end): what only a simulator knows, for the critics in
+        training."""
+        if self._weather is None:
+            from .model import weather_provider
+
+            station, sowing = weather_provider(self.field_season.weather), self.field_season.sowing
+            rows = []
+            for i in range(self.field_season.max_duration + 1):
+                try:
+                    w = station(sowing + dt.timedelta(days=i))
+                except Exception:  # PCSE's provider raises its own error past the data's end
+                    break
+                rows.append((10.0 * w.RAIN, w.IRRAD / 1e6, (w.TMIN + w.TMAX) / 2.0))
+            self._weather = np.array(rows, dtype=float).reshape(-1, 3)
+        ahead = np.zeros((days, 3))
+        rest = self._weather[self.season.days + 1: self.season.days + 1 + days]
+        ahead[: len(rest)] = rest
+        return ahead
 
     def set_fault(self, name: str, value: int) -> None:
         if name != "APPLICATOR_FAULT":
@@ -256,6 +281,7 @@ def reading_indices(readings: list[ReadingSpec]) -> list[int]:
 
 
 TRENDED = ("dvs", "lai", "biomass", "crop_n", "soil_n")
+PRIVILEGED_BLOCKS, PRIVILEGED_BLOCK_DAYS = 8, 30  # the critics' view of the weather to come: 8 x 30 days
 TREND_SCALE = np.array([1.0, 5.0, 10_000.0, 100.0, 100.0])  # observation units
 
 
@@ -276,6 +302,7 @@ class CropTask(Task):
         self.metrics = METRICS
         self.max_steps = c.max_steps
         self.trained_step = np.array([c.max_dose_kg_ha])
+        self.privileged_size = 3 * PRIVILEGED_BLOCKS + 4
         self.steps = 0
         self.settings = np.zeros(1)
         self.history: list[np.ndarray] = []
@@ -296,6 +323,17 @@ class CropTask(Task):
         v = self._values(self._last)
         tail = [rain, temp, v["applied"] / c.season_cap_kg_ha, v["day"] / 365.0, self.settings[0] / c.max_dose_kg_ha]
         return np.concatenate([trended, trended - before, tail]).astype(np.float32)
+
+    def privileged(self, plant: CropSimPlant) -> np.ndarray:
+        """For the critics in training: the weather to come (rain, radiation and mean
+        temperature over each of the next 8 x 30 days) and the field's hidden parameters
+        (the soil's N release, initial mineral N, field capacity, initial water). A season's
+        profit varies by ~170 $/ha with them, nearby N levels by a few $/ha."""
+        blocks = plant.weather_ahead(PRIVILEGED_BLOCKS * PRIVILEGED_BLOCK_DAYS).reshape(PRIVILEGED_BLOCKS, PRIVILEGED_BLOCK_DAYS, 3)
+        weather = np.column_stack([blocks[:, :, 0].sum(1) / 100.0, blocks[:, :, 1].sum(1) / 300.0, blocks[:, :, 2].mean(1) / 20.0])
+        site, soil = plant.field_season.site, plant.field_season.soil
+        hidden = [site.NSOILBASE / 60.0, site.NAVAILI / 80.0, soil.SMFCF / 0.3, site.WAV / 20.0]
+        return np.concatenate([weather.ravel(), hidden]).astype(np.float32)
 
     def _potential(self, v: dict[str, float]) -> float:
         if v["harvested"] >= 0.5:

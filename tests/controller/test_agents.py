@@ -61,6 +61,31 @@ def test_a_zero_initialised_actor_starts_at_action_zero_and_still_explores(algor
         make_sac(env, arch="mlp-small", algorithm="ddpg", zero_init_actor=True)
 
 
+@pytest.mark.parametrize("algorithm", ["sac", "tqc"])
+def test_an_asymmetric_actor_reads_the_observation_and_its_critics_the_privileged_rest_too(algorithm, tmp_path):
+    """The critics see what only the simulator knows; the shipped actor does not, and loads
+    as a plain policy on the short observation."""
+    from controller.policy import Policy
+
+    env = gym.make("Pendulum-v1")  # observation 3: the actor reads the first 2, as if the third were privileged
+    torch.manual_seed(0)
+    model = make_sac(env, arch="mlp-small", algorithm=algorithm, actor_observation_size=2, learning_starts=64, batch_size=32)
+    model.learn(200)  # updates run with the short actor
+    full = torch.tensor([[0.3, -0.2, 0.5], [0.3, -0.2, -4.0]])
+    with torch.no_grad():
+        actions = model.actor(full, deterministic=True)
+        assert torch.allclose(actions[0], actions[1], atol=1e-6)  # the privileged value never reaches the actor
+        assert not torch.equal(model.critic(full, actions)[0], model.critic(full, actions)[1])  # it reaches the critics
+    meta = {"task": "none", "arch": "mlp-small", "observation": {"size": 2}, "action": {"size": 1}}
+    path = Policy.from_sac(model.policy, meta).save(tmp_path / "p.pt")
+    loaded = Policy.load(path)
+    assert np.allclose(loaded.act(np.array([0.3, -0.2], dtype=np.float32)), actions[0].numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="asymmetric"):
+        make_sac(env, arch="mlp-small", algorithm="ddpg", actor_observation_size=2)
+    with pytest.raises(ValueError, match="outside"):
+        make_sac(env, arch="mlp-small", algorithm=algorithm, actor_observation_size=4)
+
+
 def test_a_recorded_evaluation_is_plain_json_that_a_policy_file_and_the_store_keep(tmp_path):
     import json
 

@@ -55,6 +55,24 @@ def test_reward_shaping_telescopes_to_the_starting_potential(battery):
     assert total == pytest.approx(0.01 * (info["profit_eur"] - start_potential))
 
 
+def test_the_critics_privileged_features_are_the_rest_of_todays_prices(battery):
+    """Training only: the observation (the actor's) is followed by the prices still to come today."""
+    definition, setup = battery
+    plant = definition.sim_plant(setup, definition.load_errors("train"))
+    task = definition.make_task(setup, plant.knobs, plant.readings, definition.config_model()())
+    env, plain = TaskEnv(plant, task, privileged=True), make_env(definition, setup)
+    n = plain.observation_space.shape[0]
+    assert env.observation_space.shape == (n + 96,)
+    check_env(env, skip_render_check=True)
+    obs, _ = env.reset(seed=3)
+    assert np.allclose(obs[n:], np.arcsinh(plant.today / 100.0))  # period 0 decides next: the whole day ahead
+    for _ in range(90):
+        obs, *_ = env.step(np.array([0.2]))
+    assert np.allclose(obs[n:n + 6], np.arcsinh(plant.today[90:] / 100.0)) and not obs[n + 6:].any()
+    reference, _ = plain.reset(seed=3)
+    assert np.array_equal(env.reset(seed=3)[0][:n], reference)  # the actor's part is the task's observation
+
+
 def test_a_residual_task_at_action_zero_trades_exactly_as_the_mpc(battery):
     """base mpc: the action corrects the MPC's power; the zero correction is the MPC itself,
     planned from what the task read (not from the simulator's state)."""

@@ -126,6 +126,27 @@ def test_the_rewards_add_up_to_the_seasons_profit(crop, shadow):
     assert result.terminated and not result.truncated  # harvest ends the season
 
 
+def test_the_critics_privileged_features_are_the_weather_to_come_and_the_hidden_field(crop):
+    """Training only: after the actor's observation, the next 8 x 30 days' rain, radiation
+    and temperature (from the station's own records) and the field's drawn parameters."""
+    from core.task import TaskEnv
+
+    plant, task = field(crop)
+    env, plain = TaskEnv(plant, task, privileged=True), TaskEnv(*field(crop))
+    n = plain.observation_space.shape[0]
+    obs, _ = env.reset(seed=4)
+    assert obs.shape == env.observation_space.shape == (n + 28,)
+    assert np.array_equal(obs[:n], plain.reset(seed=4)[0])  # the actor's part is the task's observation
+    for _ in range(40):
+        obs, *_ = env.step(np.array([-1.0]))
+    station, day = weather_provider(plant.field_season.weather), plant.field_season.sowing + dt.timedelta(days=41)
+    first = [station(day + dt.timedelta(days=i)) for i in range(30)]
+    assert obs[n] == pytest.approx(sum(10 * w.RAIN for w in first) / 100, rel=1e-5)
+    assert obs[n + 1] == pytest.approx(sum(w.IRRAD / 1e6 for w in first) / 300, rel=1e-5)
+    assert obs[n + 2] == pytest.approx(np.mean([(w.TMIN + w.TMAX) / 2 for w in first]) / 20, rel=1e-5)
+    assert obs[-4] == pytest.approx(plant.field_season.site.NSOILBASE / 60, rel=1e-5)  # the soil's N release
+
+
 def test_train_and_test_seasons_come_from_disjoint_weather_years_with_complete_weather(crop):
     _, setup = crop
     assert not set(PRESETS["train"].years) & set(PRESETS["test"].years)
