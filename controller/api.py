@@ -128,6 +128,9 @@ def train(task: str, lattice: str | None, errors: str, eval_errors: str | None, 
         raise ConfigError(f"--algo: unknown algorithm {algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
     if (sac_overrides or {}).get("risk_weight") and algorithm != "tqc":
         raise ConfigError("--risk-weight: needs the distributional agent (--algo tqc)")
+    if {**definition.sac_overrides, **(sac_overrides or {})}.get("privileged_critic") and algorithm == "ddpg":
+        raise ConfigError("--algo ddpg: privileged critics (an asymmetric actor-critic, the task's default) need sac or "
+                          "tqc; add --plain-critic")
     init_policy = None
     if init_from:
         from .policy import resolve_init_policy

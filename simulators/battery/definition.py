@@ -65,8 +65,11 @@ class BatteryDefinition(TaskDefinition):
     # TQC, the distributional SAC. The day is the horizon (96 undiscounted-ish
     # periods: a night charge pays back 60 periods later), so gamma 0.999; a larger replay
     # buffer than the beamline's (a day is 96 steps, not ~10).
+    # The critics also read the rest of today's prices (privileged: the simulator's; the
+    # actor never sees them): a day's profit swings with its prices far more than with one
+    # action, and critics that see the day judge the action, not the day.
     sac_overrides = {"algorithm": "tqc", "gamma": 0.999, "learning_rate": 3e-4, "buffer_size": 300_000,
-                     "learning_starts": 2000}
+                     "learning_starts": 2000, "privileged_critic": True}
     train_defaults = {"steps": 150_000, "eval_every": 5000, "eval_episodes": 30}
     baselines = ("lp_ceiling", "mpc", "threshold", "nothing")
     default_baselines = baselines

@@ -93,3 +93,9 @@ def test_a_bad_task_setting_is_named_before_training(tmp_path, run_cli, setting,
     proc = run_cli("train", "battery", "--set", setting, "--steps", "1000", "--out", str(tmp_path / "run"))
     assert_user_error(proc, named)
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_ddpg_with_the_batterys_privileged_critics_is_refused_naming_the_way_out(tmp_path, run_cli):
+    proc = run_cli("train", "battery", "--algo", "ddpg", "--steps", "1000", "--out", str(tmp_path / "run"))
+    assert_user_error(proc, "--algo ddpg", "--plain-critic")
+    assert not (tmp_path / "run").exists()
