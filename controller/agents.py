@@ -8,8 +8,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 from stable_baselines3 import SAC
-from stable_baselines3.sac.policies import SACPolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from stable_baselines3.sac.policies import SACPolicy
 from torch import nn
 
 ARCHITECTURES = ("tbsac", "mlp", "mlp-small")
