@@ -189,6 +189,8 @@ class CropSimPlant(SimulatedPlant):
         (rows; zeros past the weather's end): what only a simulator knows, for the critics in
         training."""
         if self._weather is None:
+            from pcse.exceptions import WeatherDataProviderError
+
             from .model import weather_provider
 
             station, sowing = weather_provider(self.field_season.weather), self.field_season.sowing
@@ -196,7 +198,7 @@ class CropSimPlant(SimulatedPlant):
             for i in range(self.field_season.max_duration + 1):
                 try:
                     w = station(sowing + dt.timedelta(days=i))
-                except Exception:  # PCSE's provider raises its own error past the data's end
+                except WeatherDataProviderError:  # past the data's end
                     break
                 rows.append((10.0 * w.RAIN, w.IRRAD / 1e6, (w.TMIN + w.TMAX) / 2.0))
             self._weather = np.array(rows, dtype=float).reshape(-1, 3)
