@@ -188,15 +188,13 @@ def make_sac(env: gym.Env, arch: str = "tbsac", seed: int = 0, tensorboard_log: 
         settings = {k: v for k, v in settings.items() if k not in SAC_ONLY}
         return DDPG("MlpPolicy", env, policy_kwargs=kwargs, seed=seed, tensorboard_log=tensorboard_log, device="cpu",
                     verbose=0, action_noise=NormalActionNoise(np.zeros(n), np.full(n, DDPG_NOISE)), **settings)
-    policy = "MlpPolicy"
     if algorithm == "tqc":
         if not 0 <= risk_weight < 1:
             raise ValueError(f"risk weight must be in [0, 1), got {risk_weight}")
         from sb3_contrib import TQC
         from sb3_contrib.tqc.policies import TQCPolicy
 
-        if actor_observation_size is not None:
-            policy = asymmetric_policy(TQCPolicy, actor_observation_size)
+        policy_class = TQCPolicy
         cls = _risk_averse_tqc(risk_weight) if risk_weight else TQC
         kwargs = {**kwargs, **TQC_POLICY}
         settings = {**TQC_DEFAULTS, **settings}
@@ -206,11 +204,13 @@ def make_sac(env: gym.Env, arch: str = "tbsac", seed: int = 0, tensorboard_log: 
         cls = SAC
         if actor_lr_factor != 1.0:
             cls = type("SlowActorSAC", (SlowActorSAC,), {"actor_lr_factor": actor_lr_factor})
-        if actor_observation_size is not None:
-            policy = asymmetric_policy(SACPolicy, actor_observation_size)
-    if actor_observation_size is not None and not 0 < actor_observation_size <= env.observation_space.shape[0]:
-        raise ValueError(f"actor observation size {actor_observation_size} outside 1..{env.observation_space.shape[0]} "
-                         "(the environment's observation)")
+        policy_class = SACPolicy
+    policy = "MlpPolicy"
+    if actor_observation_size is not None:
+        if not 0 < actor_observation_size <= env.observation_space.shape[0]:
+            raise ValueError(f"actor observation size {actor_observation_size} outside 1..{env.observation_space.shape[0]} "
+                             "(the environment's observation)")
+        policy = asymmetric_policy(policy_class, actor_observation_size)
     model = cls(policy, env, policy_kwargs=kwargs, seed=seed, tensorboard_log=tensorboard_log, device="cpu",
                 verbose=0, **settings)
     if zero_init_actor:
