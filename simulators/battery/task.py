@@ -28,6 +28,7 @@ start at any period, as on a real battery.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -224,13 +225,16 @@ class BatteryTask(Task):
         if self.config.profile and len(self.config.profile) != PERIODS_PER_DAY:
             raise ConfigError(f"battery task: profile has {len(self.config.profile)} values, expected {PERIODS_PER_DAY}")
         self._profile = np.arcsinh(np.asarray(self.config.profile, dtype=float) / self.config.price_scale)
-        self._ahead = np.asarray(self.config.profile_ahead, dtype=int) - 1  # the period to decide is 1 ahead
+        # The profile ahead of each period to decide (row: that period), looked up per step.
+        ahead = np.asarray(self.config.profile_ahead, dtype=int) - 1  # the period to decide is 1 ahead
+        self._ahead_table = (self._profile[(np.arange(PERIODS_PER_DAY)[:, None] + ahead[None, :]) % PERIODS_PER_DAY]
+                             if self.config.profile_features and self.config.profile else None)
         self._forecast = None
         if self.config.base == "mpc":
             if not self.config.profile or self.config.forecast_ar is None or self.config.battery is None:
                 raise ConfigError("battery task: base mpc needs the forecast's profile and AR decay and the battery")
             self._forecast = Forecast(np.asarray(self.config.profile, dtype=float), self.config.forecast_ar)
-        n = (2 * self.config.lookback + 5 + (len(self._ahead) if self.config.profile_features and self.config.profile else 0)
+        n = (2 * self.config.lookback + 5 + (0 if self._ahead_table is None else self._ahead_table.shape[1])
              + (self._forecast is not None))
         self.observation_space = spaces.Box(-np.inf, np.inf, (n,), np.float32)
         self.action_space = spaces.Box(-1.0, 1.0, (1,), np.float32)
@@ -241,6 +245,7 @@ class BatteryTask(Task):
         self.steps = 0
         self.settings = np.zeros(1)
         self.prices = np.zeros(self.config.lookback)
+        self._scaled = np.zeros(self.config.lookback)
         self.soc = 0.0
         self.period = 0
         self.profit = 0.0
@@ -251,16 +256,26 @@ class BatteryTask(Task):
 
     # -- readings -> observation ---------------------------------------------------
     def _observe(self) -> np.ndarray:
-        c = self.config
-        # asinh: ordinary prices stay nearly linear, spikes (up to ~25 x price_scale) stay within ~4
-        scaled = np.arcsinh(self.prices / c.price_scale)
-        diffs = np.diff(np.concatenate([[scaled[0]], scaled]))
-        angle = 2 * np.pi * ((self.period + 1) % PERIODS_PER_DAY) / PERIODS_PER_DAY  # the period to decide
-        budget = self.discharged_mwh / (c.cycles_per_day * c.capacity_mwh)
-        tail = [self.soc / 100.0, np.sin(angle), np.cos(angle), budget, self.settings[0] / self.power_mw]
-        ahead = self._profile[(self.period + 1 + self._ahead) % PERIODS_PER_DAY] if c.profile_features and c.profile else []
-        base = [self.base_mw / self.power_mw] if self._forecast is not None else []
-        return np.concatenate([scaled, diffs, tail, ahead, base]).astype(np.float32)
+        # Filled in place with float scalars: this runs every simulated period, and a
+        # concatenation of small numpy pieces cost more than the battery's physics.
+        c, n = self.config, self.config.lookback
+        obs = np.empty(self.observation_space.shape[0], dtype=np.float32)
+        scaled = self._scaled  # asinh(price / price_scale), kept as prices arrive
+        obs[:n] = scaled
+        obs[n] = 0.0  # the oldest price's difference (no price before it)
+        np.subtract(scaled[1:], scaled[:-1], out=obs[n + 1:2 * n])
+        decide = (self.period + 1) % PERIODS_PER_DAY  # the period to decide
+        angle = 2 * math.pi * decide / PERIODS_PER_DAY
+        obs[2 * n:2 * n + 5] = (self.soc / 100.0, math.sin(angle), math.cos(angle),
+                                self.discharged_mwh / (c.cycles_per_day * c.capacity_mwh),
+                                self.settings[0] / self.power_mw)
+        end = 2 * n + 5
+        if self._ahead_table is not None:
+            obs[end:end + self._ahead_table.shape[1]] = self._ahead_table[decide]
+            end += self._ahead_table.shape[1]
+        if self._forecast is not None:
+            obs[end] = self.base_mw / self.power_mw
+        return obs
 
     def privileged(self, plant: BatterySimPlant) -> np.ndarray:
         """The rest of today's prices, scaled as the observation's, from the period to decide
@@ -287,25 +302,29 @@ class BatteryTask(Task):
         self.initial_readings = self._last = np.asarray(plant.read().values, dtype=float)
         first = self._pick(self._last)
         self.prices = np.full(self.config.lookback, first[0])
+        self._scaled = np.arcsinh(self.prices / self.config.price_scale)
         self.soc, self.period = first[1], int(round(first[3]))
         self.settings = plant.read_knobs()
         self._plan()
         return self._observe()
 
     def proposed_settings(self, action: np.ndarray) -> np.ndarray:
-        a = np.clip(np.asarray(action, dtype=float)[:1], -1.0, 1.0)
+        a = min(max(float(np.asarray(action, dtype=float).reshape(-1)[0]), -1.0), 1.0)
         if self._forecast is None:
-            return a * self.power_mw
-        return np.clip(self.base_mw + self.config.residual_scale * self.power_mw * a, -self.power_mw, self.power_mw)
+            return np.array([a * self.power_mw])
+        power = self.base_mw + self.config.residual_scale * self.power_mw * a
+        return np.array([min(max(power, -self.power_mw), self.power_mw)])
 
     def step(self, plant: Plant, action: np.ndarray):
         plant.write_knobs(self.proposed_settings(action))
         self.settings = plant.read_knobs()
         self.steps += 1
         self._last = np.asarray(plant.read().values, dtype=float)
-        price, soc, power_kw, period = self._pick(self._last)
+        price, soc, power_kw, period = self._pick(self._last).tolist()
         self.prices[:-1] = self.prices[1:]
         self.prices[-1] = price
+        self._scaled[:-1] = self._scaled[1:]
+        self._scaled[-1] = math.asinh(price / self.config.price_scale)
         if int(round(period)) < self.period:  # a new day: a new cycle budget
             self.discharged_mwh = 0.0
         soc_before, self.soc, self.period = self.soc, soc, int(round(period))
