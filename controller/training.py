@@ -184,6 +184,10 @@ def policy_metadata(definition: TaskDefinition, setup, errors, config, arch: str
             "error_model": errors.model_dump(), "task_config": effective.model_dump(), "training": training}
 
 
+# Overrides that shape the training loop or its environment, not the SAC/TQC model.
+TRAINING_ONLY_OVERRIDES = ("frozen_actor_steps", "privileged_critic", "action_repeat")
+
+
 def train(
     definition: TaskDefinition,
     setup,
@@ -224,12 +228,14 @@ def train(
     # An asymmetric actor-critic: the training environment adds what only the simulator
     # knows to the critics' observation; the actor (and every evaluation) reads the task's.
     privileged = bool(overrides.get("privileged_critic", False))
+    # Frame skipping in training only: evaluations (and every deployed run) act each step.
+    action_repeat = int(overrides.get("action_repeat", 1))
 
-    def environment(error_model, privileged: bool = False) -> TaskEnv:
+    def environment(error_model, privileged: bool = False, action_repeat: int = 1) -> TaskEnv:
         plant = definition.sim_plant(setup, error_model)
-        return TaskEnv(plant, definition.make_task(setup, plant.knobs, plant.readings, config), privileged)
+        return TaskEnv(plant, definition.make_task(setup, plant.knobs, plant.readings, config), privileged, action_repeat)
 
-    env = environment(errors, privileged)
+    env = environment(errors, privileged, action_repeat)
     if privileged and not env.privileged:
         raise ConfigError(f"privileged_critic: task {definition.name} has no privileged features for the critics")
     env.reset(seed=seed)
@@ -245,7 +251,7 @@ def train(
     if env.privileged:
         overrides = {**overrides, "actor_observation_size": int(env.task.observation_space.shape[0])}
     model = make_sac(env, arch=arch, seed=seed, tensorboard_log=str(out / "tensorboard"),
-                     **{k: v for k, v in overrides.items() if k not in ("frozen_actor_steps", "privileged_critic")})
+                     **{k: v for k, v in overrides.items() if k not in TRAINING_ONLY_OVERRIDES})
     callbacks = []
     if frozen_actor_steps and init_policy is None:  # e.g. a residual task's critics learn its base controller's value first
         callbacks.append(FrozenActorWarmup(frozen_actor_steps))

@@ -27,6 +27,7 @@ from typing import Any, Callable, ClassVar
 import gymnasium as gym
 import numpy as np
 
+from .config import ConfigError
 from .plant import Event, KnobSpec, Plant, PlantFault, ReadingSpec, SimulatedPlant
 
 
@@ -242,12 +243,21 @@ class TaskEnv(gym.Env):
 
     With `privileged`, each observation is followed by the task's privileged features
     (:meth:`Task.privileged`): the training environment of an asymmetric actor-critic,
-    whose actor reads the task's observation only."""
+    whose actor reads the task's observation only.
+
+    With `action_repeat` k > 1, one environment step holds the action for k task steps
+    (or until the episode ends) and returns the sum of their rewards (frame skipping):
+    for training on a plant where one step's action barely matters and only an action
+    held for a while does (a crop's daily soil-N target). Policies still act every task
+    step when they run; the agent's discount is per environment step."""
 
     metadata: ClassVar[dict] = {"render_modes": []}
 
-    def __init__(self, plant: SimulatedPlant, task: Task, privileged: bool = False):
+    def __init__(self, plant: SimulatedPlant, task: Task, privileged: bool = False, action_repeat: int = 1):
+        if int(action_repeat) < 1:
+            raise ConfigError(f"action_repeat must be >= 1, got {action_repeat}")
         self.plant, self.task = plant, task
+        self.action_repeat = int(action_repeat)
         self.privileged = bool(privileged and task.privileged_size)
         self.observation_space, self.action_space = task.observation_space, task.action_space
         if self.privileged:
@@ -268,8 +278,13 @@ class TaskEnv(gym.Env):
         return self._with_privileged(obs), dict(self.task.metric_values())
 
     def step(self, action):
-        obs, reward, terminated, truncated, info = self.task.step(self.plant, action)
-        return self._with_privileged(obs), reward, terminated, truncated, info
+        total = 0.0
+        for _ in range(self.action_repeat):
+            obs, reward, terminated, truncated, info = self.task.step(self.plant, action)
+            total += reward
+            if terminated or truncated:
+                break
+        return self._with_privileged(obs), total, terminated, truncated, info
 
     def close(self) -> None:
         self.plant.close()

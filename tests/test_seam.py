@@ -155,6 +155,55 @@ def test_critics_with_privileged_features_are_refused_for_a_task_that_has_none(t
               sac_overrides={"privileged_critic": True}, progress=False)
 
 
+def test_action_repeat_holds_one_action_for_several_task_steps_and_sums_their_rewards(toy):
+    from core.config import ConfigError
+    from core.registry import get_task
+    from core.task import TaskEnv
+
+    definition = get_task("thermal")
+    setup, errors = definition.load_setup("oven"), definition.load_errors("train")
+
+    def env(repeat: int) -> TaskEnv:
+        plant = definition.sim_plant(setup, errors)
+        return TaskEnv(plant, definition.make_task(setup, plant.knobs, plant.readings, definition.config_model()()),
+                       action_repeat=repeat)
+
+    held, single = env(3), env(1)
+    held.reset(seed=7)
+    single.reset(seed=7)
+    action = np.array([0.4], dtype=np.float32)
+    obs, reward, terminated, *_ = held.step(action)
+    steps = [single.step(action) for _ in range(3)]
+    assert not terminated and not any(step[2] for step in steps)  # three whole steps ran in both
+    assert held.task.steps == single.task.steps == 3
+    assert reward == pytest.approx(sum(step[1] for step in steps)) and reward != pytest.approx(steps[0][1])
+    np.testing.assert_array_equal(obs, steps[-1][0])
+    # An episode's end stops the repeat: a held action never runs past it.
+    long = env(10_000)
+    long.reset(seed=7)
+    *_, terminated, truncated, _ = long.step(action)
+    assert (terminated or truncated) and long.task.steps <= long.task.max_steps
+    with pytest.raises(ConfigError, match="action_repeat must be >= 1"):
+        env(0)
+
+
+def test_training_with_a_repeated_action_records_it_and_refuses_zero(toy):
+    out = toy["tmp"] / "repeat"
+    proc = toy["cli"]("train", "thermal", "--steps", "1000", "--eval-every", "1000", "--action-repeat", "2",
+                      "--seed", "2", "--out", str(out), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    from controller.policy import Policy
+    from core.registry import get_task
+
+    definition = get_task("thermal")
+    policy = Policy.load(out / "policy.pt", definition, definition.load_setup("oven"))
+    assert policy.metadata["training"]["sac_overrides"]["action_repeat"] == 2
+    record = json.loads((out / "training.json").read_text())
+    assert [c["step"] for c in record["curves"]] == [1000]
+    bad = toy["cli"]("train", "thermal", "--steps", "1000", "--action-repeat", "0", "--out", str(out / "bad"))
+    assert bad.returncode == 2 and "--action-repeat" in bad.stderr
+
+
 def test_the_toy_interlock_trips_and_restores(toy, oven):
     ioc, machine = oven
     epics.caput(ioc.pv("SIM:DOOR_OPEN"), 1, wait=True)  # the case runs 80 K hotter than the oven
