@@ -85,10 +85,11 @@ class CropDefinition(TaskDefinition):
     # A soil-N target's profit is flat around its best level (measured: 1372.7-1374.4 $/ha
     # mean on the training seasons for 110-130 kg N/ha), so the critics cannot tell nearby
     # levels apart; with SB3's defaults every run drifted within 20,000-40,000 steps to an
-    # end of the action range (the whole cap at spring growth, or nothing). Starting at the
-    # middle (125 kg N/ha) with a narrow spread and a fixed entropy weight keeps it there
-    # (the shipped policy asks for 125.7 on average); it does not find the best level either:
-    # a season's profit varies by ~170 $/ha, nearby levels by a few.
+    # end of the action range (the whole cap at spring growth, or nothing). A fixed entropy
+    # weight holds the actor at the range's middle (125 kg N/ha, where a tanh-squashed
+    # Gaussian's entropy is largest; started at 100 or 150 it was back at ~126 within
+    # 10,000 steps), a narrow starting spread keeps it from wandering; it does not find the
+    # best level: a season's profit varies by ~170 $/ha, nearby levels by a few.
     TARGET_OVERRIDES = {"zero_init_actor": True, "ent_coef": 0.05}
 
     def training_overrides(self, config: CropTaskConfig) -> dict:
