@@ -324,6 +324,7 @@ class BatteryTask(Task):
         self.prices[:-1] = self.prices[1:]
         self.prices[-1] = price
         self._scaled[:-1] = self._scaled[1:]
+        # asinh: ordinary prices stay nearly linear, spikes (up to ~25 x price_scale) stay within ~4
         self._scaled[-1] = math.asinh(price / self.config.price_scale)
         if int(round(period)) < self.period:  # a new day: a new cycle budget
             self.discharged_mwh = 0.0
