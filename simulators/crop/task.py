@@ -186,8 +186,8 @@ class CropSimPlant(SimulatedPlant):
 
     def weather_ahead(self, days: int) -> np.ndarray:
         """Rain (mm), radiation (MJ/m2) and mean temperature (degC) of the next `days` days
-        (rows; zeros past the weather's end): what only a simulator knows, for the critics in
-        training."""
+        (rows; NaN past the season's longest duration or the weather's end): what only a
+        simulator knows, for the critics in training."""
         if self._weather is None:
             from pcse.exceptions import WeatherDataProviderError
 
@@ -202,7 +202,7 @@ class CropSimPlant(SimulatedPlant):
                     break
                 rows.append((10.0 * w.RAIN, w.IRRAD / 1e6, (w.TMIN + w.TMAX) / 2.0))
             self._weather = np.array(rows, dtype=float).reshape(-1, 3)
-        ahead = np.zeros((days, 3))
+        ahead = np.full((days, 3), np.nan)
         rest = self._weather[self.season.days + 1: self.season.days + 1 + days]
         ahead[: len(rest)] = rest
         return ahead
@@ -332,7 +332,12 @@ class CropTask(Task):
         (the soil's N release, initial mineral N, field capacity, initial water). A season's
         profit varies by ~170 $/ha with them, nearby N levels by a few $/ha."""
         blocks = plant.weather_ahead(PRIVILEGED_BLOCKS * PRIVILEGED_BLOCK_DAYS).reshape(PRIVILEGED_BLOCKS, PRIVILEGED_BLOCK_DAYS, 3)
-        weather = np.column_stack([blocks[:, :, 0].sum(1) / 100.0, blocks[:, :, 1].sum(1) / 300.0, blocks[:, :, 2].mean(1) / 20.0])
+        # Days past the weather's end count as no rain and no sun; a block's temperature is
+        # the mean of the days it has (0 if none), not diluted by them.
+        known = np.isfinite(blocks[:, :, 2]).sum(1)
+        temperature = np.where(known > 0, np.nansum(blocks[:, :, 2], 1) / np.maximum(known, 1), 0.0)
+        weather = np.column_stack([np.nansum(blocks[:, :, 0], 1) / 100.0, np.nansum(blocks[:, :, 1], 1) / 300.0,
+                                   temperature / 20.0])
         site, soil = plant.field_season.site, plant.field_season.soil
         hidden = [site.NSOILBASE / 60.0, site.NAVAILI / 80.0, soil.SMFCF / 0.3, site.WAV / 20.0]
         return np.concatenate([weather.ravel(), hidden]).astype(np.float32)

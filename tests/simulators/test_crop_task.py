@@ -12,7 +12,7 @@ from core.registry import get_task
 from core.task import run_episode
 from simulators.crop.baselines import optimise_doses, run_schedule, run_target_rule
 from simulators.crop.model import weather_provider
-from simulators.crop.task import PRESETS, CropTaskConfig, draw_field
+from simulators.crop.task import PRESETS, PRIVILEGED_BLOCKS, CropTaskConfig, draw_field
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +145,19 @@ def test_the_critics_privileged_features_are_the_weather_to_come_and_the_hidden_
     assert obs[n + 1] == pytest.approx(sum(w.IRRAD / 1e6 for w in first) / 300, rel=1e-5)
     assert obs[n + 2] == pytest.approx(np.mean([(w.TMIN + w.TMAX) / 2 for w in first]) / 20, rel=1e-5)
     assert obs[-4] == pytest.approx(plant.field_season.site.NSOILBASE / 60, rel=1e-5)  # the soil's N release
+    # The last blocks run past the weather the season can use (its longest duration): a
+    # block's temperature is the mean of its known days, a block without any reads 0.
+    last = n + 3 * (PRIVILEGED_BLOCKS - 1)
+    while plant.season.days < 105:
+        obs, *_ = env.step(np.array([-1.0]))
+    start = plant.season.days + 1 + (PRIVILEGED_BLOCKS - 1) * 30
+    known = plant._weather[start:start + 30]
+    assert 0 < len(known) < 30
+    assert obs[last + 2] == pytest.approx(known[:, 2].mean() / 20, rel=1e-5)
+    assert obs[last] == pytest.approx(known[:, 0].sum() / 100, rel=1e-5, abs=1e-6)
+    while plant.season.days < 125:
+        obs, *_ = env.step(np.array([-1.0]))
+    assert obs[last] == obs[last + 1] == obs[last + 2] == 0.0
 
 
 def test_train_and_test_seasons_come_from_disjoint_weather_years_with_complete_weather(crop):
