@@ -245,7 +245,6 @@ class BatteryTask(Task):
         self.steps = 0
         self.settings = np.zeros(1)
         self.prices = np.zeros(self.config.lookback)
-        self._scaled = np.zeros(self.config.lookback)
         self.soc = 0.0
         self.period = 0
         self.profit = 0.0
@@ -260,7 +259,8 @@ class BatteryTask(Task):
         # concatenation of small numpy pieces cost more than the battery's physics.
         c, n = self.config, self.config.lookback
         obs = np.empty(self.observation_space.shape[0], dtype=np.float32)
-        scaled = self._scaled  # asinh(price / price_scale), kept as prices arrive
+        # asinh: ordinary prices stay nearly linear, spikes (up to ~25 x price_scale) stay within ~4
+        scaled = np.arcsinh(self.prices / c.price_scale)
         obs[:n] = scaled
         obs[n] = 0.0  # the oldest price's difference (no price before it)
         np.subtract(scaled[1:], scaled[:-1], out=obs[n + 1:2 * n])
@@ -302,7 +302,6 @@ class BatteryTask(Task):
         self.initial_readings = self._last = np.asarray(plant.read().values, dtype=float)
         first = self._pick(self._last)
         self.prices = np.full(self.config.lookback, first[0])
-        self._scaled = np.arcsinh(self.prices / self.config.price_scale)
         self.soc, self.period = first[1], int(round(first[3]))
         self.settings = plant.read_knobs()
         self._plan()
@@ -323,9 +322,6 @@ class BatteryTask(Task):
         price, soc, power_kw, period = self._pick(self._last).tolist()
         self.prices[:-1] = self.prices[1:]
         self.prices[-1] = price
-        self._scaled[:-1] = self._scaled[1:]
-        # asinh: ordinary prices stay nearly linear, spikes (up to ~25 x price_scale) stay within ~4
-        self._scaled[-1] = math.asinh(price / self.config.price_scale)
         if int(round(period)) < self.period:  # a new day: a new cycle budget
             self.discharged_mwh = 0.0
         soc_before, self.soc, self.period = self.soc, soc, int(round(period))
