@@ -93,7 +93,7 @@ class CropDefinition(TaskDefinition):
     TARGET_OVERRIDES = {"zero_init_actor": True, "ent_coef": 0.05}
 
     def training_overrides(self, config: CropTaskConfig) -> dict:
-        return dict(self.TARGET_OVERRIDES) if config.action == "soil_n_target" else {}
+        return dict(self.TARGET_OVERRIDES) if config.action != "dose" else {}
 
     def safe_settings(self, knobs, start):
         return np.zeros(len(knobs))
@@ -157,14 +157,20 @@ class CropDefinition(TaskDefinition):
         return CropTask(config, reading_indices(readings))
 
     def policy_metadata(self, setup: CropSetup, errors, config, task: CropTask) -> dict:
+        c = task.config
         return {"lattice": {"name": setup.name, "crop": setup.crop, "variety": setup.variety,
                             "max_dose_kg_ha": setup.max_dose_kg_ha},
                 "observation": {"size": int(task.observation_space.shape[0]),
                                 "layout": "DVS, LAI, biomass, crop N, soil N and their changes; rain, temperature, "
-                                          "N applied / cap, day, last dose"},
-                "action": {"size": 1, "unit": ("fraction of the largest dose (<= 0: none)" if task.config.action == "dose" else
-                                               f"soil mineral N wanted, (a + 1) / 2 x {task.config.soil_n_target_max_kg_ha} "
-                                               "kg N/ha; today's dose fills the pool up to it")}}
+                                          "N applied / cap, day, last dose"
+                                          + (", soil N level held / its range" if c.action == "soil_n_level_change" else "")},
+                "action": {"size": 1, "unit": {
+                    "dose": "fraction of the largest dose (<= 0: none)",
+                    "soil_n_target": f"soil mineral N wanted, (a + 1) / 2 x {c.soil_n_target_max_kg_ha} kg N/ha; today's "
+                                     "dose fills the pool up to it",
+                    "soil_n_level_change": f"change of the soil mineral-N level held, a x {c.level_change_max_kg_ha} kg "
+                                           f"N/ha a day from {c.level_start_kg_ha} each season; today's dose fills the "
+                                           "pool up to it"}[c.action]}}
 
     def check_policy(self, metadata: dict, setup: CropSetup) -> str | None:
         trained = metadata.get("lattice", {})

@@ -256,10 +256,15 @@ class CropTaskConfig(BaseModel):
     season_cap_kg_ha: PositiveFloat = 250.0
     first_application_dvs: float = 0.1
     last_application_dvs: float = 1.0
-    action: Literal["dose", "soil_n_target"] = Field(
+    action: Literal["dose", "soil_n_target", "soil_n_level_change"] = Field(
         "dose", description="what the action sets: 'dose', today's dose (max(a, 0) x max_dose); 'soil_n_target', the "
-        "soil mineral N wanted today ((a + 1) / 2 x soil_n_target_max_kg_ha), today's dose filling the pool up to it")
+        "soil mineral N wanted today ((a + 1) / 2 x soil_n_target_max_kg_ha), today's dose filling the pool up to it; "
+        "'soil_n_level_change', a change of the soil mineral-N level held from today on (a x level_change_max_kg_ha, "
+        "from level_start_kg_ha each season; the level is observed), today's dose filling the pool up to it")
     soil_n_target_max_kg_ha: PositiveFloat = 250.0
+    level_start_kg_ha: NonNegativeFloat = Field(125.0, description="'soil_n_level_change': the level a season starts "
+                                                "from (the middle of 0..soil_n_target_max_kg_ha)")
+    level_change_max_kg_ha: PositiveFloat = Field(5.0, description="'soil_n_level_change': the largest change a day")
     n_recovery: float = Field(0.7, gt=0, le=1, description="share of a dose that reaches the mineral-N pool")
 
 
@@ -299,7 +304,7 @@ class CropTask(Task):
 
     def __post_init__(self) -> None:
         c = self.config
-        self.observation_space = spaces.Box(-np.inf, np.inf, (2 * len(TRENDED) + 5,), np.float32)
+        self.observation_space = spaces.Box(-np.inf, np.inf, (2 * len(TRENDED) + 5 + self._holds_level,), np.float32)
         self.action_space = spaces.Box(-1.0, 1.0, (1,), np.float32)
         self.metrics = METRICS
         self.max_steps = c.max_steps
@@ -309,6 +314,19 @@ class CropTask(Task):
         self.settings = np.zeros(1)
         self.history: list[np.ndarray] = []
         self.initial_readings = self._last = np.zeros(len(READINGS))
+        self.level = c.level_start_kg_ha
+
+    @property
+    def _holds_level(self) -> bool:
+        return self.config.action == "soil_n_level_change"
+
+    def next_level(self, action: np.ndarray) -> float:
+        """The soil mineral-N level held after `action` ('soil_n_level_change'; else the current one)."""
+        c = self.config
+        if not self._holds_level:
+            return self.level
+        a = float(np.clip(np.asarray(action, dtype=float)[0], -1.0, 1.0))
+        return min(max(self.level + a * c.level_change_max_kg_ha, 0.0), c.soil_n_target_max_kg_ha)
 
     def _values(self, readings: np.ndarray) -> dict[str, float]:
         picked = np.asarray(readings, dtype=float)[self.indices]
@@ -324,6 +342,8 @@ class CropTask(Task):
         temp = np.mean([w[READING_NAMES.index("temp")] for w in window]) / 20.0
         v = self._values(self._last)
         tail = [rain, temp, v["applied"] / c.season_cap_kg_ha, v["day"] / 365.0, self.settings[0] / c.max_dose_kg_ha]
+        if self._holds_level:
+            tail.append(self.level / c.soil_n_target_max_kg_ha)
         return np.concatenate([trended, trended - before, tail]).astype(np.float32)
 
     def privileged(self, plant: CropSimPlant) -> np.ndarray:
@@ -349,6 +369,7 @@ class CropTask(Task):
 
     def start(self, plant: Plant) -> np.ndarray:
         self.steps = 0
+        self.level = self.config.level_start_kg_ha
         self.initial_readings = self._last = np.asarray(plant.read().values, dtype=float)
         self.history = [self._last[self.indices]]
         self.settings = plant.read_knobs()
@@ -358,10 +379,11 @@ class CropTask(Task):
         """The dose the action asks for within the task's rules (minimum dose, last stage, cap)."""
         c, v = self.config, readings or self._values(self._last)
         a = float(np.clip(np.asarray(action, dtype=float)[0], -1.0, 1.0))
-        if c.action == "soil_n_target":
+        if c.action != "dose":
             # A setpoint for the pool, not a dose: the pool is what the crop draws on, and
             # holding it is what adapts the season's total to the crop's uptake.
-            dose = ((a + 1.0) / 2.0 * c.soil_n_target_max_kg_ha - v["soil_n"]) / c.n_recovery
+            wanted = (a + 1.0) / 2.0 * c.soil_n_target_max_kg_ha if c.action == "soil_n_target" else self.next_level(action)
+            dose = (wanted - v["soil_n"]) / c.n_recovery
             dose = min(max(dose, 0.0), c.max_dose_kg_ha)
         else:
             dose = max(a, 0.0) * c.max_dose_kg_ha
@@ -378,6 +400,7 @@ class CropTask(Task):
         c = self.config
         before = self._values(self._last)
         plant.write_knobs(self.proposed_settings(action))
+        self.level = self.next_level(action)
         self.settings = plant.read_knobs()
         self.steps += 1
         self._last = np.asarray(plant.read().values, dtype=float)

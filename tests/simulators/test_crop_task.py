@@ -107,6 +107,41 @@ def test_the_target_rule_holds_the_pool_and_adapts_the_seasons_total(crop):
     assert setup.target_rule_kg_ha is not None  # fitted and shipped beside the setup
 
 
+
+def test_a_level_change_moves_the_held_level_and_holding_it_is_the_target_rule(crop):
+    """'soil_n_level_change': the action moves the level the pool is held at (observed,
+    at most level_change_max a day, within 0..the target range, reset each season); a
+    season that moves it to 110 early and then holds it spreads what the target rule
+    at 110 spreads."""
+    definition, setup = crop
+    plant = definition.sim_plant(setup, definition.load_errors("test"))
+    config = definition.task_config(setup, CropTaskConfig(action="soil_n_level_change"))
+    task = definition.make_task(setup, plant.knobs, plant.readings, config)
+    assert task.observation_space.shape[0] == 16
+    plant.reset(3)
+    obs = task.start(plant)
+    assert task.level == config.level_start_kg_ha and obs[-1] == pytest.approx(config.level_start_kg_ha / 250.0)
+    assert task.next_level(np.array([-1.0])) == config.level_start_kg_ha - config.level_change_max_kg_ha
+    assert task.next_level(np.array([0.4])) == pytest.approx(config.level_start_kg_ha + 0.4 * config.level_change_max_kg_ha)
+    assert task.level == config.level_start_kg_ha  # asking is not moving
+    task.level = 248.0
+    assert task.next_level(np.array([1.0])) == 250.0
+    task.level = 2.0
+    assert task.next_level(np.array([-1.0])) == 0.0
+
+    def down_to_110(o):  # winter days: no dose yet, the level still moves
+        return np.array([-1.0 if o[-1] * 250.0 > 110.0 + 1e-9 else 0.0])
+
+    plant.reset(3)
+    result = run_episode(task, plant, down_to_110, seed=3)
+    assert task.level == pytest.approx(110.0)
+    rule = run_target_rule(plant, 3, 110.0, config)
+    assert result.final["n_applied_kg_ha"] == pytest.approx(rule.n_applied_kg_ha)
+    assert result.final["profit_usd_ha"] == pytest.approx(rule.profit_usd_ha)
+    plant.reset(4)
+    task.start(plant)
+    assert task.level == config.level_start_kg_ha  # each season starts afresh
+
 @pytest.mark.parametrize("shadow", [0.0, 0.5])
 def test_the_rewards_add_up_to_the_seasons_profit(crop, shadow):
     """With the agent's discount at 1 the shaping telescopes: sum of rewards = profit - potential at sowing
