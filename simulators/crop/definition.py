@@ -89,7 +89,8 @@ class CropDefinition(TaskDefinition):
     # weight holds the actor at the range's middle (125 kg N/ha, where a tanh-squashed
     # Gaussian's entropy is largest; started at 100 or 150 it was back at ~126 within
     # 10,000 steps), a narrow starting spread keeps it from wandering; it does not find the
-    # best level: a season's profit varies by ~170 $/ha, nearby levels by a few.
+    # best level: a season's profit varies by ~170 $/ha, nearby levels by a few. A level
+    # the action moves ('soil_n_level_change') gets the same: its actor starts at no change.
     TARGET_OVERRIDES = {"zero_init_actor": True, "ent_coef": 0.05}
 
     def training_overrides(self, config: CropTaskConfig) -> dict:
