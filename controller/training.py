@@ -185,7 +185,7 @@ def policy_metadata(definition: TaskDefinition, setup, errors, config, arch: str
 
 
 # Overrides that shape the training loop or its environment, not the SAC/TQC model.
-TRAINING_ONLY_OVERRIDES = ("frozen_actor_steps", "privileged_critic", "action_repeat")
+TRAINING_ONLY_OVERRIDES = ("frozen_actor_steps", "privileged_critic", "action_repeat", "paired_reference")
 
 
 def train(
@@ -230,12 +230,18 @@ def train(
     privileged = bool(overrides.get("privileged_critic", False))
     # Frame skipping in training only: evaluations (and every deployed run) act each step.
     action_repeat = int(overrides.get("action_repeat", 1))
+    # Rewards relative to the task's reference policy on the same episode (a twin plant):
+    # training only, a variance reduction for critics that must see small effects.
+    paired = bool(overrides.get("paired_reference", False))
 
-    def environment(error_model, privileged: bool = False, action_repeat: int = 1) -> TaskEnv:
-        plant = definition.sim_plant(setup, error_model)
-        return TaskEnv(plant, definition.make_task(setup, plant.knobs, plant.readings, config), privileged, action_repeat)
+    def environment(error_model, privileged: bool = False, action_repeat: int = 1, paired: bool = False) -> TaskEnv:
+        def plant_and_task():
+            plant = definition.sim_plant(setup, error_model)
+            return plant, definition.make_task(setup, plant.knobs, plant.readings, config)
 
-    env = environment(errors, privileged, action_repeat)
+        return TaskEnv(*plant_and_task(), privileged, action_repeat, reference=plant_and_task() if paired else None)
+
+    env = environment(errors, privileged, action_repeat, paired)
     if privileged and not env.privileged:
         raise ConfigError(f"privileged_critic: task {definition.name} has no privileged features for the critics")
     env.reset(seed=seed)

@@ -111,6 +111,11 @@ class Task(ABC):
         """The privileged features now (``privileged_size`` values), read from the simulator."""
         return np.zeros(0, dtype=np.float32)
 
+    def reference_action(self) -> np.ndarray | None:
+        """The action of the task's reference policy, held every step (training only: a
+        twin plant runs it on the same episode, see :class:`TaskEnv`); None: the task has none."""
+        return None
+
     def next_action(self, policy: Callable[[np.ndarray], np.ndarray], obs: np.ndarray) -> tuple[np.ndarray, Event | None, str]:
         """(action, event to record or None, who chose it). Default: the policy."""
         return policy(obs), None, "policy"
@@ -249,14 +254,26 @@ class TaskEnv(gym.Env):
     (or until the episode ends) and returns the sum of their rewards (frame skipping):
     for training on a plant where one step's action barely matters and only an action
     held for a while does (a crop's daily soil-N target). Policies still act every task
-    step when they run; the agent's discount is per environment step."""
+    step when they run; the agent's discount is per environment step.
+
+    With `reference` (a twin plant and task), the twin runs the task's reference policy
+    (:meth:`Task.reference_action`) on the same episode (the same seed) and each reward is
+    the agent's minus the twin's (common random numbers): what the episode's draw pays
+    whatever the agent does cancels, and what is left is what the agent's actions changed.
+    The twin's return does not depend on the agent's actions, so the best policy is the
+    same; training only."""
 
     metadata: ClassVar[dict] = {"render_modes": []}
 
-    def __init__(self, plant: SimulatedPlant, task: Task, privileged: bool = False, action_repeat: int = 1):
+    def __init__(self, plant: SimulatedPlant, task: Task, privileged: bool = False, action_repeat: int = 1,
+                 reference: tuple[SimulatedPlant, Task] | None = None):
         if int(action_repeat) < 1:
             raise ConfigError(f"action_repeat must be >= 1, got {action_repeat}")
+        if reference is not None and reference[1].reference_action() is None:
+            raise ConfigError(f"paired_reference: task {type(task).__name__} has no reference policy")
         self.plant, self.task = plant, task
+        self.reference = reference
+        self._reference_done = True
         self.action_repeat = int(action_repeat)
         self.privileged = bool(privileged and task.privileged_size)
         self.observation_space, self.action_space = task.observation_space, task.action_space
@@ -274,14 +291,28 @@ class TaskEnv(gym.Env):
         super().reset(seed=seed)
         if seed is not None:
             self._seeds = np.random.default_rng(seed)
-        obs = start_drawn_machine(self.task, self.plant, seed if seed is not None else int(self._seeds.integers(2**63)))
+        drawn = seed if seed is not None else int(self._seeds.integers(2**63))
+        obs = start_drawn_machine(self.task, self.plant, drawn)
+        if self.reference is not None:
+            start_drawn_machine(self.reference[1], self.reference[0], drawn)
+            self._reference_done = False
         return self._with_privileged(obs), dict(self.task.metric_values())
+
+    def _reference_reward(self) -> float:
+        if self._reference_done:
+            return 0.0  # the twin's episode ended first: it earns nothing more
+        plant, task = self.reference
+        _, reward, terminated, truncated, _ = task.step(plant, task.reference_action())
+        self._reference_done = terminated or truncated
+        return reward
 
     def step(self, action):
         total = 0.0
         for _ in range(self.action_repeat):
             obs, reward, terminated, truncated, info = self.task.step(self.plant, action)
             total += reward
+            if self.reference is not None:
+                total -= self._reference_reward()
             if terminated or truncated:
                 break
         return self._with_privileged(obs), total, terminated, truncated, info

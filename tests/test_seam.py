@@ -187,6 +187,17 @@ def test_action_repeat_holds_one_action_for_several_task_steps_and_sums_their_re
         env(0)
 
 
+def test_a_paired_reference_is_refused_for_a_task_without_a_reference_policy(toy, tmp_path):
+    from controller.training import train
+    from core.config import ConfigError
+    from core.registry import get_task
+
+    definition = get_task("thermal")
+    with pytest.raises(ConfigError, match="paired_reference: task .* has no reference policy"):
+        train(definition, definition.load_setup("oven"), definition.load_errors("train"), 100, 0, tmp_path,
+              sac_overrides={"paired_reference": True}, progress=False)
+
+
 def test_training_with_a_repeated_action_records_it_and_refuses_zero(toy):
     out = toy["tmp"] / "repeat"
     proc = toy["cli"]("train", "thermal", "--steps", "1000", "--eval-every", "1000", "--action-repeat", "2",

@@ -72,6 +72,9 @@ def train(
     action_repeat: Optional[int] = typer.Option(None, "--action-repeat", min=1, help="Training only: hold each action for "
                                                 "this many task steps (frame skipping; rewards summed, the discount per "
                                                 "held action). Evaluations and runs act every step."),
+    paired_reference: Optional[bool] = typer.Option(None, "--paired-reference", help="Training only: each reward is "
+                                                    "the agent's minus the task's reference policy's on the same episode "
+                                                    "(a twin simulation; the best policy is unchanged)."),
     stop_at_bar: bool = typer.Option(False, "--stop-at-bar", help="Stop at the first evaluation meeting the acceptance bar."),
     init_from: Optional[str] = typer.Option(None, "--init-from", help="Fine-tune: start from a policy file or 'pretrained' "
                                             "(the shipped policy of the lattice, or of the lattice it was calibrated from)."),
@@ -86,7 +89,8 @@ def train(
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("controller.training").setLevel(logging.INFO)  # one line per evaluation
     overrides = {key: value for key, value in (("gamma", gamma), ("algorithm", algo), ("risk_weight", risk_weight),
-                                               ("privileged_critic", privileged_critic), ("action_repeat", action_repeat))
+                                               ("privileged_critic", privileged_critic), ("action_repeat", action_repeat),
+                                               ("paired_reference", paired_reference))
                  if value is not None}
     result = api.train(task, lattice, errors, eval_errors, steps, seed, out or Path("runs") / task, arch, eval_every,
                        eval_episodes, stop_at_bar, overrides or None, init_from=init_from, max_minutes=max_minutes,

@@ -393,6 +393,13 @@ class CropTask(Task):
             return 0.0
         return dose
 
+    def reference_action(self) -> np.ndarray | None:
+        """Hold the season's starting soil-N level (the level and target actions); none for the dose."""
+        c = self.config
+        if c.action == "dose":
+            return None
+        return np.zeros(1) if c.action == "soil_n_level_change" else soil_n_target_action(c, c.level_start_kg_ha)
+
     def proposed_settings(self, action: np.ndarray) -> np.ndarray:
         return np.array([self.dose(action)])
 

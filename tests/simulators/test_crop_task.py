@@ -142,6 +142,39 @@ def test_a_level_change_moves_the_held_level_and_holding_it_is_the_target_rule(c
     task.start(plant)
     assert task.level == config.level_start_kg_ha  # each season starts afresh
 
+def test_a_paired_reference_pays_what_the_agent_changed_against_the_level_held_on_the_same_season(crop):
+    """Training only: a twin field runs the reference (the starting level held) on the same
+    season; each reward is the agent's minus the twin's. The reference itself earns 0 every
+    day; another policy earns its own season's rewards minus the reference's."""
+    from core.task import TaskEnv
+
+    definition, setup = crop
+    errors = definition.load_errors("train")
+    config = definition.task_config(setup, CropTaskConfig(action="soil_n_level_change", n_shadow_cost=0.3))
+
+    def env(paired: bool) -> TaskEnv:
+        def pair():
+            plant = definition.sim_plant(setup, errors)
+            return plant, definition.make_task(setup, plant.knobs, plant.readings, config)
+        return TaskEnv(*pair(), reference=pair() if paired else None)
+
+    def season(e: TaskEnv, policy) -> list[float]:
+        obs, _ = e.reset(seed=11)
+        rewards, done = [], False
+        while not done:
+            obs, r, terminated, truncated, _ = e.step(policy(obs))
+            rewards.append(r)
+            done = terminated or truncated
+        return rewards
+
+    hold, lower = (lambda o: np.zeros(1)), (lambda o: np.array([-1.0 if o[-1] * 250.0 > 90.0 else 0.0]))
+    assert np.abs(season(env(True), hold)).max() == 0.0
+    paired, alone, reference = season(env(True), lower), season(env(False), lower), season(env(False), hold)
+    assert len(paired) == len(alone) == len(reference)  # N does not move the crop's calendar
+    np.testing.assert_allclose(paired, np.array(alone) - np.array(reference), atol=1e-12)
+    assert abs(sum(paired)) > 1e-3  # 90 instead of 125 kg N/ha changes the season's books
+
+
 @pytest.mark.parametrize("shadow", [0.0, 0.5])
 def test_the_rewards_add_up_to_the_seasons_profit(crop, shadow):
     """With the agent's discount at 1 the shaping telescopes: sum of rewards = profit - potential at sowing
