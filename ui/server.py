@@ -38,6 +38,9 @@ READ_THREADS = 4
 
 # Ids beyond 32 bits cannot exist; bounding them keeps the database from overflowing.
 MAX_ID = 2**31 - 1
+# Names and paths in requests: no NUL character (no file name and no PostgreSQL text holds
+# one; a path with one made the path check fail with a server error).
+NO_NUL = r"^[^\x00]*$"
 SessionId = Annotated[int, Path(ge=1, le=MAX_ID, description="session id")]
 After = Annotated[int, Query(ge=0, le=MAX_ID, description="only items after this step / event id")]
 
@@ -47,10 +50,11 @@ class StartRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    machine: str = Field(min_length=1, max_length=200, description="machine name from /api/machines")
-    policy: str = Field("pretrained", min_length=1, max_length=1000, description="'pretrained' or a policy file path")
+    machine: str = Field(min_length=1, max_length=200, pattern=NO_NUL, description="machine name from /api/machines")
+    policy: str = Field("pretrained", min_length=1, max_length=1000, pattern=NO_NUL,
+                        description="'pretrained' or a policy file path")
     mode: Literal["auto", "approve", "dry-run"] = "auto"
-    operator: str = Field(min_length=1, max_length=200)
+    operator: str = Field(min_length=1, max_length=200, pattern=NO_NUL)
     seed: int = Field(0, ge=0, le=2**31 - 1, description="simulated machines: which hidden errors")
     errors: Literal["train", "test", "hard"] = "test"
 
@@ -61,7 +65,7 @@ class Started(BaseModel):
 
 class CommandRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    operator: str = Field("operator", min_length=1, max_length=200)
+    operator: str = Field("operator", min_length=1, max_length=200, pattern=NO_NUL)
     proposal: int | None = Field(None, ge=1, le=2**31 - 1, description="approve/reject: the proposal id the operator saw")
 
 
@@ -69,7 +73,7 @@ class DialInRequest(BaseModel):
     """Dial in the knob settings recorded at one step of a finished session."""
 
     model_config = ConfigDict(extra="forbid")
-    operator: str = Field(min_length=1, max_length=200)
+    operator: str = Field(min_length=1, max_length=200, pattern=NO_NUL)
     step: int = Field(ge=1, le=2**31 - 1, description="the recorded step whose read-back settings to go to")
 
 
@@ -199,9 +203,9 @@ def create_app(store: Store, token: str, sim_step_interval: float = 0.0, allowed
     @app.get("/api/sessions")
     def sessions(
         status: SessionStatus | None = None,
-        machine: str | None = Query(None, max_length=200),
-        operator: str | None = Query(None, max_length=200),
-        task: str | None = Query(None, max_length=50),
+        machine: str | None = Query(None, max_length=200, pattern=NO_NUL),
+        operator: str | None = Query(None, max_length=200, pattern=NO_NUL),
+        task: str | None = Query(None, max_length=50, pattern=NO_NUL),
         started_from: dt.date | None = Query(None, description="first day (UTC) a listed session started on"),
         started_to: dt.date | None = Query(None, description="last day (UTC) a listed session started on"),
         limit: int = Query(100, ge=1, le=1000),

@@ -157,6 +157,10 @@ def test_stream_sends_steps_events_and_end(client):
         ({"machine": "sim-cafe2-cm1", "operator": "a", "colour": "red"}, 422, "colour"),
         ({"machine": "nowhere", "operator": "a"}, 403, "nowhere"),
         ({"machine": "sim-cafe2-cm2", "operator": "a", "policy": "/nonexistent.pt"}, 403, "/nonexistent.pt"),
+        # a NUL character made the path check fail with a server error (found by the schema fuzzing)
+        ({"machine": "\u0000", "operator": "0"}, 422, "machine"),
+        ({"machine": "sim-cafe2-cm2", "operator": "a", "policy": "x\u0000.pt"}, 422, "policy"),
+        ({"machine": "sim-cafe2-cm2", "operator": "a\u0000"}, 422, "operator"),
     ],
 )
 def test_malformed_requests_get_4xx_naming_the_problem(client, body, status, needle):
@@ -170,6 +174,7 @@ def test_unknown_session_and_command(client):
     assert client.post("/api/sessions/999/abort", headers=AUTH).status_code == 404
     assert client.post("/api/sessions/1/explode", headers=AUTH).status_code == 422
     assert client.get("/api/sessions", params={"status": "bogus"}).status_code == 422
+    assert client.get("/api/sessions", params={"machine": "a\x00b"}).status_code == 422
 
 
 def test_http_session_on_virtual_ioc_and_cli_replay(client, start_ioc, run_cli, tmp_path):
