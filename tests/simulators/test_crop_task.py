@@ -107,7 +107,6 @@ def test_the_target_rule_holds_the_pool_and_adapts_the_seasons_total(crop):
     assert setup.target_rule_kg_ha is not None  # fitted and shipped beside the setup
 
 
-
 def test_a_level_change_moves_the_held_level_and_holding_it_is_the_target_rule(crop):
     """'soil_n_level_change': the action moves the level the pool is held at (observed,
     at most level_change_max a day, within 0..the target range, reset each season); a
@@ -141,6 +140,7 @@ def test_a_level_change_moves_the_held_level_and_holding_it_is_the_target_rule(c
     plant.reset(4)
     task.start(plant)
     assert task.level == config.level_start_kg_ha  # each season starts afresh
+
 
 def test_a_paired_reference_pays_what_the_agent_changed_against_the_level_held_on_the_same_season(crop):
     """Training only: a twin field runs the reference (the starting level held) on the same
