@@ -137,11 +137,11 @@ def train(task: str, lattice: str | None, errors: str, eval_errors: str | None, 
 
         init_policy = Policy.load(resolve_init_policy(init_from, setup), definition, setup)
     steps = steps or definition.train_defaults["steps"]
-    eval_every = eval_every or definition.train_defaults["eval_every"]
     eval_episodes = eval_episodes or definition.train_defaults["eval_episodes"]
     config = parse_model(definition.config_model(), task_config or {}, f"{task} task settings")
     store = open_store()
     overrides = {**definition.sac_overrides, **definition.training_overrides(config), **(sac_overrides or {})}
+    eval_every = eval_every or int(overrides.get("eval_every", definition.train_defaults["eval_every"]))
     run_row = store.start_training_run(
         task=task, lattice=setup.name, errors=em.name, arch=arch, steps=steps, seed=seed, out_dir=str(out.resolve()),
         sweep=sweep, trial=trial,

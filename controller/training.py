@@ -37,7 +37,9 @@ class TrainResult:
 
 
 class PolicyEvalCallback(BaseCallback):
-    """Evaluates the deterministic policy every `every` steps; keeps the best as policy.pt.
+    """Evaluates the deterministic policy every `every` steps; keeps the best as policy.pt
+    (with `keep_last`, the latest: for a task whose evaluation cannot tell its checkpoints
+    apart, where the best scored is the luckiest, not the best).
 
     `evaluate(policy) -> summary`, `score(summary)` (higher is better) and `bar(summary)`
     (the acceptance bar is met) make it task-agnostic; `scalars` names the summary
@@ -45,8 +47,9 @@ class PolicyEvalCallback(BaseCallback):
     """
 
     def __init__(self, make_policy, evaluate, score, bar, scalars: dict, out: Path, every: int, stop_at_bar: bool,
-                 max_seconds: float | None = None, on_evaluation=None):
+                 max_seconds: float | None = None, on_evaluation=None, keep_last: bool = False):
         super().__init__()
+        self.keep_last = keep_last
         self.max_seconds, self.on_evaluation = max_seconds, on_evaluation
         self.make_policy, self.evaluate, self.score, self.bar, self.scalars = make_policy, evaluate, score, bar, scalars
         self.out, self.every, self.stop_at_bar = out, every, stop_at_bar
@@ -69,7 +72,7 @@ class PolicyEvalCallback(BaseCallback):
             self.logger.record(key, np.nan if value is None else value)
         policy.metadata["evaluation"] = recorded_evaluation(summary, self.bar(summary))
         policy.save(self.out / "checkpoints" / f"step_{self.num_timesteps:07d}.pt")
-        if self.best is None or self.score(summary) > self.best:
+        if self.keep_last or self.best is None or self.score(summary) > self.best:
             self.best, self.best_step, self.best_summary = self.score(summary), self.num_timesteps, summary
             policy.save(self.out / "policy.pt")
         log.info("step %d: %s", self.num_timesteps, summary)
@@ -185,7 +188,8 @@ def policy_metadata(definition: TaskDefinition, setup, errors, config, arch: str
 
 
 # Overrides that shape the training loop or its environment, not the SAC/TQC model.
-TRAINING_ONLY_OVERRIDES = ("frozen_actor_steps", "privileged_critic", "action_repeat", "paired_reference")
+TRAINING_ONLY_OVERRIDES = ("frozen_actor_steps", "privileged_critic", "action_repeat", "paired_reference", "keep_last",
+                           "eval_every")
 
 
 def train(
@@ -219,10 +223,12 @@ def train(
     """
     torch.set_num_threads(1)  # two threads on two busy cores made SAC up to 100x slower
     arch = arch or definition.default_arch
-    eval_every = eval_every or definition.train_defaults["eval_every"]
-    eval_episodes = eval_episodes or definition.train_defaults["eval_episodes"]
     config = config or definition.config_model()()
     overrides = {**definition.sac_overrides, **definition.training_overrides(config), **(sac_overrides or {})}
+    # A task config may change what one environment step is (e.g. a whole season), and
+    # with it how often a checkpoint is worth evaluating.
+    eval_every = eval_every or int(overrides.get("eval_every", definition.train_defaults["eval_every"]))
+    eval_episodes = eval_episodes or definition.train_defaults["eval_episodes"]
     out.mkdir(parents=True, exist_ok=True)
 
     # An asymmetric actor-critic: the training environment adds what only the simulator
@@ -286,7 +292,7 @@ def train(
 
     scalars = {name: (lambda m, keys=keys: _path(m, keys)) for name, keys in definition.scalars.items()}
     callback = PolicyEvalCallback(make_policy, evaluate, definition.score, definition.bar_met, scalars, out, eval_every, stop_at_bar,
-                                  max_seconds, on_evaluation)
+                                  max_seconds, on_evaluation, keep_last=bool(overrides.get("keep_last", False)))
     return _learn(model, CallbackList([*callbacks, callback]) if callbacks else callback, callback, steps, out, progress, {
         "task": definition.name, "lattice": setup.name, "errors": errors.name, "eval_errors": eval_model.name,
         "arch": arch, "seed": seed})

@@ -198,6 +198,21 @@ def test_a_paired_reference_is_refused_for_a_task_without_a_reference_policy(toy
               sac_overrides={"paired_reference": True}, progress=False)
 
 
+def test_training_can_keep_its_last_checkpoint_and_take_its_evaluation_interval_from_the_overrides(toy, tmp_path):
+    """A task whose evaluation cannot tell its checkpoints apart keeps the last one; a task
+    config that makes one environment step longer (a whole season) sets its own interval."""
+    from controller import api
+    from controller.policy import Policy
+    from core.registry import get_task
+
+    definition = get_task("thermal")
+    result = api.train("thermal", "oven", "train", None, 600, 3, tmp_path, eval_episodes=3, progress=False,
+                       sac_overrides={"keep_last": True, "eval_every": 200})
+    assert [c["step"] for c in result.curves] == [200, 400, 600]  # the toy's own interval is 500
+    kept = Policy.load(tmp_path / "policy.pt", definition, definition.load_setup("oven"))
+    assert kept.metadata["training"]["checkpoint_step"] == 600 and result.best_step == 600
+
+
 def test_training_with_a_repeated_action_records_it_and_refuses_zero(toy):
     out = toy["tmp"] / "repeat"
     proc = toy["cli"]("train", "thermal", "--steps", "1000", "--eval-every", "1000", "--action-repeat", "2",

@@ -15,7 +15,11 @@ grain and a harvested flag. Each write runs one day.
   ``max(a, 0) x max_dose`` (half the action range is "no N today", so most days cost
   nothing); or ``soil_n_target``, the soil mineral N wanted today, ``(a + 1) / 2 x
   soil_n_target_max``, today's dose being what fills the pool up to it (``/ n_recovery``;
-  none if the pool holds enough). Either way doses below ``min_dose`` are not spread,
+  none if the pool holds enough); ``soil_n_level_change``, a daily move of the level the
+  pool is held at; or ``soil_n_season_level``, the level held all season, set by the
+  sowing day's action (as a target is mapped) and deaf to later actions: a season's
+  profit depends on the total it spreads, not on when, so one decision is what the
+  target family has to make. Either way doses below ``min_dose`` are not spread,
   none outside development stages ``first_application_dvs`` to ``last_application_dvs``,
   none above ``max_dose``, and the seasonal cap is never exceeded;
 - reward: economic. Each day ``- N cost x N applied that day``; at harvest ``+ grain price
@@ -256,16 +260,29 @@ class CropTaskConfig(BaseModel):
     season_cap_kg_ha: PositiveFloat = 250.0
     first_application_dvs: float = 0.1
     last_application_dvs: float = 1.0
-    action: Literal["dose", "soil_n_target", "soil_n_level_change"] = Field(
+    action: Literal["dose", "soil_n_target", "soil_n_level_change", "soil_n_season_level"] = Field(
         "dose", description="what the action sets: 'dose', today's dose (max(a, 0) x max_dose); 'soil_n_target', the "
         "soil mineral N wanted today ((a + 1) / 2 x soil_n_target_max_kg_ha), today's dose filling the pool up to it; "
         "'soil_n_level_change', a change of the soil mineral-N level held from today on (a x level_change_max_kg_ha, "
-        "from level_start_kg_ha each season; the level is observed), today's dose filling the pool up to it")
+        "from level_start_kg_ha each season; the level is observed), today's dose filling the pool up to it; "
+        "'soil_n_season_level', the soil mineral-N level held all season, set by the season's first action (sowing "
+        "day) as 'soil_n_target' maps it, later actions ignored, each day's dose filling the pool up to it")
     soil_n_target_max_kg_ha: PositiveFloat = 250.0
     level_start_kg_ha: NonNegativeFloat = Field(125.0, description="'soil_n_level_change': the level a season starts "
                                                 "from (the middle of 0..soil_n_target_max_kg_ha)")
     level_change_max_kg_ha: PositiveFloat = Field(5.0, description="'soil_n_level_change': the largest change a day")
     n_recovery: float = Field(0.7, gt=0, le=1, description="share of a dose that reaches the mineral-N pool")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _season_level_defaults(cls, data):
+        # One decision a season: its reward is the season's books in one step (shaping,
+        # meant to pay growth within days of a dose, has nothing to bridge and, summed
+        # undiscounted over the skipped days, would not telescope), on a scale where
+        # a few $/ha between levels outweigh the entropy term. Unless given.
+        if isinstance(data, dict) and data.get("action") == "soil_n_season_level":
+            data = {"reward_scale": 0.1, "shaping_grain_per_biomass": 0.0, **data}
+        return data
 
 
 def soil_n_target_action(config: CropTaskConfig, level_kg_ha: float) -> np.ndarray:
@@ -321,11 +338,14 @@ class CropTask(Task):
         return self.config.action == "soil_n_level_change"
 
     def next_level(self, action: np.ndarray) -> float:
-        """The soil mineral-N level held after `action` ('soil_n_level_change'; else the current one)."""
+        """The soil mineral-N level held after `action` ('soil_n_level_change', and
+        'soil_n_season_level' on the season's first day; else the current one)."""
         c = self.config
+        a = float(np.clip(np.asarray(action, dtype=float)[0], -1.0, 1.0))
+        if c.action == "soil_n_season_level" and self.steps == 0:
+            return (a + 1.0) / 2.0 * c.soil_n_target_max_kg_ha
         if not self._holds_level:
             return self.level
-        a = float(np.clip(np.asarray(action, dtype=float)[0], -1.0, 1.0))
         return min(max(self.level + a * c.level_change_max_kg_ha, 0.0), c.soil_n_target_max_kg_ha)
 
     def _values(self, readings: np.ndarray) -> dict[str, float]:

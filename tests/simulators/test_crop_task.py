@@ -12,7 +12,7 @@ from core.registry import get_task
 from core.task import run_episode
 from simulators.crop.baselines import optimise_doses, run_schedule, run_target_rule
 from simulators.crop.model import weather_provider
-from simulators.crop.task import PRESETS, PRIVILEGED_BLOCKS, CropTaskConfig, draw_field
+from simulators.crop.task import PRESETS, PRIVILEGED_BLOCKS, CropTaskConfig, draw_field, soil_n_target_action
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +140,38 @@ def test_a_level_change_moves_the_held_level_and_holding_it_is_the_target_rule(c
     plant.reset(4)
     task.start(plant)
     assert task.level == config.level_start_kg_ha  # each season starts afresh
+
+
+def test_a_season_level_is_set_by_the_first_action_and_held_as_the_target_rule_holds_it(crop):
+    """'soil_n_season_level': the sowing day's action sets the level for the whole season
+    (mapped as a soil-N target), every later action is ignored; the season spreads what
+    the target rule at that level spreads, and the next season is set afresh."""
+    definition, setup = crop
+    plant = definition.sim_plant(setup, definition.load_errors("test"))
+    config = definition.task_config(setup, CropTaskConfig(action="soil_n_season_level"))
+    task = definition.make_task(setup, plant.knobs, plant.readings, config)
+    assert task.observation_space.shape[0] == 15
+    first = soil_n_target_action(config, 80.0)
+    days = iter(range(10_000))
+    # Day 0 asks for 80; every later day asks for the cap's worth (ignored).
+    policy = lambda _: first if next(days) == 0 else np.array([1.0])  # noqa: E731
+    plant.reset(3)
+    result = run_episode(task, plant, policy, seed=3)
+    assert task.level == pytest.approx(80.0)
+    rule = run_target_rule(plant, 3, 80.0, config)
+    assert result.final["n_applied_kg_ha"] == pytest.approx(rule.n_applied_kg_ha)
+    assert result.final["profit_usd_ha"] == pytest.approx(rule.profit_usd_ha)
+    assert rule.n_applied_kg_ha < config.season_cap_kg_ha - 10.0  # the ignored asks would have spread the cap
+    plant.reset(4)
+    task.start(plant)
+    assert task.next_level(soil_n_target_action(config, 140.0)) == pytest.approx(140.0)
+    # One step a season in training: the season's books in one reward, on a scale the
+    # entropy term does not drown, unless the user gives them.
+    assert (config.reward_scale, config.shaping_grain_per_biomass) == (0.1, 0.0)
+    assert CropTaskConfig(action="soil_n_season_level", reward_scale=0.5).reward_scale == 0.5
+    assert CropTaskConfig(action="soil_n_target").reward_scale == CropTaskConfig().reward_scale == 1e-3
+    overrides = definition.training_overrides(config)
+    assert overrides["action_repeat"] >= config.max_steps and overrides["paired_reference"] and overrides["keep_last"]
 
 
 def test_a_paired_reference_pays_what_the_agent_changed_against_the_level_held_on_the_same_season(crop):
