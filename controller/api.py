@@ -116,7 +116,7 @@ def train(task: str, lattice: str | None, errors: str, eval_errors: str | None, 
 
     `init_from` (a policy file or ``pretrained``) fine-tunes a trained policy instead of starting afresh;
     `sweep`/`trial` name the sweep trial this run is (``tbsac sweep``)."""
-    from .training import train as train_task
+    from .training import evaluation_interval, train as train_task
 
     definition, setup = _setup(task, lattice)
     arch = arch or definition.default_arch
@@ -141,7 +141,7 @@ def train(task: str, lattice: str | None, errors: str, eval_errors: str | None, 
     config = parse_model(definition.config_model(), task_config or {}, f"{task} task settings")
     store = open_store()
     overrides = {**definition.sac_overrides, **definition.training_overrides(config), **(sac_overrides or {})}
-    eval_every = eval_every or int(overrides.get("eval_every", definition.train_defaults["eval_every"]))
+    eval_every = eval_every or evaluation_interval(definition, overrides)
     run_row = store.start_training_run(
         task=task, lattice=setup.name, errors=em.name, arch=arch, steps=steps, seed=seed, out_dir=str(out.resolve()),
         sweep=sweep, trial=trial,

@@ -192,6 +192,12 @@ TRAINING_ONLY_OVERRIDES = ("frozen_actor_steps", "privileged_critic", "action_re
                            "eval_every")
 
 
+def evaluation_interval(definition: TaskDefinition, overrides: dict) -> int:
+    """Environment steps between checkpoint evaluations: the task's default unless its
+    training overrides say otherwise (a task config may make one step a whole season)."""
+    return int(overrides.get("eval_every", definition.train_defaults["eval_every"]))
+
+
 def train(
     definition: TaskDefinition,
     setup,
@@ -225,9 +231,7 @@ def train(
     arch = arch or definition.default_arch
     config = config or definition.config_model()()
     overrides = {**definition.sac_overrides, **definition.training_overrides(config), **(sac_overrides or {})}
-    # A task config may change what one environment step is (e.g. a whole season), and
-    # with it how often a checkpoint is worth evaluating.
-    eval_every = eval_every or int(overrides.get("eval_every", definition.train_defaults["eval_every"]))
+    eval_every = eval_every or evaluation_interval(definition, overrides)
     eval_episodes = eval_episodes or definition.train_defaults["eval_episodes"]
     out.mkdir(parents=True, exist_ok=True)
 

@@ -338,11 +338,12 @@ class CropTask(Task):
         return self.config.action == "soil_n_level_change"
 
     def next_level(self, action: np.ndarray) -> float:
-        """The soil mineral-N level held after `action` ('soil_n_level_change', and
-        'soil_n_season_level' on the season's first day; else the current one)."""
+        """The soil mineral-N level the pool is filled to after `action`: the target asked
+        ('soil_n_target', and 'soil_n_season_level' on the season's first day), the level
+        moved ('soil_n_level_change'), else the level held."""
         c = self.config
         a = float(np.clip(np.asarray(action, dtype=float)[0], -1.0, 1.0))
-        if c.action == "soil_n_season_level" and self.steps == 0:
+        if c.action == "soil_n_target" or (c.action == "soil_n_season_level" and self.steps == 0):
             return (a + 1.0) / 2.0 * c.soil_n_target_max_kg_ha
         if not self._holds_level:
             return self.level
@@ -398,15 +399,13 @@ class CropTask(Task):
     def dose(self, action: np.ndarray, readings: dict[str, float] | None = None) -> float:
         """The dose the action asks for within the task's rules (minimum dose, last stage, cap)."""
         c, v = self.config, readings or self._values(self._last)
-        a = float(np.clip(np.asarray(action, dtype=float)[0], -1.0, 1.0))
         if c.action != "dose":
             # A setpoint for the pool, not a dose: the pool is what the crop draws on, and
             # holding it is what adapts the season's total to the crop's uptake.
-            wanted = (a + 1.0) / 2.0 * c.soil_n_target_max_kg_ha if c.action == "soil_n_target" else self.next_level(action)
-            dose = (wanted - v["soil_n"]) / c.n_recovery
+            dose = (self.next_level(action) - v["soil_n"]) / c.n_recovery
             dose = min(max(dose, 0.0), c.max_dose_kg_ha)
         else:
-            dose = max(a, 0.0) * c.max_dose_kg_ha
+            dose = max(float(np.clip(np.asarray(action, dtype=float)[0], -1.0, 1.0)), 0.0) * c.max_dose_kg_ha
         dose = min(dose, max(0.0, c.season_cap_kg_ha - v["applied"]))
         if (dose < c.min_dose_kg_ha or not c.first_application_dvs <= v["dvs"] <= c.last_application_dvs
                 or v["harvested"] >= 0.5):

@@ -107,6 +107,18 @@ def test_the_target_rule_holds_the_pool_and_adapts_the_seasons_total(crop):
     assert setup.target_rule_kg_ha is not None  # fitted and shipped beside the setup
 
 
+def spreads_as_the_target_rule(task, plant, policy, level: float, config: CropTaskConfig, seed: int = 3):
+    """Season `seed` run by `policy` through `task` ends holding `level` and with the target
+    rule's N and profit at that level; the rule's run."""
+    plant.reset(seed)
+    result = run_episode(task, plant, policy, seed=seed)
+    assert task.level == pytest.approx(level)
+    rule = run_target_rule(plant, seed, level, config)
+    assert result.final["n_applied_kg_ha"] == pytest.approx(rule.n_applied_kg_ha)
+    assert result.final["profit_usd_ha"] == pytest.approx(rule.profit_usd_ha)
+    return rule
+
+
 def test_a_level_change_moves_the_held_level_and_holding_it_is_the_target_rule(crop):
     """'soil_n_level_change': the action moves the level the pool is held at (observed,
     at most level_change_max a day, within 0..the target range, reset each season); a
@@ -131,12 +143,7 @@ def test_a_level_change_moves_the_held_level_and_holding_it_is_the_target_rule(c
     def down_to_110(o):  # winter days: no dose yet, the level still moves
         return np.array([-1.0 if o[-1] * 250.0 > 110.0 + 1e-9 else 0.0])
 
-    plant.reset(3)
-    result = run_episode(task, plant, down_to_110, seed=3)
-    assert task.level == pytest.approx(110.0)
-    rule = run_target_rule(plant, 3, 110.0, config)
-    assert result.final["n_applied_kg_ha"] == pytest.approx(rule.n_applied_kg_ha)
-    assert result.final["profit_usd_ha"] == pytest.approx(rule.profit_usd_ha)
+    spreads_as_the_target_rule(task, plant, down_to_110, 110.0, config)
     plant.reset(4)
     task.start(plant)
     assert task.level == config.level_start_kg_ha  # each season starts afresh
@@ -155,12 +162,7 @@ def test_a_season_level_is_set_by_the_first_action_and_held_as_the_target_rule_h
     days = iter(range(10_000))
     # Day 0 asks for 80; every later day asks for the cap's worth (ignored).
     policy = lambda _: first if next(days) == 0 else np.array([1.0])  # noqa: E731
-    plant.reset(3)
-    result = run_episode(task, plant, policy, seed=3)
-    assert task.level == pytest.approx(80.0)
-    rule = run_target_rule(plant, 3, 80.0, config)
-    assert result.final["n_applied_kg_ha"] == pytest.approx(rule.n_applied_kg_ha)
-    assert result.final["profit_usd_ha"] == pytest.approx(rule.profit_usd_ha)
+    rule = spreads_as_the_target_rule(task, plant, policy, 80.0, config)
     assert rule.n_applied_kg_ha < config.season_cap_kg_ha - 10.0  # the ignored asks would have spread the cap
     plant.reset(4)
     task.start(plant)
