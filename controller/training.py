@@ -58,14 +58,22 @@ class PolicyEvalCallback(BaseCallback):
         self.best_step = 0
         self.best_summary: dict = {}
         self.first_bar: tuple[int, float] | None = None
+        self.evaluation_seconds = 0.0  # how long the last evaluation took (what to keep of the budget)
         self.start = time.perf_counter()
 
     def _on_step(self) -> bool:
-        if self.num_timesteps % self.every:
+        # The budget is checked every step, not only at evaluations (a crop season-level
+        # step is a whole season and evaluations are 100 seasons apart): when what is left
+        # would not fit the last evaluation's duration, the run evaluates now and stops.
+        out_of_time = (self.max_seconds is not None
+                       and time.perf_counter() - self.start + self.evaluation_seconds >= self.max_seconds)
+        if self.num_timesteps % self.every and not out_of_time:
             return True
+        began = time.perf_counter()
         policy = self.make_policy(self.num_timesteps)
         summary = self.evaluate(policy)
         elapsed = time.perf_counter() - self.start
+        self.evaluation_seconds = time.perf_counter() - began
         self.curves.append({"step": self.num_timesteps, "wall_s": round(elapsed, 1), **summary})
         for key, value_of in self.scalars.items():
             value = value_of(summary)
@@ -82,7 +90,7 @@ class PolicyEvalCallback(BaseCallback):
             self.first_bar = (self.num_timesteps, elapsed)
             if self.stop_at_bar:
                 return False
-        if self.max_seconds is not None and elapsed >= self.max_seconds:
+        if out_of_time or (self.max_seconds is not None and elapsed >= self.max_seconds):
             log.info("time budget of %.0f s used: stopping with the best checkpoint so far", self.max_seconds)
             return False
         return True

@@ -213,6 +213,22 @@ def test_training_can_keep_its_last_checkpoint_and_take_its_evaluation_interval_
     assert kept.metadata["training"]["checkpoint_step"] == 600 and result.best_step == 600
 
 
+def test_a_time_budget_stops_training_between_evaluations_with_a_checkpoint(toy, tmp_path):
+    """--max-minutes is kept even when the next evaluation is far off: the run evaluates
+    where the budget ends, keeps that checkpoint and stops."""
+    from controller import api
+    from controller.policy import Policy
+    from core.registry import get_task
+
+    definition = get_task("thermal")
+    result = api.train("thermal", "oven", "train", None, 200_000, 3, tmp_path, eval_every=100_000, eval_episodes=3,
+                       progress=False, max_minutes=0.05)
+    assert len(result.curves) == 1 and 0 < result.curves[0]["step"] < 100_000
+    kept = Policy.load(tmp_path / "policy.pt", definition, definition.load_setup("oven"))
+    assert kept.metadata["training"]["checkpoint_step"] == result.curves[0]["step"] == result.best_step
+    assert json.loads((tmp_path / "training.json").read_text())["curves"] == result.curves
+
+
 def test_training_with_a_repeated_action_records_it_and_refuses_zero(toy):
     out = toy["tmp"] / "repeat"
     proc = toy["cli"]("train", "thermal", "--steps", "1000", "--eval-every", "1000", "--action-repeat", "2",
