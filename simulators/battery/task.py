@@ -19,7 +19,9 @@ start at any period, as on a real battery.
   plus potential-based shaping (Ng et al. 1999) with the stored energy valued at
   ``stored_value_eur_per_mwh``: ``gamma x phi(s') - phi(s)``, phi = 0 after the last
   period. Charging cheaply is rewarded when it happens instead of hours later, and the
-  optimal policy is unchanged (the shaping terms telescope to -phi(s_0)). Risk
+  optimal policy is unchanged (the shaping terms telescope to -phi(s_0)). With
+  ``shaping_potential: sdp`` phi is instead the stochastic DP's value of the state
+  (:mod:`simulators.battery.sdp`; training only). Risk
   aversion belongs to the agent (TQC's CVaR term), not to the reward;
 - privileged features (training only, for the critics of an asymmetric actor-critic):
   the rest of today's prices, which the simulator knows and the actor never sees.
@@ -184,6 +186,10 @@ class BatteryTaskConfig(BaseModel):
     reward_scale: PositiveFloat = 0.01  # EUR -> reward
     stored_value_eur_per_mwh: NonNegativeFloat = Field(
         80.0, description="shaping potential: EUR per MWh stored (about the mean training price; 0 switches shaping off)")
+    shaping_potential: Literal["stored_energy", "sdp"] = Field(
+        "stored_energy", description="the shaping potential: the stored energy at stored_value_eur_per_mwh, or the "
+        "stochastic DP's value of the state (the expected profit still to come today, on the price model fitted to "
+        "the training days); training only")
     shaping_gamma: float = Field(0.999, gt=0, le=1, description="the agent's discount, for exact potential-based shaping")
     price_scale: PositiveFloat = Field(100.0, description="EUR/MWh per observation unit (before asinh)")
     profile_features: bool = Field(True, description="observe the training days' mean price ahead of now")
@@ -220,6 +226,7 @@ class BatteryTask(Task):
     power_mw: float
     config: BatteryTaskConfig = field(default_factory=BatteryTaskConfig)
     indices: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    value_table: object | None = None  # simulators.battery.sdp.ValueTable (shaping_potential sdp, in training)
 
     def __post_init__(self) -> None:
         if self.config.profile and len(self.config.profile) != PERIODS_PER_DAY:
@@ -251,6 +258,8 @@ class BatteryTask(Task):
         self.discharged_mwh = 0.0  # today (since the period of day last wrapped)
         self.discharged_total_mwh = 0.0  # this episode
         self.base_mw = 0.0  # the MPC's power for the period to decide (base mpc)
+        self._delivered_mw = 0.0  # in the period that settled last
+        self._phi = 0.0  # the shaping potential of the state just read
         self.initial_readings = self._last = np.zeros(max(self.indices) + 1)
 
     # -- readings -> observation ---------------------------------------------------
@@ -292,7 +301,16 @@ class BatteryTask(Task):
                                      float(self.prices[-1]), self.soc / 100.0, self.discharged_mwh)
 
     def _potential(self, soc_pct: float) -> float:
-        return self.config.stored_value_eur_per_mwh * soc_pct / 100.0 * self.config.capacity_mwh
+        """phi of the state just read (EUR). With the SDP's table: the expected profit still
+        to come today from here (period to decide, last price, stored energy, discharged
+        today, power delivered); without a table (a policy's task) no shaping."""
+        c = self.config
+        if c.shaping_potential == "sdp":
+            if self.value_table is None:
+                return 0.0
+            return self.value_table.value((self.period + 1) % PERIODS_PER_DAY, float(self.prices[-1]),
+                                          soc_pct / 100.0 * c.capacity_mwh, self.discharged_mwh, self._delivered_mw)
+        return c.stored_value_eur_per_mwh * soc_pct / 100.0 * c.capacity_mwh
 
     def _pick(self, readings: np.ndarray) -> np.ndarray:
         return np.asarray(readings, dtype=float)[self.indices]
@@ -303,7 +321,9 @@ class BatteryTask(Task):
         first = self._pick(self._last)
         self.prices = np.full(self.config.lookback, first[0])
         self.soc, self.period = first[1], int(round(first[3]))
+        self._delivered_mw = first[2] / 1000.0
         self.settings = plant.read_knobs()
+        self._phi = self._potential(self.soc)
         self._plan()
         return self._observe()
 
@@ -324,7 +344,7 @@ class BatteryTask(Task):
         self.prices[-1] = price
         if int(round(period)) < self.period:  # a new day: a new cycle budget
             self.discharged_mwh = 0.0
-        soc_before, self.soc, self.period = self.soc, soc, int(round(period))
+        self.soc, self.period, self._delivered_mw = soc, int(round(period)), power_kw / 1000.0
         energy = power_kw / 1000.0 * PERIOD_H  # delivered (> 0) or drawn in the period that settled
         period_profit = price * energy
         self.profit += period_profit
@@ -332,8 +352,8 @@ class BatteryTask(Task):
         self.discharged_total_mwh += max(energy, 0.0)
         c = self.config
         done = self.steps >= self.max_steps
-        potential = 0.0 if done else self._potential(soc)
-        reward = c.reward_scale * (period_profit + c.shaping_gamma * potential - self._potential(soc_before))
+        phi_before, self._phi = self._phi, 0.0 if done else self._potential(soc)
+        reward = c.reward_scale * (period_profit + c.shaping_gamma * self._phi - phi_before)
         info = {"profit_eur": self.profit, "success": False, "discharged_mwh": self.discharged_total_mwh}
         if not done:
             self._plan()

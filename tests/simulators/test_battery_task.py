@@ -156,13 +156,13 @@ def test_evaluate_battery_json_has_every_method_and_key(run_cli):
     proc = run_cli("evaluate", "battery", "--policy", "none", "--episodes", "3", "--json", timeout=300)
     assert proc.returncode == 0, proc.stderr
     results = json.loads(proc.stdout)["results"]
-    assert set(results) == {"lp_ceiling", "mpc", "threshold", "nothing"}
+    assert set(results) == {"lp_ceiling", "mpc", "sdp", "threshold", "nothing"}
     for r in results.values():
         assert set(r) == {"profit_eur", "fraction_of_ceiling", "cycles_per_day", "cvar5_daily_profit_eur", "trades"}
         assert r["cycles_per_day"]["max"] <= 2.0 + 1e-9
     assert results["lp_ceiling"]["fraction_of_ceiling"] == 1.0
-    assert results["lp_ceiling"]["profit_eur"]["total"] >= max(results["mpc"]["profit_eur"]["total"],
-                                                                results["threshold"]["profit_eur"]["total"])
+    assert results["lp_ceiling"]["profit_eur"]["total"] >= max(results[m]["profit_eur"]["total"]
+                                                                for m in ("mpc", "sdp", "threshold"))
 
 
 class Cycling:
