@@ -18,7 +18,7 @@ from .task import PRESETS, BatterySimPlant, BatteryTask, BatteryTaskConfig, Pric
 SETUP_DIR = resources.files("simulators.battery") / "setups"
 # A year of training days: the MPC's forecast and the SDP's price model are fitted on them (with
 # 60 days the MPC earned 61.7k EUR on the 60 benchmark days, with 365 days 63.2k: the agent
-# trains on ~1,000 days, its baselines should not be starved of data).
+# trains on ~1,200 days, its baselines should not be starved of data).
 TRAINING_DAYS_FOR_BASELINES = 365
 THRESHOLD_TUNING_DAYS = 20  # the threshold grid search runs 300 pairs over every day
 
