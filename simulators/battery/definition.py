@@ -55,7 +55,12 @@ def training_forecast():
     """The forecast fitted on the training days (the MPC's; its daily profile is also the agent's)."""
     from .baselines import Forecast
 
-    return Forecast.fit(np.concatenate([today for today, _ in training_days()]))
+    return Forecast.fit(training_prices())
+
+
+def training_prices() -> np.ndarray:
+    """The training days' prices end to end (what the forecast and the SDP's model are fitted on)."""
+    return np.concatenate([today for today, _ in training_days()])
 
 
 @functools.lru_cache(maxsize=4)
@@ -65,8 +70,7 @@ def training_value_table(setup_json: str):
     shaping potential; ~20 s to solve, once per process)."""
     from .sdp import CopulaFit, solve
 
-    return solve(CopulaFit.fit(np.concatenate([today for today, _ in training_days()])),
-                 BatteryConfig.model_validate_json(setup_json))
+    return solve(CopulaFit.fit(training_prices()), BatteryConfig.model_validate_json(setup_json))
 
 
 class BatteryDefinition(TaskDefinition):

@@ -81,16 +81,13 @@ class ValueTable:
     nodes: np.ndarray
     weights: np.ndarray
 
-    def _y_weights(self, y: np.ndarray) -> np.ndarray:
-        return interpolation_matrix(self.y_grid, y)
-
     def _candidates(self, period: int, last_price: float, stored_mwh: float, discharged_mwh: float, last_power_mw: float):
         """(action, expected value of taking it) for every action feasible from this state."""
         c, fit = self.config, self.fit
         y = fit.residual(last_price, period - 1)
         nxt = fit.ar * y + math.sqrt(1 - fit.ar ** 2) * fit.sigma * self.nodes
         expected_price = float(np.dot(self.weights, fit.price(fit.shape[period] + nxt)))
-        next_weights = self.weights @ self._y_weights(nxt)
+        next_weights = self.weights @ interpolation_matrix(self.y_grid, nxt)
         later = self.values[period + 1]
         for k, a in enumerate(self.actions):
             if abs(a - last_power_mw) > c.ramp_mw_per_period + 1e-9:

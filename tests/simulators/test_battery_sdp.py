@@ -68,4 +68,3 @@ def test_the_sdp_potential_telescopes_and_a_policys_task_keeps_plain_books(batte
     policy_task.start(plant)
     _, reward, _, _, _ = policy_task.step(plant, np.array([0.5]))
     assert reward == pytest.approx(0.01 * policy_task.profit)  # no table: no shaping, no solve
-
