@@ -81,26 +81,54 @@ class ValueTable:
     nodes: np.ndarray
     weights: np.ndarray
 
-    def _candidates(self, period: int, last_price: float, stored_mwh: float, discharged_mwh: float, last_power_mw: float):
-        """(action, expected value of taking it) for every action feasible from this state."""
-        c, fit = self.config, self.fit
+    def _next_period(self, period: int, last_price: float):
+        """(expected price of `period`, weights of the next residual on the grid) after `last_price` settled."""
+        fit = self.fit
         y = fit.residual(last_price, period - 1)
         nxt = fit.ar * y + math.sqrt(1 - fit.ar ** 2) * fit.sigma * self.nodes
         expected_price = float(np.dot(self.weights, fit.price(fit.shape[period] + nxt)))
-        next_weights = self.weights @ interpolation_matrix(self.y_grid, nxt)
+        return expected_price, self.weights @ interpolation_matrix(self.y_grid, nxt)
+
+    def _value_of(self, period: int, expected_price: float, next_weights: np.ndarray, stored_mwh: float,
+                  discharged_mwh: float, power_mw: float, taken, delivered: bool = False) -> float | None:
+        """Expected value of running `power_mw` in `period`, the table's last-power axis at index
+        `taken` (or weighted by it, an array). None where the battery could not deliver it all
+        or the day's budget would be spent, unless the power was `delivered` (then only the
+        grid's rounding says so)."""
+        c = self.config
+        e = stored_mwh - (power_mw * PERIOD_H / c.eta if power_mw > 0 else power_mw * PERIOD_H * c.eta)
+        if not delivered and (e < self.e_grid[0] - 1e-9 or e > self.e_grid[-1] + 1e-9):
+            return None
         later = self.values[period + 1]
+        d = int(math.ceil((discharged_mwh + max(power_mw, 0.0) * PERIOD_H) / self.d_step - 1e-6))
+        if d >= later.shape[2]:
+            if not delivered:
+                return None
+            d = later.shape[2] - 1
+        e_weights = interpolation_matrix(self.e_grid, np.array([e]))[0]
+        column = (later[:, :, d, taken] if isinstance(taken, int) else later[:, :, d, :] @ taken) @ e_weights
+        return power_mw * PERIOD_H * expected_price + float(next_weights @ column)
+
+    def _candidates(self, period: int, last_price: float, stored_mwh: float, discharged_mwh: float, last_power_mw: float):
+        """(action, expected value of taking it) for every action feasible from this state."""
+        expected_price, next_weights = self._next_period(period, last_price)
         for k, a in enumerate(self.actions):
-            if abs(a - last_power_mw) > c.ramp_mw_per_period + 1e-9:
+            if abs(a - last_power_mw) > self.config.ramp_mw_per_period + 1e-9:
                 continue
-            e = stored_mwh - (a * PERIOD_H / c.eta if a > 0 else a * PERIOD_H * c.eta)
-            if e < self.e_grid[0] - 1e-9 or e > self.e_grid[-1] + 1e-9:
-                continue
-            d = int(math.ceil((discharged_mwh + max(a, 0.0) * PERIOD_H) / self.d_step - 1e-6))
-            if d >= later.shape[2]:
-                continue
-            e_weights = interpolation_matrix(self.e_grid, np.array([e]))[0]
-            column = later[:, :, d, k] @ e_weights
-            yield float(a), a * PERIOD_H * expected_price + float(next_weights @ column)
+            value = self._value_of(period, expected_price, next_weights, stored_mwh, discharged_mwh, float(a), k)
+            if value is not None:
+                yield float(a), value
+
+    def regret(self, period: int, last_price: float, stored_mwh: float, discharged_mwh: float, last_power_mw: float,
+               delivered_mw: float) -> float:
+        """Expected profit (EUR) lost by delivering `delivered_mw` in `period` instead of the
+        table's best power, on the table's price model and grid: 0 for its own decision; a
+        power between two grid powers counts as their interpolation."""
+        expected_price, next_weights = self._next_period(period, last_price)
+        taken = interpolation_matrix(self.actions, np.array([delivered_mw]))[0]
+        value = self._value_of(period, expected_price, next_weights, stored_mwh, discharged_mwh, delivered_mw, taken,
+                               delivered=True)
+        return self.value(period, last_price, stored_mwh, discharged_mwh, last_power_mw) - value
 
     def decide(self, period: int, last_price: float, stored_mwh: float, discharged_mwh: float, last_power_mw: float) -> float:
         """The best power (MW) for `period` of the day (0 if nothing is feasible)."""
@@ -114,6 +142,19 @@ class ValueTable:
             return 0.0
         return max((v for _, v in self._candidates(period, last_price, stored_mwh, discharged_mwh, last_power_mw)),
                    default=0.0)
+
+
+def day_regrets(table: ValueTable, previous_price: float, prices, powers_mw, socs) -> np.ndarray:
+    """Per period of a traded day, the expected profit (EUR) its delivered power lost against
+    the table's best decision from the same state (:meth:`ValueTable.regret`): where a
+    policy falls short of the SDP. `socs` holds the state of charge before each period."""
+    c = table.config
+    settled = np.concatenate([[previous_price], np.asarray(prices, dtype=float)[:-1]])
+    powers = np.asarray(powers_mw, dtype=float)
+    discharged = np.concatenate([[0.0], np.cumsum(np.clip(powers, 0.0, None) * PERIOD_H)[:-1]])
+    last = np.concatenate([[0.0], powers[:-1]])
+    return np.array([table.regret(t, settled[t], socs[t] * c.capacity_mwh, discharged[t], last[t], powers[t])
+                     for t in range(len(powers))])
 
 
 def interpolation_matrix(grid: np.ndarray, points: np.ndarray) -> np.ndarray:

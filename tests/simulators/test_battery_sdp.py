@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from core.registry import get_task
-from simulators.battery.baselines import run_day
+from simulators.battery.baselines import run_day, threshold_decider
 from simulators.battery.definition import training_value_table
 from simulators.battery.prices import DAILY_SHAPE_WEIGHT, LATENT_AR, daily_shape, synthetic_prices
-from simulators.battery.sdp import CopulaFit, sdp_decider
+from simulators.battery.sdp import CopulaFit, day_regrets, sdp_decider
 from simulators.battery.task import PRESETS, BatteryTaskConfig, price_day
 
 
@@ -68,3 +68,28 @@ def test_the_sdp_potential_telescopes_and_a_policys_task_keeps_plain_books(batte
     policy_task.start(plant)
     _, reward, _, _, _ = policy_task.step(plant, np.array([0.5]))
     assert reward == pytest.approx(0.01 * policy_task.profit)  # no table: no shaping, no solve
+
+
+def test_a_policys_regrets_against_the_table_add_up_to_what_it_earns_less(battery):
+    """The SDP's own days lose nothing against its table; another policy's regrets are
+    negative only for powers off the table's grid (a battery at its limit delivers part of a
+    step) and add up (performance difference) to the table's value of the start less what
+    the policy earned, within the noise of the days' prices."""
+    _, setup, table = battery
+    days = [(today, float(before[-1])) for before, today in (price_day(PRESETS["test"], s) for s in range(40))]
+    for prices, previous in days[:5]:
+        own = run_day(prices, previous, setup, sdp_decider(table))
+        socs = np.concatenate([[setup.soc_start], own.soc])
+        assert np.abs(day_regrets(table, previous, prices, own.power_mw, socs)).max() < 1e-6
+    shortfall, lost = [], []
+    for prices, previous in days:
+        rule = run_day(prices, previous, setup, threshold_decider(20.0, 150.0, setup))
+        regrets = day_regrets(table, previous, prices, rule.power_mw, np.concatenate([[setup.soc_start], rule.soc]))
+        steps = rule.power_mw / (table.actions[1] - table.actions[0])
+        off_grid = np.abs(steps - np.round(steps)) > 1e-9
+        assert np.all((regrets > -1e-6) | off_grid)
+        lost.append(regrets.sum())
+        shortfall.append(table.value(0, previous, setup.soc_start * setup.capacity_mwh, 0.0, 0.0) - rule.total)
+    lost, shortfall = np.array(lost), np.array(shortfall)
+    assert lost.mean() > 100.0  # a crude rule loses a lot each day
+    assert abs(lost.mean() - shortfall.mean()) < 3 * np.std(shortfall - lost) / math.sqrt(len(days))
