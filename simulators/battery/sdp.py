@@ -9,9 +9,9 @@ the whole state, and backward induction over a day on a grid gives the value of 
 state and the best power for it: the best a policy can do that knows the price model,
 not the prices (the LP ceiling knows the prices; the MPC plans on the expected prices).
 
-Used twice: as a baseline (``sdp``), and its value table as a shaping potential for the
-agent's training (``shaping_potential: sdp``; potential-based, so the best policy is
-unchanged, Ng et al. 1999).
+Used as a baseline (``sdp``), its value table as a shaping potential for the agent's
+training (``shaping_potential: sdp``; potential-based, so the best policy is unchanged,
+Ng et al. 1999), and to show where a policy falls short of it (:func:`day_regrets`).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class ValueTable:
         return expected_price, self.weights @ interpolation_matrix(self.y_grid, nxt)
 
     def _value_of(self, period: int, expected_price: float, next_weights: np.ndarray, stored_mwh: float,
-                  discharged_mwh: float, power_mw: float, taken, delivered: bool = False) -> float | None:
+                  discharged_mwh: float, power_mw: float, taken: int | np.ndarray, delivered: bool = False) -> float | None:
         """Expected value of running `power_mw` in `period`, the table's last-power axis at index
         `taken` (or weighted by it, an array). None where the battery could not deliver it all
         or the day's budget would be spent, unless the power was `delivered` (then only the
@@ -123,7 +123,8 @@ class ValueTable:
                delivered_mw: float) -> float:
         """Expected profit (EUR) lost by delivering `delivered_mw` in `period` instead of the
         table's best power, on the table's price model and grid: 0 for its own decision; a
-        power between two grid powers counts as their interpolation."""
+        power between two grid powers counts as their interpolation (and may lose less than
+        nothing: the table chooses among grid powers only)."""
         expected_price, next_weights = self._next_period(period, last_price)
         taken = interpolation_matrix(self.actions, np.array([delivered_mw]))[0]
         value = self._value_of(period, expected_price, next_weights, stored_mwh, discharged_mwh, delivered_mw, taken,
