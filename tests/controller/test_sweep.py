@@ -236,7 +236,10 @@ def test_the_same_sweep_file_runs_against_a_cluster_address(run_cli, tmp_path):
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(16).hex()}
     head = subprocess.run([ray_cmd, "start", "--head", f"--port={port}", f"--ray-client-server-port={client_port}",
                            "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
-                          capture_output=True, text=True, timeout=180, env={**os.environ, **auth})
+                          capture_output=True, text=True, timeout=180,
+                          # Ray's client proxy gives the server it starts per client 30 s to answer; on a busy
+                          # 2-core CI box that server once took longer (the sweep failed at connecting)
+                          env={**os.environ, **auth, "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "180"})
     assert head.returncode == 0, head.stderr[-2000:]
     try:
         sweep = write_sweep(tmp_path, f"cluster-{os.getpid()}", seeds=[0, 1])
