@@ -109,9 +109,11 @@ class ValueTable:
         column = (later[:, :, d, taken] if isinstance(taken, int) else later[:, :, d, :] @ taken) @ e_weights
         return power_mw * PERIOD_H * expected_price + float(next_weights @ column)
 
-    def _candidates(self, period: int, last_price: float, stored_mwh: float, discharged_mwh: float, last_power_mw: float):
-        """(action, expected value of taking it) for every action feasible from this state."""
-        expected_price, next_weights = self._next_period(period, last_price)
+    def _candidates(self, period: int, last_price: float, stored_mwh: float, discharged_mwh: float, last_power_mw: float,
+                    upcoming: tuple[float, np.ndarray] | None = None):
+        """(action, expected value of taking it) for every action feasible from this state
+        (`upcoming`: the period's ``_next_period``, if the caller has it already)."""
+        expected_price, next_weights = upcoming or self._next_period(period, last_price)
         for k, a in enumerate(self.actions):
             if abs(a - last_power_mw) > self.config.ramp_mw_per_period + 1e-9:
                 continue
@@ -125,11 +127,11 @@ class ValueTable:
         table's best power, on the table's price model and grid: 0 for its own decision; a
         power between two grid powers counts as their interpolation (and may lose less than
         nothing: the table chooses among grid powers only)."""
-        expected_price, next_weights = self._next_period(period, last_price)
+        upcoming = self._next_period(period, last_price)
         taken = interpolation_matrix(self.actions, np.array([delivered_mw]))[0]
-        value = self._value_of(period, expected_price, next_weights, stored_mwh, discharged_mwh, delivered_mw, taken,
-                               delivered=True)
-        return self.value(period, last_price, stored_mwh, discharged_mwh, last_power_mw) - value
+        value = self._value_of(period, *upcoming, stored_mwh, discharged_mwh, delivered_mw, taken, delivered=True)
+        candidates = self._candidates(period, last_price, stored_mwh, discharged_mwh, last_power_mw, upcoming)
+        return max((v for _, v in candidates), default=0.0) - value
 
     def decide(self, period: int, last_price: float, stored_mwh: float, discharged_mwh: float, last_power_mw: float) -> float:
         """The best power (MW) for `period` of the day (0 if nothing is feasible)."""
