@@ -51,16 +51,16 @@ def training_environment(definition, setup, preset: str):
 
 def labelled_states(definition, setup, table, days: int, seed: int):
     """(observations, actions, labels): each visited state with 8 actions and their exact value."""
-    env, plant, task, config = training_environment(definition, setup, "train")
+    env, plant, _, config = training_environment(definition, setup, "train")
     rng = np.random.default_rng(seed)
     observations, actions, labels = [], [], []
     for day in range(days):
         obs, _ = env.reset(seed=1_000_000 + seed * 10_000 + day)
         done = False
         while not done:
-            period, last_price = (task.period + 1) % 96, float(task.prices[-1])
-            stored = task.soc / 100.0 * setup.capacity_mwh
-            state = (period, last_price, stored, task.discharged_mwh, task._delivered_mw)
+            battery = plant.battery.state  # what the SDP's state is made of, read from the simulator
+            state = (plant.period, plant.settled_price(), battery.soc * setup.capacity_mwh, battery.discharged_today_mwh,
+                     battery.power_mw)
             best = table.decide(*state) / setup.power_mw
             for a in np.concatenate([[best], rng.uniform(-1.0, 1.0, ACTIONS_PER_STATE - 1)]):
                 delivered = plant.battery.feasible_power(float(a) * setup.power_mw)
