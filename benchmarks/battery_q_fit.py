@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-days", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for name, least in (("days", 10), ("width", 1), ("depth", 1), ("epochs", 1), ("eval_days", 1)):
+        if getattr(args, name) < least:  # 10 days: a tenth of them, at least one, is held out
+            parser.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     definition = BatteryDefinition()
