@@ -62,11 +62,11 @@ def labelled_states(definition, setup, table, days: int, seed: int):
             state = (plant.period, plant.settled_price(), battery.soc * setup.capacity_mwh, battery.discharged_today_mwh,
                      battery.power_mw)
             best = table.decide(*state) / setup.power_mw
-            for a in np.concatenate([[best], rng.uniform(-1.0, 1.0, ACTIONS_PER_STATE - 1)]):
-                delivered = plant.battery.feasible_power(float(a) * setup.power_mw)
-                observations.append(obs)
-                actions.append(a)
-                labels.append(-config.reward_scale * table.regret(*state, delivered))
+            tried = np.concatenate([[best], rng.uniform(-1.0, 1.0, ACTIONS_PER_STATE - 1)])
+            delivered = [plant.battery.feasible_power(float(a) * setup.power_mw) for a in tried]
+            observations += [obs] * len(tried)
+            actions += tried.tolist()
+            labels += (-config.reward_scale * table.regrets(*state, delivered)).tolist()
             act = rng.uniform(-1.0, 1.0) if rng.random() < 0.2 else float(np.clip(best + rng.normal(0, 0.15), -1, 1))
             obs, _, terminated, truncated, _ = env.step(np.array([act], dtype=np.float32))
             done = terminated or truncated

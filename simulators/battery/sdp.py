@@ -127,11 +127,19 @@ class ValueTable:
         table's best power, on the table's price model and grid: 0 for its own decision; a
         power between two grid powers counts as their interpolation (and may lose less than
         nothing: the table chooses among grid powers only)."""
+        return float(self.regrets(period, last_price, stored_mwh, discharged_mwh, last_power_mw, [delivered_mw])[0])
+
+    def regrets(self, period: int, last_price: float, stored_mwh: float, discharged_mwh: float, last_power_mw: float,
+                delivered_mw) -> np.ndarray:
+        """:meth:`regret` of each of several powers delivered from the same state (the
+        period's outlook and the best power's value worked out once for all of them)."""
         upcoming = self._next_period(period, last_price)
-        taken = interpolation_matrix(self.actions, np.array([delivered_mw]))[0]
-        value = self._value_of(period, *upcoming, stored_mwh, discharged_mwh, delivered_mw, taken, delivered=True)
-        candidates = self._candidates(period, last_price, stored_mwh, discharged_mwh, last_power_mw, upcoming)
-        return max((v for _, v in candidates), default=0.0) - value
+        best = max((v for _, v in self._candidates(period, last_price, stored_mwh, discharged_mwh, last_power_mw, upcoming)),
+                   default=0.0)
+        powers = np.asarray(delivered_mw, dtype=float)
+        taken = interpolation_matrix(self.actions, powers)
+        return np.array([best - self._value_of(period, *upcoming, stored_mwh, discharged_mwh, float(p), weights, delivered=True)
+                         for p, weights in zip(powers, taken)])
 
     def decide(self, period: int, last_price: float, stored_mwh: float, discharged_mwh: float, last_power_mw: float) -> float:
         """The best power (MW) for `period` of the day (0 if nothing is feasible)."""
