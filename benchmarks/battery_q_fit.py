@@ -2,7 +2,7 @@
 precisely enough to act on them?
 
     python benchmarks/battery_q_fit.py [--days 450] [--width 64] [--depth 2] [--epochs 60]
-                                       [--eval-days 30] [--seed 0]
+                                       [--eval-days 30] [--seed 0] [--actor-observation]
 
 An actor-critic's policy is only as good as its critic's ranking of actions. Here the
 critic gets the best possible teacher instead of TD targets: every label is the SDP
@@ -14,8 +14,9 @@ table's best power, in reward units: x the task's reward scale), so no label has
    labelled for 8 actions: the SDP's own and 7 uniform ones, each valued at the power
    the battery would actually deliver (ramp, SoC and cycle limits).
 2. Fit: an MLP of the critics' input (the training observation with its privileged
-   features, and the action) by mean squared error; the last 10 % of the days are held
-   out.
+   features, and the action; with `--actor-observation` the actor's observation and the
+   action, as a plain critic reads) by mean squared error; the last 10 % of the days are
+   held out.
 3. Act: the greedy policy of the fitted Q (41 actions) on the `--eval-days` days that
    training evaluates on, beside the SDP and the MPC on the same days.
 
@@ -75,6 +76,19 @@ def labelled_states(definition, setup, table, days: int, seed: int):
     return torch.cat([x, a], 1), torch.as_tensor(np.array(labels, dtype=np.float32))[:, None]
 
 
+class KeepColumns(nn.Module):
+    """The input without the privileged features (the columns before the action that follow
+    the actor's observation): a plain critic's input from a privileged one's."""
+
+    def __init__(self, actor_observation_size: int, privileged_size: int):
+        super().__init__()
+        self.actor_size, self.privileged_size = actor_observation_size, privileged_size
+
+    def forward(self, observation_action: torch.Tensor) -> torch.Tensor:
+        return torch.cat([observation_action[:, :self.actor_size],
+                          observation_action[:, self.actor_size + self.privileged_size:]], 1)
+
+
 def greedy_profit(q: nn.Module, definition, setup, days: int) -> float:
     """Profit (EUR) of acting greedily on `q` over the training evaluation's days."""
     env, _, task, _ = training_environment(definition, setup, "test")
@@ -107,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--eval-days", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--actor-observation", action="store_true",
+                        help="the critic reads the actor's observation and the action, not the privileged features")
     args = parser.parse_args(argv)
     for name, least in (("days", 10), ("width", 1), ("depth", 1), ("epochs", 1), ("eval_days", 1)):
         if getattr(args, name) < least:  # 10 days: a tenth of them, at least one, is held out
@@ -122,7 +138,10 @@ def main(argv: list[str] | None = None) -> None:
     held_x, held_y, xa, y = xa[cut:], y[cut:], xa[:cut], y[:cut]
     print(json.dumps({"labelled": len(xa), "held_out": len(held_x), "label_var": float(y.var()),
                       "seconds": round(time.time() - started)}), flush=True)
+    _, _, task, _ = training_environment(definition, setup, "train")
     layers, width_in = [], xa.shape[1]
+    if args.actor_observation:
+        layers, width_in = [KeepColumns(task.observation_space.shape[0], task.privileged_size)], xa.shape[1] - task.privileged_size
     for _ in range(args.depth):
         layers += [nn.Linear(width_in, args.width), nn.ReLU()]
         width_in = args.width
@@ -143,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
         if epoch % max(args.epochs // 3, 1) == 0:
             with torch.no_grad():
                 held = float(((q(held_x) - held_y) ** 2).mean())
-            print(json.dumps({"net": f"{args.depth}x{args.width}", "epoch": epoch, "mse": round(total / len(xa), 5),
+            print(json.dumps({"net": f"{args.depth}x{args.width}", "input": "actor" if args.actor_observation else "privileged",
+                              "epoch": epoch, "mse": round(total / len(xa), 5),
                               "held_out_mse": round(held, 5),
                               "greedy_profit_eur": round(greedy_profit(q, definition, setup, args.eval_days)),
                               **{f"{k}_profit_eur": round(v) for k, v in planners.items()}}), flush=True)
