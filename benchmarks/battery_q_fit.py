@@ -138,10 +138,11 @@ def main(argv: list[str] | None = None) -> None:
     held_x, held_y, xa, y = xa[cut:], y[cut:], xa[:cut], y[:cut]
     print(json.dumps({"labelled": len(xa), "held_out": len(held_x), "label_var": float(y.var()),
                       "seconds": round(time.time() - started)}), flush=True)
-    _, _, task, _ = training_environment(definition, setup, "train")
     layers, width_in = [], xa.shape[1]
     if args.actor_observation:
-        layers, width_in = [KeepColumns(task.observation_space.shape[0], task.privileged_size)], xa.shape[1] - task.privileged_size
+        _, _, task, _ = training_environment(definition, setup, "train")
+        layers = [KeepColumns(task.observation_space.shape[0], task.privileged_size)]
+        width_in -= task.privileged_size
     for _ in range(args.depth):
         layers += [nn.Linear(width_in, args.width), nn.ReLU()]
         width_in = args.width
@@ -162,9 +163,9 @@ def main(argv: list[str] | None = None) -> None:
         if epoch % max(args.epochs // 3, 1) == 0:
             with torch.no_grad():
                 held = float(((q(held_x) - held_y) ** 2).mean())
-            print(json.dumps({"net": f"{args.depth}x{args.width}", "input": "actor" if args.actor_observation else "privileged",
-                              "epoch": epoch, "mse": round(total / len(xa), 5),
-                              "held_out_mse": round(held, 5),
+            critic_input = "actor" if args.actor_observation else "privileged"
+            print(json.dumps({"net": f"{args.depth}x{args.width}", "input": critic_input, "epoch": epoch,
+                              "mse": round(total / len(xa), 5), "held_out_mse": round(held, 5),
                               "greedy_profit_eur": round(greedy_profit(q, definition, setup, args.eval_days)),
                               **{f"{k}_profit_eur": round(v) for k, v in planners.items()}}), flush=True)
 
